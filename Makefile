@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine:
+#   make demo   set up .venv and run the main job on the embedded default data
+#   make test   set up .venv and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# CPU machines: the pinned CPU build of torch first, so nothing pulls a multi-GB CUDA build.
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q 'torch>=2.6,<2.15'; \
+	else \
+		$(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: venv
+	$(PY) -m jobs.demo
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)

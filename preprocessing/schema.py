@@ -1,0 +1,97 @@
+"""The packed-window shard format: the one contract between the data plane and the trainer.
+
+A preprocessing run writes, under its output location (local folder or s3:// prefix)::
+
+    manifest.json            written LAST; its presence means the run is complete
+    report.json, report.html curation report
+    train/shard-00000.parquet ...
+    val/shard-00000.parquet ...   held-out windows (same schema)
+
+Every Parquet row is ONE packed window of ``window_length + 1`` points (the trainer splits it
+into ``inputs = w[:-1]`` and ``labels = w[1:]``). Columns:
+
+=================  ===============================  =============================================
+column             Arrow type                       meaning
+=================  ===============================  =============================================
+values             fixed_size_list<float32>[W+1]    normalised values; padding slots hold 0.0
+segment_ids        fixed_size_list<int32>[W+1]      0 = padding, 1..k = k-th series chunk in row
+loss_mask          fixed_size_list<uint8>[W+1]      1 where the point is a real, observed target
+seg_mean           list<float64>                    per segment (index i -> segment id i+1): mean
+seg_std            list<float64>                    ... and std used to normalise it (1.0 = none)
+seg_series         list<string>                     ... stable series key "domain/dataset/series"
+=================  ===============================  =============================================
+
+Segments are contiguous runs of one id, in increasing order from 1, and never straddle rows.
+Mapping back: ``raw = values * seg_std[id-1] + seg_mean[id-1]``.
+
+This module imports no torch: the trainer turns the numpy arrays it returns into tensors.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+TRAIN_DIR = "train"
+VAL_DIR = "val"
+MANIFEST_FILE = "manifest.json"
+SHARD_PATTERN = "shard-{index:05d}.parquet"
+
+
+def window_schema(window_length: int) -> pa.Schema:
+    """Arrow schema of a shard for windows of ``window_length + 1`` points."""
+    width = window_length + 1
+    return pa.schema(
+        [
+            pa.field("values", pa.list_(pa.float32(), width), nullable=False),
+            pa.field("segment_ids", pa.list_(pa.int32(), width), nullable=False),
+            pa.field("loss_mask", pa.list_(pa.uint8(), width), nullable=False),
+            pa.field("seg_mean", pa.list_(pa.float64()), nullable=False),
+            pa.field("seg_std", pa.list_(pa.float64()), nullable=False),
+            pa.field("seg_series", pa.list_(pa.string()), nullable=False),
+        ],
+        metadata={b"timemoe.schema_version": str(SCHEMA_VERSION).encode()},
+    )
+
+
+def _as_matrix(column: object, dtype: np.dtype) -> np.ndarray:
+    """Turn a batch column (Arrow fixed-size list, numpy object array of arrays, or 2-D
+    array, as Ray Data or pyarrow may hand it over) into a dense ``[B, W+1]`` array."""
+    if isinstance(column, (pa.ChunkedArray, pa.Array)):
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        width = column.type.list_size
+        return column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, width)
+    array = np.asarray(column)
+    if array.dtype == object:
+        array = np.stack([np.asarray(row) for row in array]) if len(array) else array.reshape(0, 0)
+    return array.astype(dtype, copy=False)
+
+
+def decode_batch(batch: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Dense arrays of a batch of shard rows: ``values`` float32 ``[B, W+1]``,
+    ``segment_ids`` int32 ``[B, W+1]``, ``loss_mask`` bool ``[B, W+1]``."""
+    return {
+        "values": _as_matrix(batch["values"], np.float32),
+        "segment_ids": _as_matrix(batch["segment_ids"], np.int32),
+        "loss_mask": _as_matrix(batch["loss_mask"], np.uint8).astype(bool),
+    }
+
+
+def split_windows(values: np.ndarray, segment_ids: np.ndarray, loss_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Split ``[B, W+1]`` windows into the model's training inputs, all ``[B, W]``.
+
+    ``loss_mask[t]`` is true when label ``t`` (window point t+1) is an observed point of the
+    SAME series as input ``t``: a target never crosses a segment boundary or lands on padding.
+    """
+    inputs_seg = segment_ids[:, :-1]
+    labels_seg = segment_ids[:, 1:]
+    target_ok = (labels_seg == inputs_seg) & (inputs_seg > 0) & loss_mask[:, 1:].astype(bool)
+    return {
+        "inputs": np.ascontiguousarray(values[:, :-1], dtype=np.float32),
+        "labels": np.ascontiguousarray(values[:, 1:], dtype=np.float32),
+        "segment_ids": np.ascontiguousarray(inputs_seg, dtype=np.int32),
+        "loss_mask": np.ascontiguousarray(target_ok),
+    }
