@@ -95,3 +95,44 @@ def split_windows(values: np.ndarray, segment_ids: np.ndarray, loss_mask: np.nda
         "segment_ids": np.ascontiguousarray(inputs_seg, dtype=np.int32),
         "loss_mask": np.ascontiguousarray(target_ok),
     }
+
+
+# ----------------------------------------------------------------------------- manifest reading
+# Added by the preprocessing engineer: the trainer finds the shards through the manifest, never
+# by listing folders (a folder may hold a half-written run; the manifest is written last).
+
+
+def _resolve(url: str):
+    import os
+
+    import pyarrow.fs as pafs
+
+    if "://" in url and not url.startswith("file://"):
+        fs, path = pafs.FileSystem.from_uri(url)
+        return fs, path.rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+
+
+def read_manifest(url: str) -> dict:
+    """The ``manifest.json`` of a finished run at ``url`` (folder or s3:// prefix). Raises
+    ``FileNotFoundError`` when absent: the run is incomplete or never happened."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, base = _resolve(url)
+    path = base + "/" + MANIFEST_FILE
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{url}: no {MANIFEST_FILE} (run incomplete or output missing)")
+    with fs.open_input_stream(path) as fh:
+        manifest = json.loads(fh.read())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{url}: schema_version {manifest.get('schema_version')} != supported {SCHEMA_VERSION}")
+    return manifest
+
+
+def list_shards(url: str, split: str = TRAIN_DIR) -> list[str]:
+    """Shard locations (same scheme as ``url``) of ``split`` in manifest order."""
+    manifest = read_manifest(url)
+    root = url.rstrip("/")
+    return [f"{root}/{split}/{s['file']}" for s in manifest["shards"].get(split, [])]

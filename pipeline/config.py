@@ -1,0 +1,221 @@
+"""The typed root training config: one dataclass per component, loaded from YAML.
+
+Each component receives only its own section (``cfg.optim`` goes to ``pipeline.optim``,
+``cfg.tracking`` to ``pipeline.tracking``, ...). The model itself is named by a preset of
+``model.TimeMoeConfig`` plus field overrides, so the model config stays owned by ``model/``.
+
+YAML layout (every key optional; see ``configs/tiny-cpu.yaml``)::
+
+    model:    {preset: tiny, overrides: {num_hidden_layers: 2}}
+    data:     {path: /data/packed, loader: ray, prefetch_batches: 4}
+    optim:    {lr: 1.0e-3, warmup_steps: 100, min_lr_ratio: 0.1, ...}
+    parallel: {zero_stage: 1, ep_size: 1, precision: auto, ...}
+    train:    {max_steps: 1000, global_batch_size: 64, micro_batch_size: 8, ...}
+    scaling:  {num_workers: 2, use_gpu: false, cpus_per_worker: 0.5, max_failures: 1}
+    tracking: {tracking_uri: null, experiment: timemoe-pretrain}
+
+Command-line overrides use dotted keys: ``train.max_steps=20 optim.lr=3e-4``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"  # a name known to model.TimeMoeConfig.preset
+    overrides: dict[str, Any] = field(default_factory=dict)  # TimeMoeConfig field -> value
+
+
+@dataclass
+class DataSection:
+    path: str = ""  # packed-shard root (local folder or s3://...), holding manifest.json
+    loader: str = "ray"  # "ray": Ray Data shards (Ray Train); "plain": pyarrow reader per worker
+    prefetch_batches: int = 4  # batches the iterator prepares ahead so the step never waits
+    max_val_windows: int = 256  # cap on held-out windows read for evaluation
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3  # paper recipe
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ParallelSection:
+    zero_stage: int = 1  # 1, 2 (expert parallel allowed) or 3 (no EP; MoE blocks are Z3 leaves)
+    ep_size: int = 1
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 100  # optimizer steps
+    global_batch_size: int = 8  # windows per optimizer step, all workers and accumulation
+    micro_batch_size: int = 4  # windows per worker per forward
+    seed: int = 1234
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    output_dir: str = "runs/pretrain"  # checkpoints, exported model, worker pid files
+    export: bool = True  # save_pretrained the final model to <output_dir>/final_model
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional so Ray Data tasks can still schedule (stack.md)
+    max_failures: int = 0  # Ray Train restarts the worker group from the latest checkpoint
+
+
+@dataclass
+class TrackingSection:
+    enabled: bool = True
+    tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in cwd
+    experiment: str = "timemoe-pretrain"
+    run_name: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"optim.lr": 0.001, "model.overrides.num_experts": 8, ...}`` for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of what a resumed run must share with the run that wrote the checkpoint:
+        model, optimiser, batch geometry, seed and parallel layout (not step counts, logging,
+        paths or tracking, which may legitimately change on resume)."""
+        keep = {
+            "model": dataclasses.asdict(self.model),
+            "optim": {k: v for k, v in dataclasses.asdict(self.optim).items() if k != "warmup_steps"},
+            "parallel": {"zero_stage": self.parallel.zero_stage, "ep_size": self.parallel.ep_size},
+            "batch": [self.train.global_batch_size, self.train.micro_batch_size, self.train.seed],
+            "workers": self.scaling.num_workers,
+        }
+        return hashlib.sha256(json.dumps(_plain(keep), sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        p, t = self.parallel, self.train
+        if p.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be 0..3, got {p.zero_stage}")
+        if p.zero_stage == 3 and p.ep_size > 1:
+            raise ValueError("parallel.ep_size > 1 needs ZeRO stage 1 or 2 (DeepSpeed refuses MoE groups under ZeRO-3)")
+        if p.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"parallel.precision must be auto, fp32 or bf16, got {p.precision!r}")
+        if self.data.loader not in ("ray", "plain"):
+            raise ValueError(f"data.loader must be 'ray' or 'plain', got {self.data.loader!r}")
+        if t.max_steps < 1 or t.micro_batch_size < 1:
+            raise ValueError("train.max_steps and train.micro_batch_size must be >= 1")
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        per_step = self.train.micro_batch_size * world_size
+        if self.train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"micro_batch_size x workers = {self.train.micro_batch_size} x {world_size}"
+            )
+        return self.train.global_batch_size // per_step
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in config section '{where}'; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value or {}, f"{where}.{key}" if where else key)
+        elif isinstance(default, tuple):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    cfg = _build(TrainConfig, data or {}, "")
+    cfg.validate()
+    return cfg
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: top level must be a mapping of sections")
+    try:
+        return config_from_dict(apply_overrides(data, list(overrides or [])))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path or '<defaults>'}: {err}") from err

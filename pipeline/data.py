@@ -1,0 +1,188 @@
+"""Packed shards -> training batches, two ways with one output and one notion of position.
+
+- ``loader: ray``: the driver builds Ray Datasets over ``train/`` and ``val/``
+  (:func:`ray_datasets`); Ray Train splits them across workers; each worker turns its shard
+  into torch batches with ``iter_torch_batches`` and prefetching (:func:`ray_batches`).
+  Order is made deterministic (``preserve_order``, no locality hints) so a resumed run sees
+  the same batches: the split hands each block to the worker with the fewest rows so far.
+- ``loader: plain``: every worker reads the shards itself with pyarrow (:class:`PlainReader`);
+  used under ``torchrun`` without Ray, and as the reference order in tests.
+
+Position = (epoch, batches consumed in that epoch). On resume the first ``batches`` batches of
+the epoch are skipped (read and dropped), which is exact because the order is deterministic.
+
+Legend: B windows per micro-batch, L = window length, W = L + 1 points stored per row.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from preprocessing.schema import MANIFEST_FILE, TRAIN_DIR, VAL_DIR, decode_batch, split_windows
+
+COLUMNS = ["values", "segment_ids", "loss_mask"]
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batches: int = 0  # micro-batches this worker consumed in ``epoch``
+
+
+def _fs_and_root(path: str) -> tuple[pafs.FileSystem, str]:
+    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    return fs, root.rstrip("/")
+
+
+def list_shards(data_path: str, split: str) -> list[str]:
+    """Sorted shard paths (with the URI scheme kept) of ``<data>/<split>/shard-*.parquet``."""
+    fs, root = _fs_and_root(data_path)
+    selector = pafs.FileSelector(f"{root}/{split}", allow_not_found=True)
+    names = sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet"))
+    if not names and split == TRAIN_DIR:
+        raise FileNotFoundError(f"no shards under {data_path}/{split}/ (expected shard-*.parquet)")
+    prefix = data_path.split("://", 1)[0] + "://" if "://" in data_path else ""
+    return [prefix + n for n in names]
+
+
+def read_manifest(data_path: str) -> dict[str, Any]:
+    fs, root = _fs_and_root(data_path)
+    try:
+        with fs.open_input_stream(f"{root}/{MANIFEST_FILE}") as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{data_path}/{MANIFEST_FILE} is missing: the preprocessing run is incomplete or the path is wrong"
+        ) from err
+
+
+def window_length_of(shard: str) -> int:
+    """L of a shard, from its ``values`` fixed-size-list width (W = L + 1)."""
+    fs, path = _fs_and_root(shard)
+    with fs.open_input_file(path) as f:
+        schema = pq.read_schema(f)
+    if "values" not in schema.names or not pa.types.is_fixed_size_list(schema.field("values").type):
+        raise ValueError(f"{shard}: not a packed-window shard (no fixed-size 'values' column)")
+    return schema.field("values").type.list_size - 1
+
+
+def to_torch_batch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Shard rows (numpy or Arrow columns) -> model inputs, all ``[B, L]`` tensors."""
+    arrays = split_windows(**decode_batch(batch))
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+# ---------------------------------------------------------------------------- Ray Data
+
+
+def ray_datasets(data_path: str) -> dict[str, Any]:
+    """``{"train": Dataset, "val": Dataset}`` (val omitted when there is no val/ split)."""
+    import ray.data
+
+    out = {}
+    for split in (TRAIN_DIR, VAL_DIR):
+        files = list_shards(data_path, split)
+        if files:
+            # File order is the shard order; one read task per file keeps blocks deterministic.
+            out[split] = ray.data.read_parquet(files, columns=COLUMNS, shuffle=None)
+    return out
+
+
+def ray_data_config() -> Any:
+    """Deterministic splitting: order preserved, no locality-driven block assignment."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False)
+
+
+def ray_batches(shard: Any, micro_batch_size: int, prefetch_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of this worker's Ray Data shard as torch batches (incomplete tail dropped so
+    every worker takes the same number of steps)."""
+    return iter(
+        shard.iter_torch_batches(
+            batch_size=micro_batch_size,
+            prefetch_batches=prefetch_batches,
+            drop_last=True,
+            collate_fn=to_torch_batch,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------- plain reader
+
+
+class PlainReader:
+    """Deterministic per-worker reader: epoch ``e`` visits the shards in a permutation seeded
+    by ``(seed, e)``; consecutive groups of ``world * B`` rows form one step, rank r takes rows
+    ``[r*B, (r+1)*B)`` of each group."""
+
+    def __init__(self, files: list[str], micro_batch_size: int, rank: int, world: int, seed: int, shuffle: bool = True):
+        if not files:
+            raise FileNotFoundError("PlainReader got no shard files")
+        self.files, self.b, self.rank, self.world = files, micro_batch_size, rank, world
+        self.seed, self.shuffle = seed, shuffle
+
+    def _file_order(self, epoch: int) -> list[str]:
+        if not self.shuffle:
+            return list(self.files)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+        return [self.files[i] for i in perm]
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict[str, Any]]:
+        group = self.b * self.world
+        pending: list[pa.Table] = []
+        n_pending, index = 0, 0
+        for shard in self._file_order(epoch):
+            fs, path = _fs_and_root(shard)
+            with fs.open_input_file(path) as f:
+                pending.append(pq.read_table(f, columns=COLUMNS))
+            n_pending += pending[-1].num_rows
+            if n_pending < group:
+                continue
+            table = pa.concat_tables(pending)
+            start = 0
+            while table.num_rows - start >= group:
+                if index >= skip_batches:
+                    rows = table.slice(start + self.rank * self.b, self.b)
+                    yield {c: rows.column(c) for c in COLUMNS}
+                index += 1
+                start += group
+            pending = [table.slice(start)]
+            n_pending = pending[0].num_rows
+
+
+def prefetched(make: Callable[[], Iterator[Any]], depth: int) -> Iterator[Any]:
+    """Run an iterator (reading + decoding) in a background thread, ``depth`` items ahead."""
+    if depth <= 0:
+        yield from make()
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in make():
+                q.put(item)
+        except BaseException as err:  # surfaced in the consumer
+            q.put(err)
+        q.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def plain_batches(reader: PlainReader, epoch: int, skip: int, prefetch_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+    return prefetched(lambda: (to_torch_batch(b) for b in reader.epoch(epoch, skip)), prefetch_batches)

@@ -1,0 +1,55 @@
+"""The DeepSpeed JSON config, generated from the typed sections (never hand-written).
+
+The optimizer and LR scheduler are built by ``pipeline.optim`` and handed to
+``deepspeed.initialize``, so this config only carries batch geometry, ZeRO, precision and
+gradient clipping.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import ParallelSection, TrainSection, OptimSection
+
+
+def resolve_precision(parallel: ParallelSection, use_gpu: bool) -> str:
+    """``auto`` is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if parallel.precision == "auto":
+        return "bf16" if use_gpu else "fp32"
+    return parallel.precision
+
+
+def deepspeed_config(
+    parallel: ParallelSection,
+    train: TrainSection,
+    optim: OptimSection,
+    world_size: int,
+    grad_accum_steps: int,
+    use_gpu: bool,
+) -> dict[str, Any]:
+    precision = resolve_precision(parallel, use_gpu)
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.zero_stage in (1, 2):
+        # Reduce in buckets while backward runs; contiguous grads keep the reduce simple.
+        zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=int(5e7))
+    if parallel.zero_stage == 3:
+        zero.update(
+            overlap_comm=use_gpu,
+            contiguous_gradients=True,
+            # Small models: gather everything up front instead of prefetching piecewise.
+            stage3_param_persistence_threshold=int(1e5),
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    return {
+        "train_batch_size": train.micro_batch_size * world_size * grad_accum_steps,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        # Our AdamW is torch's; ZeRO only vets DeepSpeed's own optimizers.
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+        "steps_per_print": 10**9,  # we log ourselves
+        "seed": train.seed,
+    }

@@ -1,0 +1,53 @@
+"""AdamW with decay / no-decay parameter groups and the warm-up + cosine learning-rate schedule.
+
+Paper recipe: AdamW lr 1e-3, betas (0.9, 0.95), weight decay 0.1, linear warm-up then cosine.
+Norm weights and biases (all parameters with fewer than 2 dims) are not decayed: decaying a
+norm's gain pulls it towards 0, which is a different model, not regularisation. Expert stacks
+(3-D) and linear weights (2-D) decay.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipeline.config import OptimSection
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Named groups ``decay`` / ``no_decay`` (names are needed by DeepSpeed's MoE grouping)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Factor on the peak lr for optimizer step ``step`` (0-based).
+
+    Linear warm-up ``(step + 1) / warmup_steps`` (the first step already moves the weights),
+    then cosine from 1 down to ``min_lr_ratio`` at ``max_steps``; flat at the floor after.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(groups: list[dict], cfg: OptimSection) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimSection, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per optimizer step (DeepSpeed does it at accumulation boundaries)."""
+    warmup = min(cfg.warmup_steps, max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, warmup, max_steps, cfg.min_lr_ratio)
+    )

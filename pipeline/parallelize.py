@@ -1,0 +1,123 @@
+"""Model -> training engine, in ONE ordered function (:func:`parallelize`). Reading it tells
+you the whole recipe:
+
+1. expert parallel (``pipeline.expert_parallel``: shard experts, all-to-all dispatcher, groups)
+2. activation checkpointing of each decoder layer (optional)
+3. per-layer ``torch.compile`` (optional)
+4. ZeRO-3 only: MoE blocks become leaf modules, so ZeRO gathers an MoE block's parameters at
+   once instead of hooking each expert (which data-dependent routing would desynchronise)
+5. AdamW param groups (+ DeepSpeed MoE groups when EP > 1), LR schedule
+6. ``deepspeed.initialize`` with the generated config
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import optim
+from pipeline.config import ModelSection, TrainConfig
+from pipeline.deepspeed_config import deepspeed_config
+
+
+def init_distributed(use_gpu: bool) -> None:
+    """Process group for DeepSpeed: nccl on GPU, gloo on CPU."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if not use_gpu:
+        # The CPU shared-memory comm op compiles for ~25 s on first use and gloo does not need
+        # it (stack.md: same results without it).
+        import deepspeed.comm.torch as ds_torch
+
+        ds_torch.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
+def model_config(section: ModelSection) -> Any:
+    from model import TimeMoeConfig
+
+    cfg = TimeMoeConfig.preset(section.preset)
+    if section.overrides:
+        names = {f.name for f in dataclasses.fields(cfg)}
+        unknown = sorted(set(section.overrides) - names)
+        if unknown:
+            raise ValueError(f"model.overrides: unknown TimeMoeConfig field(s) {unknown}")
+        cfg = dataclasses.replace(cfg, **section.overrides)
+    return cfg
+
+
+def build_model(section: ModelSection, seed: int) -> nn.Module:
+    """Same seed on every rank -> identical initial weights everywhere."""
+    from model import TimeMoeModel
+
+    torch.manual_seed(seed)
+    return TimeMoeModel(model_config(section))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: the longest ``nn.ModuleList`` in the model."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers")
+    return list(max(lists, key=len))
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward. The forward is wrapped in place (no wrapper
+    module), so parameter names, checkpoints and the exported layout stay unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in decoder_layers(model):
+        inner = layer.forward
+        layer.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile per layer: the layers are identical, so one graph is reused and a graph break
+    in the dispatcher stays local."""
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
+def moe_leaf_classes() -> list[type]:
+    from model.moe import MoeFeedForward
+
+    return [MoeFeedForward]
+
+
+def parallelize(model: nn.Module, cfg: TrainConfig, world_size: int, use_gpu: bool) -> tuple[Any, Any]:
+    """Return ``(engine, ep_info)``; ``ep_info`` is None when EP = 1."""
+    import deepspeed
+
+    par = cfg.parallel
+    ep_info = None
+    if par.ep_size > 1:  # 1.
+        from pipeline.expert_parallel import apply_expert_parallel
+
+        ep_info = apply_expert_parallel(model, ep_size=par.ep_size)
+    if par.activation_checkpointing:  # 2.
+        apply_activation_checkpointing(model)
+    if par.compile:  # 3.
+        apply_compile(model)
+    if par.zero_stage == 3:  # 4.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, moe_leaf_classes())
+    groups = optim.param_groups(model, cfg.optim.weight_decay)  # 5.
+    if ep_info is not None:
+        from pipeline.expert_parallel import split_moe_param_groups
+
+        groups = split_moe_param_groups(groups)
+    optimizer = optim.build_optimizer(groups, cfg.optim)
+    scheduler = optim.build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    ds_cfg = deepspeed_config(par, cfg.train, cfg.optim, world_size, cfg.grad_accum_steps(world_size), use_gpu)
+    engine, _, _, _ = deepspeed.initialize(  # 6.
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
+    )
+    return engine, ep_info

@@ -1,0 +1,422 @@
+"""The scaling report: trial records <-> MLflow, fits per family, plots, table, JSON.
+
+A sweep is one MLflow parent run (tag ``scaling.role=sweep``, ``scaling.sweep=<name>``) with one
+child run per trial (tag ``scaling.role=trial``, ``scaling.trial_hash=<hash>``). A child run's
+metrics named in ``TrialRecord`` below are all the report needs, so the report can be rebuilt
+from MLflow alone (``python -m jobs.scaling_report --experiment NAME``).
+
+Output files (also logged on the parent run under ``scaling_report/``):
+
+    scaling_fits.json     fitted parameters with bootstrap intervals, multiplier, extrapolation
+    scaling_table.md/html one row per trial + one row per fit
+    loss_vs_flops.png     loss vs training FLOPs per family, fitted L(C) with bootstrap band
+    isoflop.png           fitted L(N, C / fpp(N)) along iso-FLOP lines, with N*(C) marked
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from pipeline.scaling import fit as F
+
+SWEEP_TAG = "scaling.sweep"
+ROLE_TAG = "scaling.role"
+HASH_TAG = "scaling.trial_hash"
+FAMILY_TAG = "scaling.family"
+ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
+REPORT_DIR = "scaling_report"
+
+# Metrics the report fits, in order of preference (the first one present is the headline).
+FIT_METRICS = ("heldout_loss", "heldout_mse", "zs_mse")
+
+
+@dataclass
+class TrialRecord:
+    """One finished trial, as logged on its MLflow child run (metrics unless noted)."""
+
+    family: str              # param + tag: "sparse" | "dense"
+    size: str                # param
+    trial_hash: str          # tag
+    n_total: float
+    n_active: float
+    points_seen: float
+    training_flops: float    # from model.flops: flops_per_point(config, L) x points seen
+    heldout_loss: float      # training objective on the held-out (val) shards
+    heldout_mse: float       # one-step MSE on the held-out shards (normalised units)
+    zs_mse: float = math.nan  # zero-shot MSE / MAE averaged over the configured benchmarks
+    zs_mae: float = math.nan
+    wall_time_s: float = math.nan
+    points_per_s: float = math.nan
+    mfu: float = math.nan    # only on GPU
+    zero_shot: dict[str, float] = field(default_factory=dict)  # "zs/<dataset>/<metric>" -> value
+
+    METRICS = ("n_total", "n_active", "points_seen", "training_flops", "heldout_loss", "heldout_mse",
+               "zs_mse", "zs_mae", "wall_time_s", "points_per_s", "mfu")
+
+    def metrics(self) -> dict[str, float]:
+        out = {k: float(getattr(self, k)) for k in self.METRICS}
+        out.update(self.zero_shot)
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    @property
+    def flops_per_point(self) -> float:
+        return self.training_flops / self.points_seen
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow I/O (only this section touches mlflow)
+# ---------------------------------------------------------------------------------------------
+
+def log_trial_record(client: Any, run_id: str, record: TrialRecord) -> None:
+    """Log a finished trial's summary on its child run (metrics in one batch call)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in record.metrics().items()],
+        params=[Param("family", record.family), Param("size", record.size)],
+        tags=[RunTag(FAMILY_TAG, record.family), RunTag(HASH_TAG, record.trial_hash)],
+    )
+
+
+def record_from_run(run: Any) -> TrialRecord | None:
+    """A TrialRecord from an MLflow run, or None if the run lacks the required metrics
+    (e.g. an interrupted trial)."""
+    m, p, t = run.data.metrics, run.data.params, run.data.tags
+    required = ("n_total", "n_active", "points_seen", "training_flops", "heldout_loss", "heldout_mse")
+    if any(k not in m for k in required):
+        return None
+    return TrialRecord(
+        family=t.get(FAMILY_TAG, p.get("family", "?")),
+        size=p.get("size", "?"),
+        trial_hash=t.get(HASH_TAG, ""),
+        zero_shot={k: v for k, v in m.items() if k.startswith("zs/")},
+        **{k: float(m.get(k, math.nan)) for k in TrialRecord.METRICS},
+    )
+
+
+def find_sweep_run(client: Any, experiment_id: str, sweep: str | None = None) -> Any | None:
+    """The newest parent run of the experiment (of the named sweep, if given)."""
+    flt = f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}'"
+    if sweep:
+        flt += f" and tags.`{SWEEP_TAG}` = '{sweep}'"
+    runs = client.search_runs([experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+def child_runs(client: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """All trial runs under a parent (paged, so large sweeps are complete)."""
+    flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'"
+    out, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=flt, max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def load_trials(experiment: str, tracking_uri: str | None = None,
+                sweep: str | None = None) -> tuple[str, list[TrialRecord]]:
+    """(parent run id, finished trial records) of the newest sweep in ``experiment``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"MLflow experiment {experiment!r} not found at {client.tracking_uri}")
+    parent = find_sweep_run(client, exp.experiment_id, sweep)
+    if parent is None:
+        raise ValueError(f"experiment {experiment!r} has no sweep parent run (tag {ROLE_TAG}={ROLE_SWEEP})"
+                         + (f" for sweep {sweep!r}" if sweep else ""))
+    records = []
+    for run in child_runs(client, exp.experiment_id, parent.info.run_id):
+        if run.info.status == "FINISHED" and (rec := record_from_run(run)) is not None:
+            records.append(rec)
+    return parent.info.run_id, records
+
+
+def log_report(tracking_uri: str | None, parent_run_id: str, out_dir: Path) -> None:
+    """Upload the report files to the parent run and log the headline fitted numbers."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.log_artifacts(parent_run_id, str(out_dir), artifact_path=REPORT_DIR)
+    fits = json.loads((Path(out_dir) / "scaling_fits.json").read_text())
+    now = int(time.time() * 1000)
+    metrics = []
+    for fam, res in fits["families"].items():
+        pl = res.get("power_law")
+        if pl:
+            metrics.append(Metric(f"fit/{fam}/alpha", pl["alpha"]["estimate"], now, 0))
+            metrics.append(Metric(f"fit/{fam}/E", pl["E"]["estimate"], now, 0))
+    mult = fits.get("multiplier")
+    if mult and math.isfinite(mult["headline"]["estimate"]):
+        metrics.append(Metric("fit/dense_over_sparse_compute", mult["headline"]["estimate"], now, 0))
+    if metrics:
+        client.log_batch(parent_run_id, metrics=metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fits
+# ---------------------------------------------------------------------------------------------
+
+def _fit_family(recs: list[TrialRecord], metric: str, n_boot: int, seed: int) -> dict[str, Any]:
+    C = np.array([r.training_flops for r in recs])
+    y = np.array([getattr(r, metric) for r in recs])
+    N = np.array([r.n_active for r in recs])
+    D = np.array([r.points_seen for r in recs])
+    out: dict[str, Any] = {"n_trials": len(recs)}
+    frontier = F.pareto_frontier(C, y)
+    # L(C) is the best loss at C: fit the frontier, unless it is too short for 3 params + CI.
+    idx = frontier if len(frontier) >= 4 else np.arange(len(C))
+    out["power_law_points"] = "frontier" if len(frontier) >= 4 else "all"
+    out["_frontier_idx"] = frontier.tolist()
+    if len(idx) >= 3:
+        boot = F.bootstrap_power_law(C[idx], y[idx], n_boot=n_boot, seed=seed)
+        out["power_law"] = {k: v.to_dict() for k, v in boot.intervals().items()}
+        out["_boot"] = boot
+    if len(idx) >= 4:
+        out["extrapolation"] = F.extrapolation_error(C[idx], y[idx]).to_dict()
+    if len(C) >= 5 and len(np.unique(N)) >= 2 and len(np.unique(D)) >= 2:
+        best, samples = F.bootstrap_joint(N, D, y, n_boot=max(n_boot // 2, 10), seed=seed)
+        iv = {p: F._interval(getattr(best, p), np.array([getattr(s, p) for s in samples]), 0.9).to_dict()
+              for p in ("E", "A", "B", "a", "b")}
+        out["joint"] = iv
+        out["_joint"] = best
+        fpp = F.linear_flops_per_point(N, C / D)
+        out["_fpp"] = fpp
+        budgets = np.logspace(math.log10(C.min()), math.log10(C.max()) + 2, 5)
+        out["compute_optimal"] = F.compute_optimal(best, fpp, budgets,
+                                                   n_bounds=(N.min() / 100, N.max() * 1000)).to_dict()
+    return out
+
+
+def fit_records(records: list[TrialRecord], metric: str = "heldout_loss", n_boot: int = 200,
+                seed: int = 0) -> dict[str, Any]:
+    """Fits per family and the sparse-vs-dense multiplier. Keys starting with '_' hold fit
+    objects for plotting and are dropped from the JSON."""
+    fams: dict[str, list[TrialRecord]] = {}
+    for r in records:
+        if math.isfinite(getattr(r, metric)) and getattr(r, metric) > 0:
+            fams.setdefault(r.family, []).append(r)
+    result: dict[str, Any] = {"metric": metric, "families": {}}
+    for i, (fam, recs) in enumerate(sorted(fams.items())):
+        result["families"][fam] = _fit_family(recs, metric, n_boot, seed + i)
+    sp, de = result["families"].get("sparse", {}), result["families"].get("dense", {})
+    if "_boot" in sp and "_boot" in de:
+        c_sparse = np.array([r.training_flops for r in fams["sparse"]])
+        grid = np.logspace(math.log10(c_sparse.min()), math.log10(c_sparse.max()), 5)
+        per_c = [F.multiplier_with_interval(sp["_boot"], de["_boot"], float(c)) for c in grid]
+        result["multiplier"] = {
+            "definition": "C_dense(L_sparse(C)) / C: dense FLOPs needed for the sparse loss at C",
+            "compute": grid.tolist(),
+            "per_compute": [m.to_dict() for m in per_c],
+            "headline": per_c[-1].to_dict(),  # at the largest sparse compute
+        }
+    return result
+
+
+def _public(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _public(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, list):
+        return [_public(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)  # JSON has no inf/nan
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+COLORS = {"sparse": "tab:blue", "dense": "tab:orange"}
+
+
+def _plot_loss_vs_flops(records: list[TrialRecord], fits: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = fits["metric"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for fam, res in fits["families"].items():
+        recs = [r for r in records if r.family == fam and math.isfinite(getattr(r, metric))]
+        C = np.array([r.training_flops for r in recs])
+        y = np.array([getattr(r, metric) for r in recs])
+        color = COLORS.get(fam)
+        front = set(res.get("_frontier_idx", []))
+        on = np.array([i in front for i in range(len(recs))], dtype=bool)
+        ax.scatter(C[on], y[on], color=color, label=f"{fam} (frontier)", zorder=3)
+        ax.scatter(C[~on], y[~on], facecolors="none", edgecolors=color, zorder=3)
+        if "_boot" in res:
+            boot = res["_boot"]
+            cc = np.logspace(math.log10(C.min()) - 0.3, math.log10(C.max()) + 0.5, 100)
+            lo, hi = boot.prediction_band(cc)
+            pl = boot.fit
+            ax.plot(cc, pl.predict(cc), color=color,
+                    label=f"{fam}: {pl.E:.3g} + {pl.A:.3g} C^-{pl.alpha:.3f}")
+            ax.fill_between(cc, lo, hi, color=color, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel(metric)
+    ax.set_title("Loss vs training compute (90% bootstrap band)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_isoflop(records: list[TrialRecord], fits: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = [f for f, r in fits["families"].items() if "_joint" in r]
+    fig, axes = plt.subplots(1, max(len(fams), 1), figsize=(6 * max(len(fams), 1), 4.5), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        res = fits["families"][fam]
+        joint, fpp = res["_joint"], res["_fpp"]
+        N = np.array([r.n_active for r in records if r.family == fam])
+        n_grid = np.logspace(math.log10(N.min()) - 1, math.log10(N.max()) + 1, 200)
+        opt = res["compute_optimal"]
+        cmap = plt.get_cmap("viridis")
+        for i, (C, n_opt, l_opt) in enumerate(zip(opt["compute"], opt["n_opt"], opt["loss_opt"])):
+            color = cmap(i / max(len(opt["compute"]) - 1, 1))
+            ax.plot(n_grid, F.iso_flop_curve(joint, fpp, C, n_grid), color=color, label=f"C={C:.2e}")
+            ax.scatter([n_opt], [l_opt], color=color, marker="*", s=80, zorder=3)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("active parameters N")
+        ax.set_ylabel(f"fitted {fits['metric']}")
+        ax.set_title(f"{fam}: iso-FLOP curves of L(N,D), * = N*(C)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+TABLE_COLUMNS = [("family", "family", "{}"), ("size", "size", "{}"), ("N_total", "n_total", "{:,.0f}"),
+                 ("N_active", "n_active", "{:,.0f}"), ("points", "points_seen", "{:.3g}"),
+                 ("FLOPs", "training_flops", "{:.3g}"), ("held-out loss", "heldout_loss", "{:.4f}"),
+                 ("held-out MSE", "heldout_mse", "{:.4f}"), ("zero-shot MSE", "zs_mse", "{:.4f}"),
+                 ("zero-shot MAE", "zs_mae", "{:.4f}"), ("wall s", "wall_time_s", "{:.1f}"),
+                 ("points/s", "points_per_s", "{:,.0f}"), ("MFU", "mfu", "{:.1%}")]
+
+
+def _cell(fmt: str, v: Any) -> str:
+    if isinstance(v, float) and not math.isfinite(v):
+        return "-"
+    return fmt.format(v)
+
+
+def _table_rows(records: list[TrialRecord]) -> list[list[str]]:
+    recs = sorted(records, key=lambda r: (r.family, r.n_active, r.points_seen))
+    return [[_cell(fmt, getattr(r, attr)) for _, attr, fmt in TABLE_COLUMNS] for r in recs]
+
+
+def _fit_rows(fits: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for fam, res in fits["families"].items():
+        pl, jt, ex = res.get("power_law"), res.get("joint"), res.get("extrapolation")
+        def iv(d: dict) -> str:
+            return f"{d['estimate']:.4g} [{d['low']:.4g}, {d['high']:.4g}]"
+        rows.append([fam, str(res["n_trials"]),
+                     iv(pl["alpha"]) if pl else "-", iv(pl["E"]) if pl else "-",
+                     iv(jt["a"]) if jt else "-", iv(jt["b"]) if jt else "-", iv(jt["E"]) if jt else "-",
+                     f"{ex['relative_error']:+.2%}" if ex else "-"])
+    return rows
+
+
+FIT_HEADER = ["family", "trials", "alpha of L(C)", "E of L(C)", "a (N) of L(N,D)", "b (D) of L(N,D)",
+              "E of L(N,D)", "extrapolation error (largest C)"]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table border=1 cellspacing=0 cellpadding=3><tr>{head}</tr>{body}</table>"
+
+
+@dataclass
+class ReportFiles:
+    out_dir: Path
+    fits_json: Path
+    table_md: Path
+    table_html: Path
+    loss_vs_flops_png: Path
+    isoflop_png: Path | None
+    fits: dict[str, Any]
+
+
+def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric: str | None = None,
+                 n_boot: int = 200, seed: int = 0) -> ReportFiles:
+    """Fit, plot and tabulate ``records`` into ``out_dir``."""
+    records = list(records)
+    if not records:
+        raise ValueError("build_report: no finished trials to report on")
+    if metric is None:
+        metric = next((m for m in FIT_METRICS
+                       if sum(math.isfinite(getattr(r, m)) for r in records) >= 3), FIT_METRICS[0])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fits = fit_records(records, metric=metric, n_boot=n_boot, seed=seed)
+    public = _public(fits)
+    public["trials"] = [asdict(r) for r in records]
+    fits_json = out_dir / "scaling_fits.json"
+    fits_json.write_text(json.dumps(_public(public), indent=2))
+
+    header = [h for h, _, _ in TABLE_COLUMNS]
+    mult = public.get("multiplier")
+    mult_line = ""
+    if mult:
+        h = mult["headline"]
+        mult_line = (f"\n\nCompute multiplier (dense FLOPs / sparse FLOPs at equal {metric}) at "
+                     f"C = {mult['compute'][-1]:.3g}: **{h['estimate']}** (90% CI {h['low']} - {h['high']})\n")
+    md = (f"# Scaling report ({metric})\n\n## Trials\n\n{_markdown(header, _table_rows(records))}\n\n"
+          f"## Fits (90% bootstrap intervals)\n\n{_markdown(FIT_HEADER, _fit_rows(fits))}{mult_line}\n")
+    table_md = out_dir / "scaling_table.md"
+    table_md.write_text(md)
+    table_html = out_dir / "scaling_table.html"
+    table_html.write_text(f"<html><body><h1>Scaling report ({html.escape(metric)})</h1><h2>Trials</h2>"
+                          f"{_html_table(header, _table_rows(records))}<h2>Fits</h2>"
+                          f"{_html_table(FIT_HEADER, _fit_rows(fits))}<p>{html.escape(mult_line)}</p></body></html>")
+    loss_png = out_dir / "loss_vs_flops.png"
+    _plot_loss_vs_flops(records, fits, loss_png)
+    iso_png = None
+    if any("_joint" in r for r in fits["families"].values()):
+        iso_png = out_dir / "isoflop.png"
+        _plot_isoflop(records, fits, iso_png)
+    return ReportFiles(out_dir, fits_json, table_md, table_html, loss_png, iso_png, public)
+
+
+def rebuild_from_mlflow(experiment: str, out_dir: Path | str, *, tracking_uri: str | None = None,
+                        sweep: str | None = None, n_boot: int = 200, log: bool = True,
+                        metric: str | None = None) -> ReportFiles:
+    """Read the newest sweep's finished child runs, build the report, log it on the parent."""
+    parent_id, records = load_trials(experiment, tracking_uri, sweep)
+    if not records:
+        raise ValueError(f"experiment {experiment!r}: sweep run {parent_id} has no finished trials "
+                         "with the required metrics")
+    files = build_report(records, out_dir, metric=metric, n_boot=n_boot)
+    if log:
+        log_report(tracking_uri, parent_id, files.out_dir)
+    return files

@@ -1,0 +1,382 @@
+"""The scaling sweep: sizes x budgets x {sparse, dense} trials on Ray, tracked in MLflow.
+
+One MLflow parent run per sweep (tags ``scaling.role=sweep``, ``scaling.sweep=<name>``); one
+child run per trial (``scaling.role=trial``, ``scaling.trial_hash=<hash>``). A re-run of the
+same sweep finds the parent by its name, then for each trial:
+
+* a FINISHED child with the same config hash  -> skipped;
+* a child in any other state (RUNNING after a crash, FAILED, KILLED) -> resumed: the same run id
+  and the same output folder (``<output_dir>/<hash>``), so the trainer restarts from its
+  latest checkpoint there;
+* no child -> started.
+
+Trials run as Ray tasks with fractional resources (``resources_per_trial``), at most
+``max_concurrent`` at a time; each trains through ``pipeline.trainer``, then measures the
+held-out loss/MSE on the val shards and the zero-shot metrics on a documented benchmark
+subset, and logs one summary (see ``report.TrialRecord``) on its child run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from pipeline.scaling import report as R
+from pipeline.scaling.grid import GridConfig, TrialSpec, expand_grid, format_grid
+
+
+@dataclass
+class EvalSection:
+    """What each trial measures after training."""
+
+    heldout_windows: int = 256       # val windows for held-out loss / MSE (first N, fixed order)
+    heldout_batch_size: int = 16
+    zero_shot_datasets: tuple[str, ...] = ("ETTh1",)  # quick subset of the paper's Table 3
+    zero_shot_horizons: tuple[int, ...] = (96,)
+    zero_shot_max_windows: int = 64  # evenly spaced test windows per dataset/horizon (0 = all)
+    zero_shot_data_dir: str | None = None  # folder with the benchmark CSVs; None: skip zero-shot
+    report_n_boot: int = 200
+
+
+@dataclass
+class SweepSection:
+    name: str = "scaling"
+    experiment: str = "timemoe-scaling"
+    tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI
+    output_dir: str = "runs/sweep"  # trial folders <output_dir>/<hash>, the report in <output_dir>/report
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+
+@dataclass
+class SweepConfig:
+    sweep: SweepSection
+    grid: GridConfig
+    training: dict[str, Any]  # pipeline.config.TrainConfig sections except model and tracking
+    evaluation: EvalSection = field(default_factory=EvalSection)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SweepConfig":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"sweep config {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SweepConfig":
+        unknown = set(data) - {"sweep", "grid", "training", "evaluation"}
+        if unknown:
+            raise ValueError(f"unknown top-level keys {sorted(unknown)}; expected sweep, grid, training, evaluation")
+        training = dict(data.get("training") or {})
+        for reserved in ("model", "tracking"):
+            if reserved in training:
+                raise ValueError(f"training.{reserved} is set by the sweep per trial; remove it")
+        ev = dict(data.get("evaluation") or {})
+        for k in ("zero_shot_datasets", "zero_shot_horizons"):
+            if k in ev:
+                ev[k] = tuple(ev[k])
+        return cls(sweep=SweepSection(**(data.get("sweep") or {})),
+                   grid=GridConfig.from_dict(data.get("grid") or {}),
+                   training=training, evaluation=EvalSection(**ev))
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: trial spec -> training config
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrialPlan:
+    spec: TrialSpec
+    config_hash: str
+    train_config: dict[str, Any]  # a full TrainConfig as a dict
+    steps: int
+    points_seen: int  # realised: steps x global batch x window length
+
+
+def _model_overrides(spec: TrialSpec, base_preset: str) -> dict[str, Any]:
+    """The trial's model as preset + the fields that differ from it (readable in MLflow)."""
+    from model import TimeMoeConfig
+
+    base = dataclasses.asdict(TimeMoeConfig.preset(base_preset))
+    out = {}
+    for k, v in spec.model.items():
+        b = base.get(k)
+        if (list(b) if isinstance(b, tuple) else b) != v:
+            out[k] = v
+    return out
+
+
+def plan_trials(cfg: SweepConfig) -> list[TrialPlan]:
+    """Expand the grid and turn each budget (points) into whole optimizer steps."""
+    training = dict(cfg.training)
+    specs = expand_grid(cfg.grid, training=training)
+    gbs = int((training.get("train") or {}).get("global_batch_size", 8))
+    per_step = gbs * cfg.grid.window_length
+    root = Path(cfg.sweep.output_dir)
+    plans = []
+    for spec in specs:
+        steps = max(1, math.ceil(spec.budget_points / per_step))
+        h = spec.config_hash()
+        tc = {k: dict(v) if isinstance(v, dict) else v for k, v in training.items()}
+        tc["model"] = {"preset": cfg.grid.base_preset, "overrides": _model_overrides(spec, cfg.grid.base_preset)}
+        tc["train"] = dict(tc.get("train") or {}, max_steps=steps, output_dir=str(root / h))
+        tc["tracking"] = {"enabled": False}  # the sweep owns the child run and logs the summary
+        plans.append(TrialPlan(spec=spec, config_hash=h, train_config=tc, steps=steps,
+                               points_seen=steps * per_step))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial: train, measure, summarise (runs inside a Ray task)
+# ---------------------------------------------------------------------------------------------
+
+def heldout_metrics(model: Any, data_path: str, max_windows: int, batch_size: int) -> tuple[float, float]:
+    """(held-out loss, one-step MSE) on the first ``max_windows`` val windows.
+
+    The loss is the mean of the horizon heads' masked Huber losses (the forecasting objective,
+    without the router's aux term, so sparse and dense are compared on the same quantity); the
+    MSE is that of the horizon-1 head on the observed targets, in normalised units.
+    """
+    import pyarrow.dataset as pads
+    import torch
+
+    from preprocessing.schema import VAL_DIR, decode_batch, split_windows
+
+    ds = pads.dataset(f"{data_path.rstrip('/')}/{VAL_DIR}", format="parquet")
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, n_batches, se, n_pts, seen = 0.0, 0, 0.0, 0, 0
+    with torch.no_grad():
+        for rb in ds.to_batches(columns=["values", "segment_ids", "loss_mask"], batch_size=batch_size):
+            if seen >= max_windows:
+                break
+            d = decode_batch({c: rb.column(c) for c in ("values", "segment_ids", "loss_mask")})
+            d = {k: v[: max_windows - seen] for k, v in d.items()}
+            seen += len(d["values"])
+            w = split_windows(d["values"], d["segment_ids"], d["loss_mask"])
+            t = {k: torch.from_numpy(v).to(device) for k, v in w.items()}
+            out = model(t["inputs"], segment_ids=t["segment_ids"], labels=t["labels"], loss_mask=t["loss_mask"])
+            loss_sum += float(torch.stack([v.float() for v in out.head_losses.values()]).mean())
+            n_batches += 1
+            pred_BL = out.predictions[min(out.predictions)][..., 0].float()
+            mask_BL = t["loss_mask"].bool()
+            se += float(((pred_BL - t["labels"].float()) ** 2)[mask_BL].sum())
+            n_pts += int(mask_BL.sum())
+    if n_batches == 0 or n_pts == 0:
+        raise ValueError(f"{data_path}/{VAL_DIR}: no held-out windows with observed targets")
+    return loss_sum / n_batches, se / n_pts
+
+
+def zero_shot_metrics(model: Any, ev: EvalSection) -> dict[str, float]:
+    """Zero-shot MSE/MAE on the configured benchmark subset through ``pipeline.evaluation``."""
+    if not ev.zero_shot_data_dir or not ev.zero_shot_datasets:
+        return {}
+    from pipeline import evaluation
+
+    out: dict[str, float] = {}
+    mses, maes = [], []
+    for name in ev.zero_shot_datasets:
+        for horizon in ev.zero_shot_horizons:
+            res = evaluation.evaluate_zero_shot(model, dataset=name, data_dir=ev.zero_shot_data_dir,
+                                                horizon=horizon, max_windows=ev.zero_shot_max_windows or None)
+            out[f"zs/{name}/{horizon}/mse"] = float(res["mse"])
+            out[f"zs/{name}/{horizon}/mae"] = float(res["mae"])
+            mses.append(float(res["mse"]))
+            maes.append(float(res["mae"]))
+    out["zs_mse"] = float(np.mean(mses))
+    out["zs_mae"] = float(np.mean(maes))
+    return out
+
+
+def train_trial(train_config: dict[str, Any]) -> tuple[Any, float]:
+    """Train one trial through the training engineer's trainer; returns (model, train seconds).
+
+    The single adapter to ``pipeline.trainer``: it builds the typed TrainConfig, runs the Ray
+    Train job (which resumes from ``train.output_dir`` when a checkpoint is there) and loads the
+    exported model.
+    """
+    from model import TimeMoeModel
+    from pipeline import trainer
+    from pipeline.config import config_from_dict
+
+    cfg = config_from_dict(train_config)
+    t0 = time.perf_counter()
+    trainer.train(cfg)
+    seconds = time.perf_counter() - t0
+    model = TimeMoeModel.from_pretrained(str(Path(cfg.train.output_dir) / "final_model"))
+    return model, seconds
+
+
+def run_trial(plan: TrialPlan, ev: EvalSection, *,
+              train_fn: Callable[[dict[str, Any]], tuple[Any, float]] | None = None) -> R.TrialRecord:
+    """Train and measure one trial; returns its summary record (not yet logged)."""
+    import torch
+
+    from model.flops import mfu
+
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    model, seconds = (train_fn or train_trial)(plan.train_config)
+    data_path = plan.train_config["data"]["path"]
+    loss, mse = heldout_metrics(model, data_path, ev.heldout_windows, ev.heldout_batch_size)
+    zs = zero_shot_metrics(model, ev)
+    pps = plan.points_seen / seconds if seconds > 0 else math.nan
+    util = math.nan
+    if torch.cuda.is_available():
+        util = float(mfu(plan.spec.model_config(), plan.spec.window_length, pps))
+    return R.TrialRecord(
+        family=plan.spec.family, size=plan.spec.size, trial_hash=plan.config_hash,
+        n_total=plan.spec.n_total, n_active=plan.spec.n_active, points_seen=plan.points_seen,
+        training_flops=plan.spec.flops_per_point * plan.points_seen,
+        heldout_loss=loss, heldout_mse=mse, zs_mse=zs.pop("zs_mse", math.nan), zs_mae=zs.pop("zs_mae", math.nan),
+        wall_time_s=seconds, points_per_s=pps, mfu=util, zero_shot=zs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep: MLflow bookkeeping + Ray scheduling
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    ran: list[str]      # trial hashes trained in this invocation
+    skipped: list[str]  # already FINISHED
+    resumed: list[str]  # existed unfinished, run again in the same run/folder
+    failed: dict[str, str]
+    report: R.ReportFiles | None
+
+
+def _parent_run(client: Any, exp_id: str, cfg: SweepConfig) -> str:
+    existing = R.find_sweep_run(client, exp_id, cfg.sweep.name)
+    if existing is not None:
+        return existing.info.run_id
+    run = client.create_run(exp_id, run_name=f"sweep-{cfg.sweep.name}",
+                            tags={R.ROLE_TAG: R.ROLE_SWEEP, R.SWEEP_TAG: cfg.sweep.name})
+    g = cfg.grid
+    client.log_param(run.info.run_id, "sizes", ",".join(f"{s.name}:{s.num_hidden_layers}x{s.hidden_size}" for s in g.sizes))
+    client.log_param(run.info.run_id, "budgets", ",".join(str(b) for b in g.budgets))
+    client.log_param(run.info.run_id, "families", ",".join(g.families))
+    client.log_param(run.info.run_id, "window_length", g.window_length)
+    return run.info.run_id
+
+
+TrainFn = Callable[[dict[str, Any]], tuple[Any, float]]
+
+
+def _trial_task(plan: TrialPlan, ev: EvalSection, tracking_uri: str | None, run_id: str,
+                train_fn: TrainFn | None = None) -> tuple[str, str | None]:
+    """Ray task body: train + measure + log on the child run; returns (hash, error or None)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        record = run_trial(plan, ev, train_fn=train_fn or train_trial)
+    except Exception as exc:  # the sweep goes on; the child run says why
+        import traceback
+
+        client.set_tag(run_id, "scaling.error", f"{type(exc).__name__}: {exc}"[:5000])
+        client.log_text(run_id, traceback.format_exc(), "error.txt")
+        client.set_terminated(run_id, "FAILED")
+        return plan.config_hash, f"{type(exc).__name__}: {exc}"
+    R.log_trial_record(client, run_id, record)
+    client.set_terminated(run_id, "FINISHED")
+    return plan.config_hash, None
+
+
+def run_sweep(cfg: SweepConfig, *, report: bool = True, log: Callable[[str], None] = print,
+              train_fn: TrainFn | None = None) -> SweepResult:
+    """Run (or resume) the sweep, then build the report from MLflow and log it on the parent.
+
+    ``train_fn(train_config_dict) -> (model, seconds)`` replaces the Ray Train trainer (the
+    default, ``train_trial``) where a caller needs another training path.
+    """
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    uri = cfg.sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.sweep.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.sweep.experiment)
+    parent = _parent_run(client, exp_id, cfg)
+
+    plans = plan_trials(cfg)
+    log(format_grid([p.spec for p in plans]))
+    existing = {r.data.tags.get(R.HASH_TAG): r for r in R.child_runs(client, exp_id, parent)}
+    ran, skipped, resumed, todo = [], [], [], []
+    for p in plans:
+        run = existing.get(p.config_hash)
+        if run is not None and run.info.status == "FINISHED":
+            skipped.append(p.config_hash)
+            continue
+        if run is not None:
+            resumed.append(p.config_hash)
+            run_id = run.info.run_id
+            client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = client.create_run(exp_id, run_name=p.spec.name, tags={
+                "mlflow.parentRunId": parent, R.ROLE_TAG: R.ROLE_TRIAL, R.HASH_TAG: p.config_hash,
+                R.FAMILY_TAG: p.spec.family, R.SWEEP_TAG: cfg.sweep.name}).info.run_id
+            client.log_batch(run_id, params=_trial_params(p))
+        todo.append((p, run_id))
+    log(f"sweep {cfg.sweep.name!r}: {len(plans)} trials, {len(skipped)} finished (skipped), "
+        f"{len(resumed)} to resume, {len(todo) - len(resumed)} new")
+
+    failed: dict[str, str] = {}
+    if todo:
+        if not ray.is_initialized():
+            ray.init()
+        task = ray.remote(_trial_task).options(num_cpus=cfg.sweep.cpus_per_trial,
+                                               num_gpus=cfg.sweep.gpus_per_trial, max_retries=0)
+        pending: dict[Any, TrialPlan] = {}
+        queue = list(todo)
+        done = 0
+        while queue or pending:
+            while queue and len(pending) < max(1, cfg.sweep.max_concurrent):
+                p, run_id = queue.pop(0)
+                pending[task.remote(p, cfg.evaluation, uri, run_id, train_fn)] = p
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            p = pending.pop(ready[0])
+            h, err = ray.get(ready[0])
+            done += 1
+            if err:
+                failed[h] = err
+                log(f"[{done}/{len(todo)}] {p.spec.name} FAILED: {err}")
+            else:
+                ran.append(h)
+                log(f"[{done}/{len(todo)}] {p.spec.name} finished")
+
+    files = None
+    if report:
+        _, records = R.load_trials(cfg.sweep.experiment, uri, cfg.sweep.name)
+        if len(records) >= 3:
+            files = R.build_report(records, Path(cfg.sweep.output_dir) / "report", n_boot=cfg.evaluation.report_n_boot)
+            R.log_report(uri, parent, files.out_dir)
+            log(f"report: {files.out_dir}")
+        else:
+            log(f"report skipped: {len(records)} finished trials (need >= 3)")
+    return SweepResult(parent, ran, skipped, resumed, failed, files)
+
+
+def _trial_params(p: TrialPlan) -> list[Any]:
+    from mlflow.entities import Param
+
+    m = p.spec.model
+    values = {"family": p.spec.family, "size": p.spec.size, "budget_points": p.spec.budget_points,
+              "steps": p.steps, "window_length": p.spec.window_length,
+              "num_hidden_layers": m["num_hidden_layers"], "hidden_size": m["hidden_size"],
+              "intermediate_size": m["intermediate_size"], "num_attention_heads": m["num_attention_heads"],
+              "num_experts": m["num_experts"], "num_experts_per_tok": m["num_experts_per_tok"],
+              "use_dense": m["use_dense"], "flops_per_point": p.spec.flops_per_point}
+    return [Param(k, str(v)) for k, v in values.items()]

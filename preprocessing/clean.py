@@ -1,0 +1,183 @@
+"""Cleaning rules of Time-300B (paper Appendix C, Algorithm 2), as pure numpy functions.
+
+For one raw series ``x`` (float, NaN = missing):
+
+1. ``min_series_length``: a series shorter than this is dropped whole (reason ``min_length``).
+2. Split at every NaN/Inf: the non-finite points are dropped (reason ``nonfinite``); each
+   maximal finite run is cleaned on its own.
+3. Each finite run is cut into non-overlapping windows of ``window`` (128) points starting at
+   the run's first point. A window is dropped if any ratio exceeds its threshold (> 0.2,
+   strictly: exactly 0.2 is kept). Ratios are computed INSIDE the window only:
+   ``zeros / n``, ``zeros(x[1:] - x[:-1]) / (n - 1)``, ``zeros(x[2:] - x[:-2]) / (n - 2)``,
+   n = window points (no difference reaches across a window edge, so a window's verdict
+   depends on its own values only). The first failing rule in that order names the reason
+   (``window_zeros``, ``window_diff1_zeros``, ``window_diff2_zeros``).
+4. Trailing partial window (< ``window`` points): ``partial_window="check"`` judges it with the
+   same ratios over its own points (an empty difference has ratio 0); ``"drop"`` drops it
+   (reason ``partial_window``).
+5. Consecutive kept windows are joined; a joined run shorter than ``min_run_length`` (256) is
+   dropped (reason ``short_run``).
+
+The result is a list of ``(start, end)`` slices into the raw series plus the points dropped per
+reason, so that ``len(x) == kept + sum(dropped)`` holds by construction and is tested.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from preprocessing.config import CleanConfig
+
+REASON_MIN_LENGTH = "min_length"
+REASON_NONFINITE = "nonfinite"
+REASON_ZEROS = "window_zeros"
+REASON_DIFF1 = "window_diff1_zeros"
+REASON_DIFF2 = "window_diff2_zeros"
+REASON_PARTIAL = "partial_window"
+REASON_SHORT_RUN = "short_run"
+WINDOW_REASONS = (REASON_ZEROS, REASON_DIFF1, REASON_DIFF2)
+
+
+@dataclass
+class CleanResult:
+    runs: list[tuple[int, int]]                      # kept [start, end) slices of the raw series
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> points
+
+    @property
+    def kept_points(self) -> int:
+        return sum(e - s for s, e in self.runs)
+
+
+def finite_runs(x: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of finite values as ``[start, end)`` pairs."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return [(0, len(x))] if len(x) else []
+    edges = np.diff(np.concatenate(([False], finite, [False])).astype(np.int8))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+def _ratio_reasons(x_KW: np.ndarray, config: CleanConfig) -> np.ndarray:
+    """Reason code per window row of ``x_KW`` (0 = keep, 1..3 = index into WINDOW_REASONS + 1).
+    Zeros of a difference are tested as equality of the two values: for finite floats
+    ``a - b == 0`` exactly when ``a == b`` (gradual underflow), and equality never overflows."""
+    k, w = x_KW.shape
+    code = np.zeros(k, dtype=np.int8)
+    if w == 0:
+        return code
+    checks = [
+        ((x_KW == 0).sum(axis=1), w, config.max_zero_ratio),
+        ((x_KW[:, 1:] == x_KW[:, :-1]).sum(axis=1), w - 1, config.max_diff1_zero_ratio),
+        ((x_KW[:, 2:] == x_KW[:, :-2]).sum(axis=1), w - 2, config.max_diff2_zero_ratio),
+    ]
+    # Reverse order so that the FIRST failing rule wins the attribution.
+    for idx in (2, 1, 0):
+        zeros_K, denom, limit = checks[idx]
+        if denom <= 0:
+            continue
+        code = np.where(zeros_K > limit * denom, np.int8(idx + 1), code)
+    return code
+
+
+def window_codes(run: np.ndarray, config: CleanConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Verdict per window of one finite run: ``(starts, codes)``; code 0 keep, 1..3 window rule,
+    4 partial window dropped by policy."""
+    n, w = len(run), config.window
+    k = n // w
+    starts = np.arange(0, n, w)
+    if not config.window_rules:
+        return starts, np.zeros(len(starts), dtype=np.int8)
+    codes = _ratio_reasons(run[: k * w].reshape(k, w), config) if k else np.zeros(0, dtype=np.int8)
+    if n % w:
+        if config.partial_window == "drop":
+            tail_code = np.int8(4)
+        else:
+            tail_code = _ratio_reasons(run[k * w:].reshape(1, -1), config)[0]
+        codes = np.concatenate([codes, [tail_code]]).astype(np.int8)
+    return starts, codes
+
+
+_CODE_REASON = {1: REASON_ZEROS, 2: REASON_DIFF1, 3: REASON_DIFF2, 4: REASON_PARTIAL}
+
+
+def clean_series(x: np.ndarray, config: CleanConfig) -> CleanResult:
+    """Apply the cleaning rules to one raw series; see the module docstring."""
+    n = len(x)
+    dropped: dict[str, int] = {}
+
+    def drop(reason: str, points: int) -> None:
+        if points:
+            dropped[reason] = dropped.get(reason, 0) + int(points)
+
+    if n < config.min_series_length:
+        drop(REASON_MIN_LENGTH, n)
+        return CleanResult([], dropped)
+    runs_out: list[tuple[int, int]] = []
+    finite = finite_runs(x)
+    drop(REASON_NONFINITE, n - sum(e - s for s, e in finite))
+    w = config.window
+    for rs, re_ in finite:
+        starts, codes = window_codes(x[rs:re_], config)
+        ends = np.minimum(starts + w, re_ - rs)
+        sizes = ends - starts
+        for code in (1, 2, 3, 4):
+            drop(_CODE_REASON[code], int(sizes[codes == code].sum()))
+        keep = codes == 0
+        if not keep.any():
+            continue
+        # Joined runs of consecutive kept windows.
+        edges = np.diff(np.concatenate(([False], keep, [False])).astype(np.int8))
+        for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+            s, e = rs + int(starts[a]), rs + int(ends[b - 1])
+            if e - s < config.min_run_length:
+                drop(REASON_SHORT_RUN, e - s)
+            else:
+                runs_out.append((s, e))
+    return CleanResult(runs_out, dropped)
+
+
+def reference_clean(x: np.ndarray, config: CleanConfig) -> list[tuple[int, int]]:
+    """Slow, loop-by-loop version of :func:`clean_series` (kept runs only), the test oracle."""
+    if len(x) < config.min_series_length:
+        return []
+    out: list[tuple[int, int]] = []
+    i, n = 0, len(x)
+    while i < n:
+        if not np.isfinite(x[i]):
+            i += 1
+            continue
+        j = i
+        while j < n and np.isfinite(x[j]):
+            j += 1
+        # finite run [i, j)
+        cur: tuple[int, int] | None = None
+        for s in range(i, j, config.window):
+            e = min(s + config.window, j)
+            win = [float(v) for v in x[s:e]]
+            m = len(win)
+            ok = True
+            if m < config.window and config.partial_window == "drop":
+                ok = False
+            elif config.window_rules:
+                z = sum(1 for v in win if v == 0)
+                d1 = sum(1 for a in range(1, m) if win[a] - win[a - 1] == 0)
+                d2 = sum(1 for a in range(2, m) if win[a] - win[a - 2] == 0)
+                if z / m > config.max_zero_ratio:
+                    ok = False
+                if m > 1 and d1 / (m - 1) > config.max_diff1_zero_ratio:
+                    ok = False
+                if m > 2 and d2 / (m - 2) > config.max_diff2_zero_ratio:
+                    ok = False
+            if ok:
+                cur = (cur[0], e) if cur else (s, e)
+            else:
+                if cur and cur[1] - cur[0] >= config.min_run_length:
+                    out.append(cur)
+                cur = None
+        if cur and cur[1] - cur[0] >= config.min_run_length:
+            out.append(cur)
+        i = j
+    return out

@@ -1,0 +1,168 @@
+"""Typed configuration of the preprocessing job (cleaning, normalisation, packing, output).
+
+Each stage receives only its own section (``CleanConfig`` to ``clean``, ``PackConfig`` to
+``pack`` ...); ``PreprocessConfig`` is the root that the CLI builds from YAML plus flags.
+YAML layout mirrors the dataclasses::
+
+    inputs: [/data/time300b]
+    output: s3://bucket/prepared
+    seed: 0
+    clean: {window: 128, max_zero_ratio: 0.2, min_run_length: 256}
+    normalize: {method: zscore, scope: run}
+    pack: {window_length: 4096, min_chunk_length: 32}
+    mixture: {weights: {nature: 0.3, energy: 2.5}}
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class CleanConfig:
+    """Time-300B's Algorithm 2 plus the corpus-level filters. Every rule can be switched off."""
+
+    window: int = 128                 # non-overlapping quality windows
+    max_zero_ratio: float = 0.2       # drop a window if share of x == 0 exceeds this
+    max_diff1_zero_ratio: float = 0.2  # ... share of zeros of x[1:] - x[:-1]
+    max_diff2_zero_ratio: float = 0.2  # ... share of zeros of x[2:] - x[:-2]
+    min_run_length: int = 256         # joined runs of kept windows shorter than this are dropped
+    min_series_length: int = 256      # raw series shorter than this are dropped first
+    # A trailing window shorter than ``window``: "check" = judged by the same ratios over its
+    # own points (kept if it passes); "drop" = always dropped (reason partial_window).
+    partial_window: Literal["check", "drop"] = "check"
+    window_rules: bool = True         # False: skip the window ratios (still split at NaN/Inf)
+    dedup: bool = True                # exact-duplicate series removal (hash of raw values)
+
+
+@dataclass
+class ContaminationConfig:
+    """Drop training series sharing >= ``min_match`` consecutive values with a benchmark's test
+    split. ``benchmarks`` are CSV paths (ETTh*/ETTm* use the fixed ETT test rows, others the
+    last 20%). Empty = guard off (the product needs no benchmark files at run time)."""
+
+    benchmarks: list[str] = field(default_factory=list)
+    min_match: int = 64
+
+
+@dataclass
+class NormalizeConfig:
+    method: Literal["zscore", "max", "none"] = "zscore"
+    # "run": statistics of each cleaned run (the segments that are packed); "series": of all
+    # kept points of the series (closest to the released code, which z-scores whole sequences).
+    scope: Literal["run", "series"] = "run"
+
+
+@dataclass
+class PackConfig:
+    window_length: int = 4096         # rows hold window_length + 1 points
+    min_chunk_length: int = 32        # a tail chunk shorter than this is dropped (short_tail)
+    pack_batch_chunks: int = 4096     # chunks bin-packed together (best-fit decreasing)
+    val_fraction: float = 0.01        # share of series (by key hash) held out to val/
+    shuffle_buffer_rows: int = 4096   # bounded streaming shuffle before writing (0 = off)
+
+
+@dataclass
+class MixtureConfig:
+    """Per-domain sampling weights applied to training chunks: 2.5 = every chunk twice plus a
+    50% (hash-chosen) sample once more; 0.3 = a 30% sample. Unlisted domains get ``default``."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    default: float = 1.0
+
+    def weight(self, domain: str) -> float:
+        return float(self.weights.get(domain, self.default))
+
+
+@dataclass
+class OutputConfig:
+    rows_per_shard: int = 1024
+    compression: str = "zstd"
+    compression_level: int | None = 1
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list[str] = field(default_factory=list)
+    output: str = ""
+    catalog: str | None = None
+    seed: int = 0
+    fail_fast: bool = False
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    output_options: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _build(cls: type, data: dict[str, Any] | None, where: str) -> Any:
+    """Dataclass from a dict, recursing into nested dataclass fields; unknown keys are an error
+    (a typo in a YAML file must not be silently ignored)."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"config section {where or 'root'}: unknown keys {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        ftype = fields[name].type
+        nested = _NESTED.get((cls.__name__, name))
+        kwargs[name] = _build(nested, value, f"{where}.{name}".lstrip(".")) if nested else value
+        del ftype
+    return cls(**kwargs)
+
+
+_NESTED = {
+    ("PreprocessConfig", "clean"): CleanConfig,
+    ("PreprocessConfig", "contamination"): ContaminationConfig,
+    ("PreprocessConfig", "normalize"): NormalizeConfig,
+    ("PreprocessConfig", "pack"): PackConfig,
+    ("PreprocessConfig", "mixture"): MixtureConfig,
+    ("PreprocessConfig", "output_options"): OutputConfig,
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> PreprocessConfig:
+    return _build(PreprocessConfig, data, "")
+
+
+def load_config(path: str | Path) -> PreprocessConfig:
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return config_from_dict(data)
+
+
+def validate(config: PreprocessConfig) -> None:
+    """Reject configurations that cannot produce a meaningful run, naming the field."""
+    if not config.inputs:
+        raise ValueError("config.inputs is empty: give at least one --input")
+    if not config.output:
+        raise ValueError("config.output is empty: give --output")
+    if config.clean.window < 3:
+        raise ValueError(f"clean.window must be >= 3 (lag-2 differences), got {config.clean.window}")
+    if config.pack.window_length < 2:
+        raise ValueError(f"pack.window_length must be >= 2, got {config.pack.window_length}")
+    if not 0.0 <= config.pack.val_fraction < 1.0:
+        raise ValueError(f"pack.val_fraction must be in [0, 1), got {config.pack.val_fraction}")
+    for domain, w in config.mixture.weights.items():
+        if w < 0:
+            raise ValueError(f"mixture.weights[{domain!r}] must be >= 0, got {w}")
+    if config.normalize.method not in ("zscore", "max", "none"):
+        raise ValueError(f"normalize.method must be zscore, max or none, got {config.normalize.method!r}")
+    if config.normalize.scope not in ("run", "series"):
+        raise ValueError(f"normalize.scope must be run or series, got {config.normalize.scope!r}")
+    if config.clean.partial_window not in ("check", "drop"):
+        raise ValueError(f"clean.partial_window must be check or drop, got {config.clean.partial_window!r}")

@@ -1,0 +1,421 @@
+"""The preprocessing pipeline on Ray Data: read -> (dedup fingerprints) -> clean + normalise +
+chunk -> pack -> ordered, shuffled shard writing -> reports -> manifest (last).
+
+The data algorithms are the pure functions of ``clean``, ``normalize``, ``pack`` and
+``contamination``; this module only maps them over Arrow batches and wires the stages:
+
+1. ``fingerprint_batch`` (only when ``clean.dedup``): one cheap pass over the series computing a
+   64-bit hash of each series' raw values and of its key. The driver keeps two uint64 per series
+   (16 bytes: 48M series = 0.8 GB) and, for every group of identical value hashes, drops all but
+   the copy whose key hash is smallest: deterministic and independent of read order.
+2. ``clean_batch``: contamination guard, cleaning, normalisation, validation split, chunking,
+   mixture weights; returns chunk rows and an :class:`Accounting` tally (sent to a small actor).
+3. ``pack_batch``: best-fit-decreasing over ``pack.pack_batch_chunks`` chunks at a time.
+4. The driver consumes packed blocks IN ORDER (``preserve_order``), routes them to the train/val
+   :class:`ShardWriter` (bounded seeded shuffle), checks the accounting invariant and publishes.
+
+Memory stays bounded: nothing holds the corpus; the driver holds the shuffle buffer, the dedup
+hashes and per-dataset counters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from preprocessing import report as report_mod
+from preprocessing.accounting import Accounting, AccountingError, check_invariant, length_bin
+from preprocessing.clean import clean_series
+from preprocessing.config import PreprocessConfig, validate
+from preprocessing.contamination import ContaminationIndex
+from preprocessing.normalize import apply_stats, segment_stats
+from preprocessing.pack import REASON_SHORT_TAIL, assemble_rows, chunk_bounds
+from preprocessing.schema import MANIFEST_FILE, SCHEMA_VERSION, TRAIN_DIR, VAL_DIR
+from preprocessing.writer import ShardWriter, join, publish, resolve
+
+log = logging.getLogger(__name__)
+
+CHUNK_SCHEMA = pa.schema([
+    ("split", pa.string()), ("key", pa.string()), ("values", pa.large_list(pa.float32())),
+    ("mean", pa.float64()), ("std", pa.float64()),
+])
+
+
+def hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def unit_hash(text: str) -> float:
+    """Deterministic uniform number in [0, 1) from a string (stable across runs and machines)."""
+    return hash64(text) / 2.0**64
+
+
+def values_hash(x: np.ndarray) -> int:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    nan = np.isnan(x)
+    if nan.any():  # NaN payloads differ bit-wise; canonicalise before hashing
+        x = np.where(nan, np.float32(np.nan), x)
+    h = hashlib.blake2b(digest_size=8)
+    h.update(len(x).to_bytes(8, "little"))
+    h.update(x.tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def _values_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Flat float32 values and int64 offsets of the ``values`` column (zero copy when possible)."""
+    col = table.column("values")
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not pa.types.is_large_list(col.type):
+        col = col.cast(pa.large_list(pa.float32()))
+    offsets = col.offsets.to_numpy()
+    flat = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat, offsets - offsets[0] if len(offsets) and offsets[0] else offsets
+
+
+def fingerprint_batch(table: pa.Table) -> pa.Table:
+    """``value_hash``, ``key_hash`` (uint64) per good series row (quarantine rows skipped)."""
+    flat, offsets = _values_of(table)
+    domains, datasets, series = (table.column(c).to_pylist() for c in ("domain", "dataset", "series"))
+    reasons = table.column("quarantine_reason").to_pylist()
+    vh, kh = [], []
+    for i in range(table.num_rows):
+        if reasons[i]:
+            continue
+        vh.append(values_hash(flat[offsets[i]:offsets[i + 1]]))
+        kh.append(hash64(f"{domains[i]}/{datasets[i]}/{series[i]}"))
+    return pa.table({"value_hash": pa.array(vh, pa.uint64()), "key_hash": pa.array(kh, pa.uint64())})
+
+
+def duplicate_losers(value_hash: np.ndarray, key_hash: np.ndarray) -> np.ndarray:
+    """Sorted key hashes of duplicate copies to drop: per value hash all but the smallest key hash."""
+    if len(value_hash) == 0:
+        return np.zeros(0, np.uint64)
+    order = np.lexsort((key_hash, value_hash))
+    vh, kh = value_hash[order], key_hash[order]
+    dup = np.concatenate([[False], vh[1:] == vh[:-1]])
+    return np.sort(kh[dup])
+
+
+@dataclass
+class StageContext:
+    """What each Ray task needs (pickled with the UDF): config sections, dedup losers, guard."""
+
+    config: PreprocessConfig
+    drop_key_hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    contamination: ContaminationIndex | None = None
+
+
+def clean_batch(table: pa.Table, ctx: StageContext) -> tuple[pa.Table, Accounting]:
+    """Series rows -> normalised chunk rows (train chunks repeated per mixture weight), plus tally."""
+    cfg = ctx.config
+    width = cfg.pack.window_length + 1
+    acc = Accounting()
+    flat, offsets = _values_of(table)
+    cols = {c: table.column(c).to_pylist() for c in ("domain", "dataset", "series", "source", "quarantine_reason")}
+    messages = table.column("quarantine_message").to_pylist()
+    claimed = table.column("claimed_points").to_numpy()
+    out_split, out_key, out_vals, out_mean, out_std = [], [], [], [], []
+    for i in range(table.num_rows):
+        domain, dataset, name = cols["domain"][i], cols["dataset"][i], cols["series"][i]
+        tally = acc.tally(domain, dataset)
+        if cols["quarantine_reason"][i]:
+            reason = cols["quarantine_reason"][i]
+            tally.add_series(int(claimed[i]), {f"quarantine:{reason}": int(claimed[i])}, 0)
+            acc.quarantine.append({"domain": domain, "dataset": dataset, "series": name, "source": cols["source"][i],
+                                   "reason": reason, "message": messages[i], "claimed_points": int(claimed[i])})
+            continue
+        x = flat[offsets[i]:offsets[i + 1]]
+        n = len(x)
+        key = f"{domain}/{dataset}/{name}"
+        tally.add_values(x)
+        if len(ctx.drop_key_hashes):
+            kh = np.uint64(hash64(key))
+            pos = np.searchsorted(ctx.drop_key_hashes, kh)
+            if pos < len(ctx.drop_key_hashes) and ctx.drop_key_hashes[pos] == kh:
+                tally.add_series(n, {"duplicate": n}, 0)
+                continue
+        if ctx.contamination is not None:
+            hit = ctx.contamination.find(x)
+            if hit is not None:
+                tally.add_series(n, {f"contamination:{hit}": n}, 0)
+                continue
+        cleaned = clean_series(x, cfg.clean)
+        dropped = dict(cleaned.dropped)
+        is_val = unit_hash("val|" + key) < cfg.pack.val_fraction
+        weight = 1.0 if is_val else cfg.mixture.weight(domain)
+        reps_base, frac = int(math.floor(weight)), weight - math.floor(weight)
+        if cfg.normalize.scope == "series" and cleaned.runs:
+            series_stats = segment_stats(np.concatenate([x[s:e] for s, e in cleaned.runs]), cfg.normalize.method)
+        kept = 0
+        chunk_index = 0
+        for s, e in cleaned.runs:
+            tally.run_length_hist[length_bin(e - s)] += 1
+            mean, std = series_stats if cfg.normalize.scope == "series" else segment_stats(x[s:e], cfg.normalize.method)
+            chunks, tail = chunk_bounds(s, e, width, cfg.pack.min_chunk_length)
+            if tail:
+                dropped[REASON_SHORT_TAIL] = dropped.get(REASON_SHORT_TAIL, 0) + tail
+            for cs, ce in chunks:
+                reps = reps_base + (1 if frac and unit_hash(f"mix|{cfg.seed}|{key}|{chunk_index}") < frac else 0)
+                chunk_index += 1
+                if reps == 0:
+                    dropped["mixture_downsample"] = dropped.get("mixture_downsample", 0) + (ce - cs)
+                    continue
+                values = apply_stats(x[cs:ce], mean, std)
+                kept += ce - cs
+                tally.points_repeated += (reps - 1) * (ce - cs)
+                for _ in range(reps):
+                    out_split.append(VAL_DIR if is_val else TRAIN_DIR)
+                    out_key.append(key)
+                    out_vals.append(values)
+                    out_mean.append(mean)
+                    out_std.append(std)
+        if is_val and kept:
+            tally.points_val += kept
+            tally.series_val += 1
+        tally.add_series(n, dropped, kept)
+    lengths = np.array([len(v) for v in out_vals], dtype=np.int64)
+    offs = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat_out = np.concatenate(out_vals) if out_vals else np.zeros(0, np.float32)
+    chunks_tbl = pa.Table.from_arrays(
+        [pa.array(out_split, pa.string()), pa.array(out_key, pa.string()),
+         pa.LargeListArray.from_arrays(pa.array(offs), pa.array(flat_out)),
+         pa.array(out_mean, pa.float64()), pa.array(out_std, pa.float64())],
+        schema=CHUNK_SCHEMA,
+    )
+    return chunks_tbl, acc
+
+
+def pack_batch(table: pa.Table, window_length: int) -> pa.Table:
+    """Chunk rows -> packed window rows (train and val packed separately), with a ``split`` column
+    and ``seg_lengths`` (used by the driver for counts; not written to shards)."""
+    width = window_length + 1
+    flat, offsets = _values_of(table)
+    splits = np.array(table.column("split").to_pylist(), dtype=object)
+    keys = table.column("key").to_pylist()
+    means = table.column("mean").to_numpy()
+    stds = table.column("std").to_numpy()
+    parts = []
+    for split in (TRAIN_DIR, VAL_DIR):
+        idx = np.flatnonzero(splits == split)
+        if len(idx) == 0:
+            continue
+        rows = assemble_rows([flat[offsets[i]:offsets[i + 1]] for i in idx], means[idx].tolist(),
+                             stds[idx].tolist(), [keys[i] for i in idx], width)
+        parts.append(pa.table({
+            "split": pa.array([split] * rows.num_rows, pa.string()),
+            "values": pa.FixedSizeListArray.from_arrays(pa.array(rows.values_RW.ravel()), width),
+            "segment_ids": pa.FixedSizeListArray.from_arrays(pa.array(rows.segment_ids_RW.ravel()), width),
+            "loss_mask": pa.FixedSizeListArray.from_arrays(pa.array(rows.loss_mask_RW.ravel()), width),
+            "seg_mean": pa.array(rows.seg_mean, pa.list_(pa.float64())),
+            "seg_std": pa.array(rows.seg_std, pa.list_(pa.float64())),
+            "seg_series": pa.array(rows.seg_series, pa.list_(pa.string())),
+            "seg_lengths": pa.array(rows.seg_lengths, pa.list_(pa.int64())),
+        }))
+    if not parts:
+        return _empty_packed(width)
+    return pa.concat_tables(parts)
+
+
+def _empty_packed(width: int) -> pa.Table:
+    return pa.table({
+        "split": pa.array([], pa.string()),
+        "values": pa.array([], pa.list_(pa.float32(), width)),
+        "segment_ids": pa.array([], pa.list_(pa.int32(), width)),
+        "loss_mask": pa.array([], pa.list_(pa.uint8(), width)),
+        "seg_mean": pa.array([], pa.list_(pa.float64())), "seg_std": pa.array([], pa.list_(pa.float64())),
+        "seg_series": pa.array([], pa.list_(pa.string())), "seg_lengths": pa.array([], pa.list_(pa.int64())),
+    })
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class PreprocessResult:
+    output: str
+    manifest: dict[str, Any]
+    report: dict[str, Any]
+    accounting: Accounting
+    efficiency: float           # train packing efficiency (real points / slots)
+    seconds: float
+
+
+def input_fingerprints(inputs: list[str], max_files: int = 100_000) -> list[dict[str, Any]]:
+    """Size and mtime of every file under each input (a cheap change detector for the manifest)."""
+    out = []
+    for url in inputs:
+        fs, path = resolve(url)
+        info = fs.get_file_info(path)
+        infos = [info] if info.type == pafs.FileType.File else (
+            fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)) if info.type == pafs.FileType.Directory else [])
+        for f in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)[:max_files]:
+            out.append({"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns})
+    return out
+
+
+def _accounting_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class AccountingActor:
+        def __init__(self) -> None:
+            self.acc = Accounting()
+
+        def add(self, part: Accounting) -> None:
+            self.acc.merge(part)
+
+        def get(self) -> Accounting:
+            return self.acc
+
+    return AccountingActor.remote()
+
+
+def _read(config: PreprocessConfig):
+    from preprocessing import ingest  # the ingest engineer's readers
+
+    kwargs: dict[str, Any] = {}
+    if hasattr(ingest, "IngestConfig"):
+        fields = {f.name for f in dataclasses.fields(ingest.IngestConfig)}
+        kwargs["config"] = ingest.IngestConfig(**({"fail_fast": True} if config.fail_fast and "fail_fast" in fields else {}))
+    catalog = config.catalog
+    if catalog and hasattr(ingest, "load_catalog"):
+        catalog = ingest.load_catalog(catalog)
+    elif catalog:
+        from preprocessing import catalog as catalog_mod
+
+        catalog = catalog_mod.load_catalog(catalog) if hasattr(catalog_mod, "load_catalog") else catalog
+    return ingest.read_series(config.inputs, catalog=catalog, **kwargs)
+
+
+def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
+    """Run the whole pipeline for ``config``; ``series`` (a Ray Dataset in the series format of
+    ``preprocessing/series.py``) replaces reading ``config.inputs`` (tests, custom readers)."""
+    import ray
+
+    if series is None:
+        validate(config)
+    if not config.output:
+        raise ValueError("config.output is empty: give --output")
+    t0 = time.time()
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.execution_options.preserve_order = True  # fixed row order -> byte-identical shards
+    data_ctx.enable_progress_bars = True
+    if series is None:
+        series = _read(config)
+
+    ctx = StageContext(config=config)
+    if config.contamination.benchmarks:
+        ctx.contamination = ContaminationIndex.from_files(config.contamination.benchmarks, config.contamination.min_match)
+        log.info("contamination guard: %d benchmark windows indexed", len(ctx.contamination.hashes))
+    if config.clean.dedup:
+        vh, kh = [], []
+        for b in series.map_batches(fingerprint_batch, batch_format="pyarrow").iter_batches(batch_format="numpy", batch_size=None):
+            vh.append(b["value_hash"].astype(np.uint64))
+            kh.append(b["key_hash"].astype(np.uint64))
+        ctx.drop_key_hashes = duplicate_losers(np.concatenate(vh) if vh else np.zeros(0, np.uint64),
+                                               np.concatenate(kh) if kh else np.zeros(0, np.uint64))
+        log.info("dedup: %d duplicate series to drop", len(ctx.drop_key_hashes))
+
+    actor = _accounting_actor()
+
+    def clean_udf(table: pa.Table) -> pa.Table:
+        chunks, acc = clean_batch(table, ctx)
+        ray.get(actor.add.remote(acc))
+        return chunks
+
+    window_length = config.pack.window_length
+    packed = (
+        series.map_batches(clean_udf, batch_format="pyarrow")
+        .map_batches(pack_batch, batch_format="pyarrow", batch_size=config.pack.pack_batch_chunks,
+                     fn_kwargs={"window_length": window_length})
+    )
+
+    fs, out_path = resolve(config.output)
+    tmp = join(out_path, f"_tmp-{uuid.uuid4().hex[:12]}")
+    writers = {
+        split: ShardWriter(fs, join(tmp, split), window_length, config.output_options,
+                           config.pack.shuffle_buffer_rows, seed=config.seed * 2 + k)
+        for k, split in enumerate((TRAIN_DIR, VAL_DIR))
+    }
+    written_by_dataset: dict[str, dict[str, int]] = {}
+    slots = {TRAIN_DIR: 0, VAL_DIR: 0}
+    points = {TRAIN_DIR: 0, VAL_DIR: 0}
+    try:
+        for batch in packed.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+            for split, writer in writers.items():
+                sub = batch.filter(pc.equal(batch.column("split"), split))
+                if sub.num_rows == 0:
+                    continue
+                lengths = sub.column("seg_lengths").combine_chunks()
+                names = pc.list_flatten(sub.column("seg_series")).to_pylist()
+                lens = pc.list_flatten(lengths).to_numpy()
+                for name, n in zip(names, lens.tolist()):
+                    ds_key = name.rsplit("/", 1)[0]
+                    bucket = written_by_dataset.setdefault(ds_key, {TRAIN_DIR: 0, VAL_DIR: 0})
+                    bucket[split] += n
+                points[split] += int(lens.sum())
+                slots[split] += sub.num_rows * (window_length + 1)
+                writer.add(sub)
+        for writer in writers.values():
+            writer.close()
+
+        acc: Accounting = ray.get(actor.get.remote())
+        check_invariant(acc)
+        expected = {k: t.points_kept + t.points_repeated for k, t in acc.datasets.items()}
+        got = {k: v[TRAIN_DIR] + v[VAL_DIR] for k, v in written_by_dataset.items()}
+        bad = {k: (expected.get(k, 0), got.get(k, 0)) for k in set(expected) | set(got) if expected.get(k, 0) != got.get(k, 0)}
+        if bad:
+            raise AccountingError(f"points written to shards differ from points kept (+repeats): {bad}")
+
+        efficiency = {s: (points[s] / slots[s] if slots[s] else 1.0) for s in slots}
+        mixture = {d: config.mixture.weight(d) for d in acc.domains()}
+        rep = report_mod.build_report(acc, config, efficiency, {s: w.shards for s, w in writers.items()}, mixture)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "window_length": window_length,
+            "width": window_length + 1,
+            "config": config.to_dict(),
+            "inputs": input_fingerprints(config.inputs) if config.inputs else [],
+            "counts": {"total": rep["totals"], "domains": rep["domain_counts"], "datasets": rep["dataset_counts"]},
+            "packing_efficiency": efficiency,
+            "mixture_weights": mixture,
+            "shards": {s: w.shards for s, w in writers.items()},
+            "rows": {s: sum(x["rows"] for x in w.shards) for s, w in writers.items()},
+        }
+        manifest["inputs_digest"] = hashlib.sha256(json.dumps(manifest["inputs"], sort_keys=True).encode()).hexdigest()
+        files = {
+            "report.json": json.dumps(rep, indent=2, sort_keys=True, default=float).encode(),
+            "report.html": report_mod.render_html(rep).encode(),
+        }
+        publish(fs, out_path, tmp, [TRAIN_DIR, VAL_DIR], files, manifest)
+    except BaseException:
+        # Leave no half-published state behind: the tmp folder goes, the manifest was never written.
+        try:
+            if fs.get_file_info(tmp).type == pafs.FileType.Directory:
+                fs.delete_dir(tmp)
+        except Exception:  # noqa: BLE001 - cleanup must not hide the real error
+            log.warning("could not remove %s", tmp)
+        raise
+    finally:
+        ray.kill(actor)
+    seconds = time.time() - t0
+    log.info("preprocess done in %.1fs: train efficiency %.4f", seconds, efficiency[TRAIN_DIR])
+    return PreprocessResult(config.output, manifest, rep, acc, efficiency[TRAIN_DIR], seconds)
+
+
+def manifest_url(output: str) -> str:
+    return output.rstrip("/") + "/" + MANIFEST_FILE

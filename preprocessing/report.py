@@ -1,0 +1,162 @@
+"""Curation report: ``report.json`` (machine-readable) and a self-contained ``report.html``
+(plots embedded as base64 PNG, matplotlib Agg; no external assets).
+
+``report.json`` top level: ``points_in``, ``points_kept``, ``points_dropped`` (reason -> points),
+``series_in``, ``series_kept``, ``series_dropped`` (reason -> series), ``points_repeated``,
+``packing_efficiency`` (per split), ``mixture_weights``, ``domains`` and ``datasets`` blocks
+(the same counters plus length histograms and value statistics), ``quarantine`` (inputs that
+could not be read, with reasons), ``shards``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+from preprocessing.accounting import HIST_BINS, Accounting, DatasetTally
+from preprocessing.config import PreprocessConfig
+
+SECTIONS = ("summary", "drops", "domains", "datasets", "lengths", "values", "packing", "mixture", "quarantine")
+
+
+def _counts(t: DatasetTally) -> dict[str, Any]:
+    d = t.to_dict()
+    return {k: d[k] for k in ("series_in", "series_kept", "series_dropped", "points_in", "points_kept",
+                              "points_dropped", "points_repeated", "points_val", "series_val")}
+
+
+def build_report(acc: Accounting, config: PreprocessConfig, efficiency: dict[str, float],
+                 shards: dict[str, list[dict[str, Any]]], mixture: dict[str, float]) -> dict[str, Any]:
+    total = acc.totals()
+    rep: dict[str, Any] = dict(_counts(total))
+    rep["totals"] = _counts(total)
+    rep["domains"] = {d: acc.totals(d).to_dict() for d in acc.domains()}
+    rep["datasets"] = {k: t.to_dict() for k, t in sorted(acc.datasets.items())}
+    rep["domain_counts"] = {d: _counts(acc.totals(d)) for d in acc.domains()}
+    rep["dataset_counts"] = {k: _counts(t) for k, t in sorted(acc.datasets.items())}
+    rep["packing_efficiency"] = efficiency
+    rep["window_length"] = config.pack.window_length
+    rep["mixture_weights"] = mixture
+    rep["quarantine"] = sorted(acc.quarantine, key=lambda q: (q["source"], q["series"]))
+    rep["shards"] = {s: {"files": len(v), "rows": sum(x["rows"] for x in v), "points": sum(x["points"] for x in v)}
+                     for s, v in shards.items()}
+    rep["length_hist_log2"] = total.length_hist
+    rep["run_length_hist_log2"] = total.run_length_hist
+    rep["values"] = total.value_stats()
+    return rep
+
+
+# ------------------------------------------------------------------------------------- HTML
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return '<img alt="plot" src="data:image/png;base64,' + base64.b64encode(buf.getvalue()).decode() + '"/>'
+
+
+def _plots(rep: dict[str, Any]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    # kept vs dropped points per domain, stacked by reason
+    domains = list(rep["domain_counts"])
+    reasons = sorted({r for d in domains for r in rep["domain_counts"][d]["points_dropped"]})
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    bottom = [0.0] * len(domains)
+    kept = [rep["domain_counts"][d]["points_kept"] for d in domains]
+    ax.bar(domains, kept, label="kept", color="#2a7")
+    bottom = kept[:]
+    for r in reasons:
+        vals = [rep["domain_counts"][d]["points_dropped"].get(r, 0) for d in domains]
+        ax.bar(domains, vals, bottom=bottom, label=r)
+        bottom = [a + b for a, b in zip(bottom, vals)]
+    ax.set_ylabel("points")
+    ax.set_title("points kept / dropped per domain")
+    ax.legend(fontsize=7, ncol=2)
+    ax.tick_params(axis="x", rotation=30)
+    out["drops"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    xs = [2**b for b in range(HIST_BINS)]
+    for name, key in (("raw series", "length_hist_log2"), ("kept runs", "run_length_hist_log2")):
+        hist = rep[key]
+        last = max([i for i, v in enumerate(hist) if v] or [0]) + 1
+        ax.step(xs[:last], hist[:last], where="post", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("length (points, log2 bins)")
+    ax.set_ylabel("count")
+    ax.set_title("length histograms")
+    ax.legend()
+    out["lengths"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    eff = rep["packing_efficiency"]
+    ax.barh(list(eff), [100 * v for v in eff.values()], color="#47a")
+    ax.axvline(98, color="r", ls="--", label="98% target")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("packing efficiency (%)")
+    ax.legend(fontsize=7)
+    out["packing"] = _png(fig)
+    return out
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) or "-"
+    return "-" if v is None else str(v)
+
+
+def render_html(rep: dict[str, Any]) -> str:
+    plots = _plots(rep)
+    sec: dict[str, str] = {}
+    sec["summary"] = _table(["", "in", "kept", "dropped", "repeated (mixture)"], [
+        ["points", rep["points_in"], rep["points_kept"], sum(rep["points_dropped"].values()), rep["points_repeated"]],
+        ["series", rep["series_in"], rep["series_kept"], sum(rep["series_dropped"].values()), "-"],
+    ])
+    sec["drops"] = _table(["reason", "points", "series"], [
+        [r, rep["points_dropped"].get(r, 0), rep["series_dropped"].get(r, 0)]
+        for r in sorted(set(rep["points_dropped"]) | set(rep["series_dropped"]))]) + plots["drops"]
+    sec["domains"] = _table(["domain", "series in", "series kept", "points in", "points kept", "dropped (points)"], [
+        [d, c["series_in"], c["series_kept"], c["points_in"], c["points_kept"], c["points_dropped"]]
+        for d, c in rep["domain_counts"].items()])
+    sec["datasets"] = _table(["dataset", "series in", "series kept", "points in", "points kept", "dropped (points)", "dropped (series)"], [
+        [k, c["series_in"], c["series_kept"], c["points_in"], c["points_kept"], c["points_dropped"], c["series_dropped"]]
+        for k, c in rep["dataset_counts"].items()])
+    sec["lengths"] = plots["lengths"]
+    sec["values"] = _table(["dataset", "count", "mean", "std", "min", "max"], [
+        [k, v["values"]["count"], v["values"]["mean"], v["values"]["std"], v["values"]["min"], v["values"]["max"]]
+        for k, v in rep["datasets"].items()])
+    sec["packing"] = _table(["split", "efficiency", "rows", "points", "files"], [
+        [s, rep["packing_efficiency"].get(s, 1.0), v["rows"], v["points"], v["files"]] for s, v in rep["shards"].items()
+    ]) + f"<p>window length {rep['window_length']} (+1 point per row)</p>" + plots["packing"]
+    sec["mixture"] = _table(["domain", "weight"], [[d, w] for d, w in rep["mixture_weights"].items()])
+    sec["quarantine"] = _table(["source", "dataset", "reason", "claimed points", "message"], [
+        [q["source"], f"{q['domain']}/{q['dataset']}", q["reason"], q["claimed_points"], q["message"]] for q in rep["quarantine"]
+    ]) if rep["quarantine"] else "<p>no quarantined inputs</p>"
+    titles = {"summary": "Summary", "drops": "Dropped by rule", "domains": "Per domain", "datasets": "Per dataset",
+              "lengths": "Length histograms", "values": "Value statistics (raw units)", "packing": "Packing",
+              "mixture": "Mixture weights", "quarantine": "Quarantined inputs"}
+    body = "\n".join(f'<section id="{k}"><h2>{titles[k]}</h2>{sec[k]}</section>' for k in SECTIONS)
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;text-align:right}th{background:#eee}"
+             "td:first-child{text-align:left}")
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Time-MoE preprocessing report</title>"
+            f"<style>{style}</style></head><body><h1>Time-MoE preprocessing report</h1>\n{body}\n</body></html>\n")

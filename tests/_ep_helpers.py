@@ -1,0 +1,221 @@
+"""Helpers for tests/test_expert_parallel.py: a 2-process gloo launcher and the worker bodies.
+
+Workers run in fresh processes (torch.multiprocessing.spawn), so everything they need lives at
+module level here. Results come back through torch.save files written by each rank.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, out_dir: str, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu",
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def run_two_ranks(fn: Callable, out_dir: Path, *args) -> list:
+    """Run ``fn(rank, world, *args)`` on 2 gloo ranks; return each rank's result."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        mp.spawn(_entry, args=(2, free_port(), fn, str(out_dir), args), nprocs=2, join=True)
+    except Exception as exc:  # surface the worker's traceback, not only "process 1 terminated"
+        errs = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.err")))
+        raise AssertionError(f"worker failed:\n{errs or exc}") from exc
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def init_deepspeed_gloo() -> None:
+    """deepspeed.init_distributed on gloo, skipping the CPU shared-memory op build (~28 s;
+    same results per stack.md)."""
+    import deepspeed
+    import deepspeed.comm.torch as ds_torch
+
+    ds_torch.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def tiny_config():
+    from model import TimeMoeConfig
+
+    cfg = TimeMoeConfig.preset("tiny")
+    # small enough for 4 engines x 5 steps on 2 cores; 8 experts so ep=2 keeps 4 per rank
+    return cfg
+
+
+def make_model(seed: int):
+    from model import TimeMoeModel
+
+    torch.manual_seed(seed)
+    return TimeMoeModel(tiny_config()).float()
+
+
+def make_batches(rank: int, steps: int, batch: int, length: int) -> list[dict]:
+    """Different data per rank (as data parallelism gives), identical across runs."""
+    g = torch.Generator().manual_seed(1000 + rank)
+    out = []
+    for _ in range(steps):
+        t = torch.linspace(0, 12, length + 1)
+        phase = torch.rand(batch, 1, generator=g) * 6
+        w = torch.sin(t[None] + phase) + 0.3 * torch.randn(batch, length + 1, generator=g)
+        out.append({"inputs_BL": w[:, :-1].contiguous(), "labels_BL": w[:, 1:].contiguous(),
+                    "loss_mask_BL": torch.ones(batch, length)})
+    return out
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim: int, ffn: int) -> dict:
+    """Real AllToAllDispatcher on 2 gloo ranks vs LocalDispatcher on the concatenated tokens.
+
+    Rank 1 routes every token to experts owned by rank 1 (it sends zero rows to rank 0), and
+    expert 0 gets no token from anyone: the empty-split paths are exercised."""
+    import torch.distributed as dist
+
+    from model.moe import GroupedExperts, LocalDispatcher
+    from pipeline.ep_dispatch import AllToAllDispatcher
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    experts_full = GroupedExperts(num_experts, dim, ffn)
+    with torch.no_grad():
+        for p in experts_full.parameters():
+            p.normal_(0, 0.5)
+    x_all = torch.randn(world * tokens, dim)
+    k = 2
+    idx_all = torch.stack([torch.randperm(num_experts - 1)[:k] + 1 for _ in range(world * tokens)])  # never expert 0
+    half = num_experts // 2
+    idx_all[tokens:] = torch.stack([torch.randperm(half)[:k] + half for _ in range(tokens)])  # rank 1: own experts only
+    w_all = torch.rand(world * tokens, k)
+
+    # reference: one process, all tokens, all experts
+    x_ref = x_all.clone().requires_grad_()
+    w_ref = w_all.clone().requires_grad_()
+    y_ref = LocalDispatcher()(x_ref, idx_all, w_ref, experts_full)
+    (y_ref * torch.arange(y_ref.numel()).view_as(y_ref).sin()).sum().backward()
+
+    # EP: this rank's tokens, this rank's half of the experts
+    sl = slice(rank * tokens, (rank + 1) * tokens)
+    local = slice(rank * half, (rank + 1) * half)
+    experts_local = GroupedExperts(half, dim, ffn)
+    with torch.no_grad():
+        for name, p in experts_local.named_parameters():
+            p.copy_(dict(experts_full.named_parameters())[name][local])
+    x = x_all[sl].clone().requires_grad_()
+    w = w_all[sl].clone().requires_grad_()
+    y = AllToAllDispatcher(dist.group.WORLD, world, num_experts)(x, idx_all[sl], w, experts_local)
+    (y * torch.arange(y_ref.numel()).view_as(y_ref)[sl].sin()).sum().backward()
+    dist.barrier()
+    dist.destroy_process_group()
+    return {
+        "y": y.detach(), "y_ref": y_ref[sl].detach(),
+        "gx": x.grad, "gx_ref": x_ref.grad[sl], "gw": w.grad, "gw_ref": w_ref.grad[sl],
+        "gexp": {n: p.grad for n, p in experts_local.named_parameters()},
+        "gexp_ref": {n: p.grad[local] for n, p in experts_full.named_parameters()},
+    }
+
+
+def ds_config(stage: int, clip: float) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "fp16": {"enabled": False}, "bf16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if clip:
+        cfg["gradient_clipping"] = clip
+    return cfg
+
+
+def train_worker(rank: int, world: int, runs: list[tuple[int, int, float]], steps: int, length: int) -> dict:
+    """For each (zero_stage, ep_size, clip) run: fresh model (seed 0), EP, DeepSpeed engine,
+    ``steps`` AdamW steps on fixed per-rank data. Returns losses and the full weights (experts
+    gathered over the EP group) per run, and the ZeRO-3 refusal message."""
+    import deepspeed
+
+    from pipeline.expert_parallel import apply_expert_parallel, expert_param_groups, gather_expert_params
+
+    init_deepspeed_gloo()
+    batches = make_batches(rank, steps, batch=2, length=length)
+    results = {}
+    for stage, ep, clip in runs:
+        model = make_model(seed=0)
+        info = apply_expert_parallel(model, ep_size=ep)
+        groups = expert_param_groups(model, weight_decay=0.1)
+        opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, clip))
+        assert engine.has_moe_layers == (ep > 1)
+        losses = []
+        for b in batches:
+            out = engine(b["inputs_BL"], labels=b["labels_BL"], loss_mask=b["loss_mask_BL"])
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.item())
+        full = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        full.update(gather_expert_params(engine.module, info))
+        results[(stage, ep, clip)] = {"losses": losses, "weights": full}
+        del engine, opt, model
+
+    zero3_error = None
+    model = make_model(seed=0)
+    apply_expert_parallel(model, ep_size=2)
+    opt = torch.optim.AdamW(expert_param_groups(model, weight_decay=0.1), lr=1e-3)
+    try:
+        deepspeed.initialize(model=model, optimizer=opt, config=ds_config(3, 0.0))
+    except Exception as exc:  # DeepSpeed refuses native-MoE groups under ZeRO-3
+        zero3_error = f"{type(exc).__name__}: {exc}"
+    results["zero3_error"] = zero3_error
+    return results
+
+
+def timing_worker(rank: int, world: int, ep: int, steps: int, batch: int, length: int) -> dict:
+    """CPU seconds per training step (ZeRO-1, fp32) for one ep size; first step is warm-up."""
+    import time
+
+    import deepspeed
+
+    from pipeline.expert_parallel import apply_expert_parallel, expert_param_groups
+
+    init_deepspeed_gloo()
+    model = make_model(seed=0)
+    apply_expert_parallel(model, ep_size=ep)
+    opt = torch.optim.AdamW(expert_param_groups(model, weight_decay=0.1), lr=1e-3)
+    cfg = ds_config(1, 1.0)
+    cfg["train_micro_batch_size_per_gpu"] = batch
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    batches = make_batches(rank, steps + 1, batch=batch, length=length)
+    times = []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        out = engine(b["inputs_BL"], labels=b["labels_BL"], loss_mask=b["loss_mask_BL"])
+        engine.backward(out.loss)
+        engine.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"step_s": times}

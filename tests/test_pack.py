@@ -1,0 +1,103 @@
+"""Packing invariants: every kept point appears exactly once, segments never straddle rows,
+segment ids are contiguous and increasing, loss masks follow segment ids, efficiency >= 98%."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from preprocessing.normalize import apply_stats, denormalize, segment_stats
+from preprocessing.pack import assemble_rows, best_fit_decreasing, chunk_bounds
+from preprocessing.schema import split_windows
+
+
+def realistic_lengths(rng: np.random.Generator, total: int) -> list[int]:
+    """Log-normal series lengths like the shared corpus (hundreds to tens of thousands)."""
+    out, acc = [], 0
+    while acc < total:
+        n = int(np.clip(rng.lognormal(7.5, 1.2), 256, 60000))
+        out.append(n)
+        acc += n
+    return out
+
+
+def test_chunk_bounds_keeps_tail_and_drops_tiny_tail():
+    assert chunk_bounds(0, 10000, 4097, 32) == ([(0, 4097), (4097, 8194), (8194, 10000)], 0)
+    assert chunk_bounds(5, 5 + 4097 + 10, 4097, 32) == ([(5, 4102)], 10)
+    assert chunk_bounds(0, 300, 4097, 32) == ([(0, 300)], 0)
+
+
+def test_best_fit_decreasing_small_case_is_tight():
+    bins = best_fit_decreasing([6, 4, 5, 5, 3, 7], 10)
+    sizes = sorted(sum([6, 4, 5, 5, 3, 7][i] for i in b) for b in bins)
+    assert len(bins) == 3 and sizes == [10, 10, 10]
+    with pytest.raises(ValueError):
+        best_fit_decreasing([11], 10)
+
+
+def check_rows(rows, chunks, width):
+    values, seg = rows.values_RW, rows.segment_ids_RW
+    seen = {}
+    for r in range(rows.num_rows):
+        ids = seg[r]
+        real = ids > 0
+        # padding only at the end, ids contiguous runs 1..k in increasing order
+        k = int(ids.max())
+        nz = ids[real]
+        assert np.all(np.diff(nz) >= 0) and np.all(np.diff(nz) <= 1) and nz[0] == 1 and nz[-1] == k
+        assert not np.any(real[np.argmin(real):]) if not real.all() else True
+        assert np.array_equal(rows.loss_mask_RW[r].astype(bool), real)
+        assert len(rows.seg_series[r]) == len(rows.seg_mean[r]) == len(rows.seg_lengths[r]) == k
+        for s in range(1, k + 1):
+            piece = values[r][ids == s]
+            key = rows.seg_series[r][s - 1]
+            assert key not in seen, "a chunk appears twice"
+            seen[key] = piece
+    assert set(seen) == {f"c{i}" for i in range(len(chunks))}
+    for i, c in enumerate(chunks):
+        assert np.array_equal(seen[f"c{i}"], c)
+
+
+def test_packing_invariants_and_efficiency_on_realistic_lengths():
+    rng = np.random.default_rng(0)
+    width = 4097
+    chunks = []
+    for n in realistic_lengths(rng, 4_000_000):
+        for s, e in chunk_bounds(0, n, width, 32)[0]:
+            chunks.append(rng.normal(size=e - s).astype(np.float32))
+    keys = [f"c{i}" for i in range(len(chunks))]
+    rows = assemble_rows(chunks, [0.0] * len(chunks), [1.0] * len(chunks), keys, width)
+    check_rows(rows, chunks, width)
+    assert rows.efficiency() >= 0.98, rows.efficiency()
+    # the trainer's view: targets never cross a segment boundary or land on padding
+    view = split_windows(rows.values_RW, rows.segment_ids_RW, rows.loss_mask_RW)
+    same = rows.segment_ids_RW[:, 1:] == rows.segment_ids_RW[:, :-1]
+    assert np.array_equal(view["loss_mask"], same & (rows.segment_ids_RW[:, :-1] > 0))
+
+
+def test_packing_is_deterministic():
+    rng = np.random.default_rng(1)
+    chunks = [np.full(int(n), 1.0, np.float32) for n in rng.integers(1, 500, 300)]
+    keys = [f"c{i}" for i in range(len(chunks))]
+    a = assemble_rows(chunks, [0.0] * 300, [1.0] * 300, keys, 512)
+    b = assemble_rows(chunks, [0.0] * 300, [1.0] * 300, keys, 512)
+    assert np.array_equal(a.segment_ids_RW, b.segment_ids_RW) and a.seg_series == b.seg_series
+    check_rows(a, chunks, 512)
+
+
+@pytest.mark.parametrize("method", ["zscore", "max", "none"])
+def test_normalisation_round_trip(method):
+    x = np.random.default_rng(2).normal(1e4, 3.0, 1000).astype(np.float32)
+    mean, std = segment_stats(x, method)
+    y = apply_stats(x, mean, std)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(denormalize(y, mean, std), x, rtol=1e-6)
+    if method == "zscore":
+        assert abs(y.mean()) < 1e-4 and abs(y.std() - 1) < 1e-4
+        assert std == pytest.approx(float(np.std(x.astype(np.float64))))  # population std
+
+
+def test_constant_series_is_only_centred():
+    x = np.full(300, 7.5, dtype=np.float32)
+    mean, std = segment_stats(x, "zscore")
+    assert (mean, std) == (7.5, 1.0)
+    assert np.all(apply_stats(x, mean, std) == 0)
