@@ -33,9 +33,11 @@ def init_distributed(use_gpu: bool) -> None:
     if not use_gpu:
         # The CPU shared-memory comm op compiles for ~25 s on first use and gloo does not need
         # it (stack.md: same results without it).
-        import deepspeed.comm.torch as ds_torch
+        import importlib
 
-        ds_torch.build_shm_op = lambda: None
+        # Not `import deepspeed.comm.torch as m`: that resolves the attribute `torch` of
+        # deepspeed.comm, which is the torch library itself, and patches the wrong module.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 

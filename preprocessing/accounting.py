@@ -70,22 +70,23 @@ class DatasetTally:
             self.series_kept += 1
         else:
             reasons = [(p, -_reason_rank(r), r) for r, p in dropped.items() if p]
-            reason = max(reasons)[2] if reasons else "empty"
-            if not reasons:  # an empty series: nothing to attribute but the emptiness
-                self.points_dropped.setdefault("empty", 0)
+            reason = max(reasons)[2] if reasons else "empty"  # a 0-point series
             self.series_dropped[reason] = self.series_dropped.get(reason, 0) + 1
         self.length_hist[length_bin(n_points)] += 1
 
-    def add_values(self, x: np.ndarray) -> None:
-        finite = x[np.isfinite(x)] if not np.isfinite(x).all() else x
-        if len(finite) == 0:
+    def add_values(self, x: np.ndarray, finite: bool = False) -> None:
+        """Raw-value statistics of a series (float32 sums: pairwise, accurate enough for a
+        report; no float64 temporaries in the hot loop)."""
+        if not finite and not np.isfinite(x).all():
+            x = x[np.isfinite(x)]
+        if len(x) == 0:
             return
-        x64 = finite.astype(np.float64)
-        self.value_count += len(x64)
-        self.value_sum += float(x64.sum())
-        self.value_sumsq += float(np.dot(x64, x64))
-        self.value_min = min(self.value_min, float(x64.min()))
-        self.value_max = max(self.value_max, float(x64.max()))
+        self.value_count += len(x)
+        self.value_sum += float(x.sum(dtype=np.float64)) if len(x) < 4096 else float(x.sum())
+        sq = float(np.dot(x, x))
+        self.value_sumsq += sq if np.isfinite(sq) else float(np.square(x, dtype=np.float64).sum())
+        self.value_min = min(self.value_min, float(x.min()))
+        self.value_max = max(self.value_max, float(x.max()))
 
     def merge(self, other: "DatasetTally") -> None:
         for name in ("series_in", "points_in", "series_kept", "points_kept", "points_repeated",

@@ -60,25 +60,43 @@ def finite_runs(x: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), ends.tolist()))
 
 
+def _row_counts(b_KW: np.ndarray) -> np.ndarray:
+    """Number of True per row of a bool matrix (uint8 sums are ~7x faster than bool sums)."""
+    dtype = np.uint8 if b_KW.shape[1] < 256 else np.int64
+    return b_KW.view(np.uint8).sum(axis=1, dtype=dtype).astype(np.int64)
+
+
 def _ratio_reasons(x_KW: np.ndarray, config: CleanConfig) -> np.ndarray:
     """Reason code per window row of ``x_KW`` (0 = keep, 1..3 = index into WINDOW_REASONS + 1).
     Zeros of a difference are tested as equality of the two values: for finite floats
-    ``a - b == 0`` exactly when ``a == b`` (gradual underflow), and equality never overflows."""
+    ``a - b == 0`` exactly when ``a == b`` (gradual underflow), and equality never overflows.
+
+    Differences are compared on the flat run (contiguous, fast) and the pairs that cross a window
+    edge (columns 0, and 0..1 for lag 2) are excluded from the counts."""
     k, w = x_KW.shape
     code = np.zeros(k, dtype=np.int8)
-    if w == 0:
+    if w == 0 or k == 0:
         return code
-    checks = [
-        ((x_KW == 0).sum(axis=1), w, config.max_zero_ratio),
-        ((x_KW[:, 1:] == x_KW[:, :-1]).sum(axis=1), w - 1, config.max_diff1_zero_ratio),
-        ((x_KW[:, 2:] == x_KW[:, :-2]).sum(axis=1), w - 2, config.max_diff2_zero_ratio),
-    ]
+    x = np.ascontiguousarray(x_KW).reshape(-1)
+    zeros_K = _row_counts((x == 0).reshape(k, w))
+    eq1 = np.empty(k * w, dtype=bool)
+    eq1[:1] = False
+    np.equal(x[1:], x[:-1], out=eq1[1:])
+    eq1_KW = eq1.reshape(k, w)
+    d1_K = _row_counts(eq1_KW) - eq1_KW[:, 0]
+    eq2 = np.empty(k * w, dtype=bool)
+    eq2[:2] = False
+    np.equal(x[2:], x[:-2], out=eq2[2:])
+    eq2_KW = eq2.reshape(k, w)
+    d2_K = _row_counts(eq2_KW) - eq2_KW[:, 0] - (eq2_KW[:, 1] if w > 1 else 0)
+    checks = [(zeros_K, w, config.max_zero_ratio), (d1_K, w - 1, config.max_diff1_zero_ratio),
+              (d2_K, w - 2, config.max_diff2_zero_ratio)]
     # Reverse order so that the FIRST failing rule wins the attribution.
     for idx in (2, 1, 0):
-        zeros_K, denom, limit = checks[idx]
+        count_K, denom, limit = checks[idx]
         if denom <= 0:
             continue
-        code = np.where(zeros_K > limit * denom, np.int8(idx + 1), code)
+        code = np.where(count_K > limit * denom, np.int8(idx + 1), code)
     return code
 
 

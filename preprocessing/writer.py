@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,82 +65,57 @@ def delete_dir(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_dir(path)
 
 
-@dataclass
-class ShardWriter:
-    """Writes packed rows of one split into ``shard-NNNNN.parquet`` files of ``rows_per_shard``
-    rows, through a bounded, seeded shuffle buffer (mixes rows from different datasets and pack
-    batches without holding the corpus in memory)."""
+def write_shard(fs: pafs.FileSystem, path: str, table: pa.Table, window_length: int, options: OutputConfig) -> int:
+    """Write packed rows as one Parquet shard (non-nullable columns, one row group, no
+    statistics or timestamps); returns the number of real points."""
+    schema = window_schema(window_length)
+    table = pa.Table.from_arrays([table.column(c).combine_chunks() for c in SHARD_COLUMNS], schema=schema)
+    pq.write_table(
+        table, path, filesystem=fs, compression=options.compression,
+        compression_level=options.compression_level, use_dictionary=["seg_series"],
+        write_statistics=False, row_group_size=max(1, table.num_rows),
+    )
+    mask = table.column("loss_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return int(np.count_nonzero(mask))
 
-    fs: pafs.FileSystem
-    directory: str
-    window_length: int
-    options: OutputConfig
-    shuffle_buffer_rows: int
-    seed: int
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    _buffer: list[pa.Table] = field(default_factory=list)
-    _buffered: int = 0
-    _rng: np.random.Generator | None = None
 
-    def __post_init__(self) -> None:
-        self.schema = window_schema(self.window_length)
-        self._rng = np.random.default_rng(self.seed)
-        self.fs.create_dir(self.directory, recursive=True)
+def write_split_files(fs: pafs.FileSystem, directory: str, table: pa.Table, window_length: int,
+                      options: OutputConfig, seed: int) -> list[dict[str, Any]]:
+    """Shuffle ``table``'s rows (seeded) and write them as files of at most ``rows_per_shard``
+    rows under ``directory`` with temporary unique names (final names are given at publish)."""
+    import uuid
 
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        self._buffer.append(table.select(list(SHARD_COLUMNS)))
-        self._buffered += table.num_rows
-        per = self.options.rows_per_shard
-        while self._buffered >= self.shuffle_buffer_rows + per:
-            self._emit(per)
-
-    def _emit(self, rows: int) -> None:
-        table = pa.concat_tables(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-        if self.shuffle_buffer_rows > 0:
-            perm = self._rng.permutation(table.num_rows)
-            out, rest = table.take(perm[:rows]), table.take(np.sort(perm[rows:]))
-        else:
-            out, rest = table.slice(0, rows), table.slice(rows)
-        self._write(out)
-        self._buffer = [rest] if rest.num_rows else []
-        self._buffered = rest.num_rows
-
-    def close(self) -> None:
-        while self._buffered > 0:
-            self._emit(min(self._buffered, self.options.rows_per_shard))
-
-    def _write(self, table: pa.Table) -> None:
-        name = SHARD_PATTERN.format(index=len(self.shards))
-        path = join(self.directory, name)
-        table = pa.Table.from_arrays([table.column(c).combine_chunks() for c in SHARD_COLUMNS], schema=self.schema)
-        pq.write_table(
-            table, path, filesystem=self.fs, compression=self.options.compression,
-            compression_level=self.options.compression_level, use_dictionary=["seg_series"],
-            write_statistics=False, row_group_size=max(1, table.num_rows),
-        )
-        mask = table.column("loss_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        self.shards.append({"file": name, "rows": table.num_rows, "points": int(mask.sum())})
-        log.info("wrote %s (%d rows)", path, table.num_rows)
+    if table.num_rows == 0:
+        return []
+    fs.create_dir(directory, recursive=True)
+    table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
+    out = []
+    per = options.rows_per_shard
+    for start in range(0, table.num_rows, per):
+        part = table.slice(start, per)
+        path = join(directory, f"part-{uuid.uuid4().hex}.parquet")
+        points = write_shard(fs, path, part, window_length, options)
+        out.append({"path": path, "rows": part.num_rows, "points": points})
+        log.info("wrote %s (%d rows)", path, part.num_rows)
+    return out
 
 
 def publish(
-    fs: pafs.FileSystem, output: str, tmp: str, splits: list[str], files: dict[str, bytes], manifest: dict[str, Any]
+    fs: pafs.FileSystem, output: str, tmp: str, files_by_split: dict[str, list[str]], files: dict[str, bytes],
+    manifest: dict[str, Any],
 ) -> None:
-    """Move the finished shards from ``tmp`` into ``output`` and write ``files`` (reports), then the
-    manifest LAST. See the module docstring for why this order."""
+    """Move the finished shards (temporary paths, in their final order) to
+    ``<output>/<split>/shard-NNNNN.parquet``, write ``files`` (reports), then the manifest LAST.
+    See the module docstring for why this order."""
     manifest_path = join(output, MANIFEST_FILE)
     if exists(fs, manifest_path):
         fs.delete_file(manifest_path)
-    for split in splits:
+    for split, paths in files_by_split.items():
         final_dir = join(output, split)
         delete_dir(fs, final_dir)
         fs.create_dir(final_dir, recursive=True)
-        src_dir = join(tmp, split)
-        for info in fs.get_file_info(pafs.FileSelector(src_dir, allow_not_found=True)):
-            if info.type == pafs.FileType.File:
-                fs.move(info.path, join(final_dir, info.base_name))
+        for index, src in enumerate(paths):
+            fs.move(src, join(final_dir, SHARD_PATTERN.format(index=index)))
     for name, data in files.items():
         write_bytes(fs, join(output, name), data)
     write_bytes(fs, manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())

@@ -48,10 +48,12 @@ def run_two_ranks(fn: Callable, out_dir: Path, *args) -> list:
 def init_deepspeed_gloo() -> None:
     """deepspeed.init_distributed on gloo, skipping the CPU shared-memory op build (~28 s;
     same results per stack.md)."""
-    import deepspeed
-    import deepspeed.comm.torch as ds_torch
+    import sys
 
-    ds_torch.build_shm_op = lambda: None
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (``deepspeed.comm.torch`` the attribute is torch itself)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
 
 
@@ -153,10 +155,13 @@ def ds_config(stage: int, clip: float) -> dict:
     return cfg
 
 
-def train_worker(rank: int, world: int, runs: list[tuple[int, int, float]], steps: int, length: int) -> dict:
-    """For each (zero_stage, ep_size, clip) run: fresh model (seed 0), EP, DeepSpeed engine,
-    ``steps`` AdamW steps on fixed per-rank data. Returns losses and the full weights (experts
-    gathered over the EP group) per run, and the ZeRO-3 refusal message."""
+def train_worker(rank: int, world: int, runs: list[tuple[int, int, float, str]], steps: int, length: int) -> dict:
+    """For each (zero_stage, ep_size, clip, optimizer) run: fresh model (seed 0), EP, DeepSpeed
+    engine, ``steps`` steps on fixed per-rank data. Returns losses and the full weights (experts
+    gathered over the EP group) per run, and the ZeRO-3 refusal message.
+
+    AdamW is nearly blind to a constant factor on a gradient (m / sqrt(v)); plain SGD is not,
+    so the SGD runs are the ones that catch expert-gradient scaling mistakes."""
     import deepspeed
 
     from pipeline.expert_parallel import apply_expert_parallel, expert_param_groups, gather_expert_params
@@ -164,12 +169,17 @@ def train_worker(rank: int, world: int, runs: list[tuple[int, int, float]], step
     init_deepspeed_gloo()
     batches = make_batches(rank, steps, batch=2, length=length)
     results = {}
-    for stage, ep, clip in runs:
+    for stage, ep, clip, opt_name in runs:
         model = make_model(seed=0)
         info = apply_expert_parallel(model, ep_size=ep)
         groups = expert_param_groups(model, weight_decay=0.1)
-        opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, clip))
+        if opt_name == "sgd":
+            opt = torch.optim.SGD(groups, lr=0.1)
+        else:
+            opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
+        cfg = ds_config(stage, clip)
+        cfg["zero_allow_untested_optimizer"] = True
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
         assert engine.has_moe_layers == (ep > 1)
         losses = []
         for b in batches:
@@ -179,7 +189,7 @@ def train_worker(rank: int, world: int, runs: list[tuple[int, int, float]], step
             losses.append(out.loss.item())
         full = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         full.update(gather_expert_params(engine.module, info))
-        results[(stage, ep, clip)] = {"losses": losses, "weights": full}
+        results[(stage, ep, clip, opt_name)] = {"losses": losses, "weights": full}
         del engine, opt, model
 
     zero3_error = None
@@ -219,3 +229,33 @@ def timing_worker(rank: int, world: int, ep: int, steps: int, batch: int, length
         if i:
             times.append(time.perf_counter() - t0)
     return {"step_s": times}
+
+
+def main() -> None:
+    """CPU seconds per step, ep=1 vs ep=2, 2 gloo ranks, tiny model, ZeRO-1, fp32:
+    ``python -m tests._ep_helpers [--steps 5 --batch 4 --length 256 --out ep_cpu_step.json]``."""
+    import argparse
+    import json
+    import statistics
+    import tempfile
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--out", default="ep_cpu_step.json")
+    a = ap.parse_args()
+    rows = []
+    for ep in (1, 2):
+        res = run_two_ranks(timing_worker, Path(tempfile.mkdtemp()), ep, a.steps, a.batch, a.length)
+        step = [max(t) for t in zip(*(r["step_s"] for r in res))]  # a step ends when the slower rank ends
+        rows.append({"ep": ep, "median_step_s": statistics.median(step), "min_step_s": min(step),
+                     "points_per_s": 2 * a.batch * a.length / statistics.median(step)})
+    print(f"{'ep':>3} {'median s/step':>14} {'min s/step':>11} {'points/s':>10}")
+    for r in rows:
+        print(f"{r['ep']:>3} {r['median_step_s']:>14.4f} {r['min_step_s']:>11.4f} {r['points_per_s']:>10.0f}")
+    Path(a.out).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

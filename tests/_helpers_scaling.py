@@ -77,7 +77,7 @@ def write_test_shards(root, window_length: int, n_train: int = 64, n_val: int = 
 
 def plain_torch_train(train_config: dict):
     """A minimal single-process training path (AdamW on the train shards, cycling) used to
-    exercise the sweep's bookkeeping when Ray Train is not wanted; returns (model, seconds)."""
+    exercise the sweep's bookkeeping when Ray Train is not wanted; returns (model, info)."""
     import dataclasses
     import time
 
@@ -106,4 +106,4 @@ def plain_torch_train(train_config: dict):
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-    return model, time.perf_counter() - t0
+    return model, {"train_seconds": time.perf_counter() - t0}

@@ -101,3 +101,21 @@ def test_constant_series_is_only_centred():
     mean, std = segment_stats(x, "zscore")
     assert (mean, std) == (7.5, 1.0)
     assert np.all(apply_stats(x, mean, std) == 0)
+
+
+@pytest.mark.parametrize("method", ["zscore", "max", "none"])
+@pytest.mark.parametrize("offset", [0.0, 1e4, -3e6])
+def test_fast_normalize_run_matches_float64_reference(method, offset):
+    from preprocessing.normalize import normalize_run
+
+    x = (np.random.default_rng(3).normal(offset, 2.0, 5000)).astype(np.float32)
+    y, mean, std = normalize_run(x, method)
+    ref_mean, ref_std = segment_stats(x, method)
+    assert y.dtype == np.float32
+    assert std == pytest.approx(ref_std, rel=1e-4)
+    assert mean == pytest.approx(ref_mean, rel=1e-6, abs=1e-6)
+    # mapping back with the RECORDED stats reproduces x to ~1 float32 ulp of x
+    np.testing.assert_allclose(denormalize(y, mean, std), x, rtol=3e-7 * 4, atol=1e-5)
+    # the z-values differ from float64 by at most the float32 rounding of the mean (in std units)
+    shift = float(np.spacing(np.float32(abs(ref_mean)))) / ref_std
+    np.testing.assert_allclose(y, apply_stats(x, ref_mean, ref_std), atol=shift + 2e-4)

@@ -16,7 +16,6 @@ from preprocessing.clean import clean_series
 from preprocessing.config import MixtureConfig, PackConfig, PreprocessConfig, config_from_dict, load_config
 from preprocessing.job import hash64, run_preprocess, unit_hash
 from preprocessing.schema import decode_batch, list_shards, read_manifest
-from preprocessing.writer import ShardWriter
 
 WL = 1024
 
@@ -115,24 +114,37 @@ def test_rerun_gives_byte_identical_shards(ray_local, rows, tmp_path):
 
 
 def test_killed_run_never_looks_complete(ray_local, rows, tmp_path, monkeypatch):
+    import preprocessing.job as job
+
     out = tmp_path / "out"
-    original = ShardWriter._write
-    calls = {"n": 0}
-
-    def failing_write(self, table):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated crash mid-write")
-        return original(self, table)
-
     cfg = make_config(out)
     cfg.output_options.rows_per_shard = 8
-    monkeypatch.setattr(ShardWriter, "_write", failing_write)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+
+    # (1) crash after every shard is written to the temporary folder, before publishing
+    def broken_check(acc):
+        raise RuntimeError("simulated crash before publish")
+
+    monkeypatch.setattr(job, "check_invariant", broken_check)
+    with pytest.raises(RuntimeError, match="before publish"):
+        run(ray_local, rows, cfg)
+    assert not (out / "manifest.json").exists() and not list(out.glob("_tmp-*"))
+    monkeypatch.undo()
+
+    # (2) a complete run, then a re-run that dies half-way through publishing its shards
+    run(ray_local, rows, cfg)
+    assert read_manifest(str(out))
+
+    def dying_publish(fs, output, tmp, files_by_split, files, manifest):
+        fs.delete_file(output + "/manifest.json")  # what publish does first
+        fs.move(files_by_split["train"][0], output + "/train/shard-00000.parquet")
+        raise KeyboardInterrupt("killed mid-publish")
+
+    monkeypatch.setattr(job, "publish", dying_publish)
+    with pytest.raises(KeyboardInterrupt):
         run(ray_local, rows, cfg)
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("_tmp-*"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="run incomplete"):
         read_manifest(str(out))
 
 

@@ -90,8 +90,8 @@ def test_heldout_metrics_match_slow_reference(tmp_path):
 
 def test_tiny_sweep_plain_training_skips_and_resumes(ray_local, mlflow_server, tmp_path):
     """Sweep bookkeeping end to end with a minimal in-task training path (no Ray Train)."""
-    import cloudpickle
     from mlflow.tracking import MlflowClient
+    from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(H)  # the Ray workers cannot import the tests folder
     data = H.write_test_shards(tmp_path / "data", WINDOW, n_train=32, n_val=16)
@@ -142,8 +142,8 @@ def _trainer_ready() -> str | None:
         from pipeline import trainer
     except Exception as exc:  # noqa: BLE001
         return f"pipeline.trainer not importable yet ({type(exc).__name__}: {exc})"
-    if not hasattr(trainer, "train"):
-        return "pipeline.trainer has no train(cfg) entry point yet"
+    if not hasattr(trainer, "run_ray"):
+        return "pipeline.trainer has no run_ray(cfg, resume) entry point yet"
     return None
 
 

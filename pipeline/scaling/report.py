@@ -171,7 +171,7 @@ def log_report(tracking_uri: str | None, parent_run_id: str, out_dir: Path) -> N
 # Fits
 # ---------------------------------------------------------------------------------------------
 
-def _fit_family(recs: list[TrialRecord], metric: str, n_boot: int, seed: int) -> dict[str, Any]:
+def _fit_family(recs: list[TrialRecord], metric: str, n_boot: int, seed: int, joint: bool = True) -> dict[str, Any]:
     C = np.array([r.training_flops for r in recs])
     y = np.array([getattr(r, metric) for r in recs])
     N = np.array([r.n_active for r in recs])
@@ -188,7 +188,7 @@ def _fit_family(recs: list[TrialRecord], metric: str, n_boot: int, seed: int) ->
         out["_boot"] = boot
     if len(idx) >= 4:
         out["extrapolation"] = F.extrapolation_error(C[idx], y[idx]).to_dict()
-    if len(C) >= 5 and len(np.unique(N)) >= 2 and len(np.unique(D)) >= 2:
+    if joint and len(C) >= 5 and len(np.unique(N)) >= 2 and len(np.unique(D)) >= 2:
         best, samples = F.bootstrap_joint(N, D, y, n_boot=max(n_boot // 2, 10), seed=seed)
         iv = {p: F._interval(getattr(best, p), np.array([getattr(s, p) for s in samples]), 0.9).to_dict()
               for p in ("E", "A", "B", "a", "b")}
@@ -203,7 +203,7 @@ def _fit_family(recs: list[TrialRecord], metric: str, n_boot: int, seed: int) ->
 
 
 def fit_records(records: list[TrialRecord], metric: str = "heldout_loss", n_boot: int = 200,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, joint: bool = True) -> dict[str, Any]:
     """Fits per family and the sparse-vs-dense multiplier. Keys starting with '_' hold fit
     objects for plotting and are dropped from the JSON."""
     fams: dict[str, list[TrialRecord]] = {}
@@ -212,7 +212,7 @@ def fit_records(records: list[TrialRecord], metric: str = "heldout_loss", n_boot
             fams.setdefault(r.family, []).append(r)
     result: dict[str, Any] = {"metric": metric, "families": {}}
     for i, (fam, recs) in enumerate(sorted(fams.items())):
-        result["families"][fam] = _fit_family(recs, metric, n_boot, seed + i)
+        result["families"][fam] = _fit_family(recs, metric, n_boot, seed + i, joint)
     sp, de = result["families"].get("sparse", {}), result["families"].get("dense", {})
     if "_boot" in sp and "_boot" in de:
         c_sparse = np.array([r.training_flops for r in fams["sparse"]])
@@ -401,6 +401,16 @@ def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric:
                           f"{_html_table(FIT_HEADER, _fit_rows(fits))}<p>{html.escape(mult_line)}</p></body></html>")
     loss_png = out_dir / "loss_vs_flops.png"
     _plot_loss_vs_flops(records, fits, loss_png)
+    # The other metrics (held-out MSE, zero-shot MSE): L(C) per family and the multiplier only.
+    by_metric = {metric: {k: v for k, v in public.items() if k != "trials"}}
+    for other in FIT_METRICS:
+        if other == metric or sum(math.isfinite(getattr(r, other)) for r in records) < 3:
+            continue
+        extra = fit_records(records, metric=other, n_boot=max(n_boot // 4, 10), seed=seed, joint=False)
+        by_metric[other] = _public(extra)
+        _plot_loss_vs_flops(records, extra, out_dir / f"{other}_vs_flops.png")
+    public["by_metric"] = by_metric
+    fits_json.write_text(json.dumps(_public(public), indent=2))
     iso_png = None
     if any("_joint" in r for r in fits["families"].values()):
         iso_png = out_dir / "isoflop.png"

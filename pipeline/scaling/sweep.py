@@ -18,6 +18,7 @@ subset, and logs one summary (see ``report.TrialRecord``) on its child run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -143,26 +144,34 @@ def plan_trials(cfg: SweepConfig) -> list[TrialPlan]:
 # ---------------------------------------------------------------------------------------------
 
 def heldout_metrics(model: Any, data_path: str, max_windows: int, batch_size: int) -> tuple[float, float]:
-    """(held-out loss, one-step MSE) on the first ``max_windows`` val windows.
+    """(held-out loss, one-step MSE) on the first ``max_windows`` val windows (local or s3://).
 
     The loss is the mean of the horizon heads' masked Huber losses (the forecasting objective,
     without the router's aux term, so sparse and dense are compared on the same quantity); the
     MSE is that of the horizon-1 head on the observed targets, in normalised units.
     """
     import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
     import torch
 
     from preprocessing.schema import VAL_DIR, decode_batch, split_windows
 
-    ds = pads.dataset(f"{data_path.rstrip('/')}/{VAL_DIR}", format="parquet")
+    fs, root = pafs.FileSystem.from_uri(data_path) if "://" in data_path else (pafs.LocalFileSystem(), data_path)
+    val = f"{root.rstrip('/')}/{VAL_DIR}"
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(val, allow_not_found=True))
+                   if i.path.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"{data_path}/{VAL_DIR}: no val shards for the held-out metrics")
+    ds = pads.dataset(files, format="parquet", filesystem=fs)
     model.eval()
     device = next(model.parameters()).device
+    cols = ("values", "segment_ids", "loss_mask")
     loss_sum, n_batches, se, n_pts, seen = 0.0, 0, 0.0, 0, 0
     with torch.no_grad():
-        for rb in ds.to_batches(columns=["values", "segment_ids", "loss_mask"], batch_size=batch_size):
+        for rb in ds.to_batches(columns=list(cols), batch_size=batch_size):
             if seen >= max_windows:
                 break
-            d = decode_batch({c: rb.column(c) for c in ("values", "segment_ids", "loss_mask")})
+            d = decode_batch({c: rb.column(c) for c in cols})
             d = {k: v[: max_windows - seen] for k, v in d.items()}
             seen += len(d["values"])
             w = split_windows(d["values"], d["segment_ids"], d["loss_mask"])
@@ -200,41 +209,51 @@ def zero_shot_metrics(model: Any, ev: EvalSection) -> dict[str, float]:
     return out
 
 
-def train_trial(train_config: dict[str, Any]) -> tuple[Any, float]:
-    """Train one trial through the training engineer's trainer; returns (model, train seconds).
+TrainFn = Callable[[dict[str, Any]], tuple[Any, dict[str, float]]]
 
-    The single adapter to ``pipeline.trainer``: it builds the typed TrainConfig, runs the Ray
-    Train job (which resumes from ``train.output_dir`` when a checkpoint is there) and loads the
-    exported model.
+
+def train_trial(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    """Train one trial through the training engineer's Ray Train launcher
+    (``pipeline.trainer.run_ray``); returns (exported model, info).
+
+    The single adapter to the trainer. A folder that already holds this trial's Ray run is
+    resumed (the trainer restores from its latest checkpoint). ``info`` has ``train_seconds``
+    and, from the loop's ``metrics.jsonl``, the median steady-state ``points_per_s`` and ``mfu``.
     """
     from model import TimeMoeModel
     from pipeline import trainer
     from pipeline.config import config_from_dict
 
     cfg = config_from_dict(train_config)
+    out = Path(cfg.train.output_dir).resolve()
+    resume = (out / "ray" / trainer.RUN_NAME).exists()
     t0 = time.perf_counter()
-    trainer.train(cfg)
-    seconds = time.perf_counter() - t0
-    model = TimeMoeModel.from_pretrained(str(Path(cfg.train.output_dir) / "final_model"))
-    return model, seconds
+    trainer.run_ray(cfg, resume=resume)
+    info = {"train_seconds": time.perf_counter() - t0}
+    steps = []
+    metrics_file = out / "metrics.jsonl"
+    if metrics_file.exists():
+        steps = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    steady = steps[1:] or steps  # the first step pays for compilation and warm-up
+    for key in ("points_per_s", "mfu"):
+        vals = [s[key] for s in steady if key in s]
+        if vals:
+            info[key] = float(np.median(vals))
+    return TimeMoeModel.from_pretrained(str(out / "final_model")), info
 
 
-def run_trial(plan: TrialPlan, ev: EvalSection, *,
-              train_fn: Callable[[dict[str, Any]], tuple[Any, float]] | None = None) -> R.TrialRecord:
+def run_trial(plan: TrialPlan, ev: EvalSection, *, train_fn: TrainFn | None = None) -> R.TrialRecord:
     """Train and measure one trial; returns its summary record (not yet logged)."""
     import torch
 
-    from model.flops import mfu
-
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    model, seconds = (train_fn or train_trial)(plan.train_config)
+    model, info = (train_fn or train_trial)(plan.train_config)
     data_path = plan.train_config["data"]["path"]
     loss, mse = heldout_metrics(model, data_path, ev.heldout_windows, ev.heldout_batch_size)
     zs = zero_shot_metrics(model, ev)
-    pps = plan.points_seen / seconds if seconds > 0 else math.nan
-    util = math.nan
-    if torch.cuda.is_available():
-        util = float(mfu(plan.spec.model_config(), plan.spec.window_length, pps))
+    seconds = float(info["train_seconds"])
+    pps = float(info.get("points_per_s", plan.points_seen / seconds if seconds > 0 else math.nan))
+    util = float(info.get("mfu", math.nan)) if torch.cuda.is_available() else math.nan
     return R.TrialRecord(
         family=plan.spec.family, size=plan.spec.size, trial_hash=plan.config_hash,
         n_total=plan.spec.n_total, n_active=plan.spec.n_active, points_seen=plan.points_seen,
@@ -272,9 +291,6 @@ def _parent_run(client: Any, exp_id: str, cfg: SweepConfig) -> str:
     return run.info.run_id
 
 
-TrainFn = Callable[[dict[str, Any]], tuple[Any, float]]
-
-
 def _trial_task(plan: TrialPlan, ev: EvalSection, tracking_uri: str | None, run_id: str,
                 train_fn: TrainFn | None = None) -> tuple[str, str | None]:
     """Ray task body: train + measure + log on the child run; returns (hash, error or None)."""
@@ -299,7 +315,7 @@ def run_sweep(cfg: SweepConfig, *, report: bool = True, log: Callable[[str], Non
               train_fn: TrainFn | None = None) -> SweepResult:
     """Run (or resume) the sweep, then build the report from MLflow and log it on the parent.
 
-    ``train_fn(train_config_dict) -> (model, seconds)`` replaces the Ray Train trainer (the
+    ``train_fn(train_config_dict) -> (model, info)`` replaces the Ray Train trainer (the
     default, ``train_trial``) where a caller needs another training path.
     """
     import ray
@@ -339,16 +355,22 @@ def run_sweep(cfg: SweepConfig, *, report: bool = True, log: Callable[[str], Non
             ray.init()
         task = ray.remote(_trial_task).options(num_cpus=cfg.sweep.cpus_per_trial,
                                                num_gpus=cfg.sweep.gpus_per_trial, max_retries=0)
-        pending: dict[Any, TrialPlan] = {}
+        pending: dict[Any, tuple[TrialPlan, str]] = {}
         queue = list(todo)
         done = 0
         while queue or pending:
             while queue and len(pending) < max(1, cfg.sweep.max_concurrent):
                 p, run_id = queue.pop(0)
-                pending[task.remote(p, cfg.evaluation, uri, run_id, train_fn)] = p
+                pending[task.remote(p, cfg.evaluation, uri, run_id, train_fn)] = (p, run_id)
             ready, _ = ray.wait(list(pending), num_returns=1)
-            p = pending.pop(ready[0])
-            h, err = ray.get(ready[0])
+            p, run_id = pending.pop(ready[0])
+            h = p.config_hash
+            try:
+                h, err = ray.get(ready[0])
+            except Exception as exc:  # the task itself died (worker crash, OOM, unpicklable args)
+                err = f"{type(exc).__name__}: {str(exc)[:2000]}"
+                client.set_tag(run_id, "scaling.error", err)
+                client.set_terminated(run_id, "FAILED")
             done += 1
             if err:
                 failed[h] = err

@@ -1,0 +1,61 @@
+"""Register an exported checkpoint in the MLflow model registry; optionally promote it.
+
+    python -m jobs.register --run-id RUN_ID --name timemoe --promote --benchmarks /data/benchmarks \\
+        --datasets ETTh1 ETTh2 --horizons 96 --stride 8
+    python -m jobs.register --checkpoint runs/exp1/final_model --name timemoe --tracking-uri http://mlflow:5000
+
+Registration points the ``candidate`` alias at the new version; ``--promote`` moves ``champion``
+to it only if its average zero-shot MSE beats the current champion's (``pipeline.registry``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+from pipeline.evaluation import EvalConfig
+from pipeline.registry import TRAIN_ARTIFACT_PATH, download_run_checkpoint, promote_if_better, register_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.register", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-id", help="training run whose artifacts hold the exported model")
+    src.add_argument("--checkpoint", help="a save_pretrained directory")
+    p.add_argument("--artifact-path", default=TRAIN_ARTIFACT_PATH, help="the model's path in the run's artifacts")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
+    p.add_argument("--manifest", default=None, help="data manifest.json for the lineage fingerprint")
+    p.add_argument("--promote", action="store_true", help="evaluate and move 'champion' if better")
+    p.add_argument("--benchmarks", help="benchmark folder (needed with --promote)")
+    p.add_argument("--datasets", nargs="+", default=None)
+    p.add_argument("--horizons", nargs="+", type=int, default=None)
+    p.add_argument("--context", type=int, default=None)
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=256)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.promote and not args.benchmarks:
+        print("--promote needs --benchmarks DIR", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.checkpoint or download_run_checkpoint(args.run_id, tmp, args.artifact_path, args.tracking_uri)
+        reg = register_checkpoint(ckpt, args.name, training_run_id=args.run_id, manifest_path=args.manifest,
+                                  tracking_uri=args.tracking_uri)
+    print(f"[register] {reg.model_uri} (alias candidate)", flush=True)
+    if args.promote:
+        cfg = EvalConfig(context=args.context, stride=args.stride, batch_size=args.batch_size)
+        if args.datasets:
+            cfg.datasets = args.datasets
+        if args.horizons:
+            cfg.horizons = args.horizons
+        d = promote_if_better(args.name, reg.version, args.benchmarks, cfg, tracking_uri=args.tracking_uri)
+        print(f"[register] promotion: {'granted' if d.promoted else 'refused'}: {d.reason}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

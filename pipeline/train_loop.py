@@ -1,0 +1,305 @@
+"""The per-worker training loop. Ray Train's TorchTrainer runs :func:`train_loop_per_worker` on
+every worker (``pipeline.trainer``); ``python -m pipeline.torchrun_entry`` runs the same
+:func:`run_training` without Ray. What differs between the two (where batches come from, where
+checkpoints go) is a :class:`Runtime`.
+
+The loop reads like a table of contents: fetch micro-batches, step, then the components decide
+whether to log, evaluate, checkpoint; at the end, export the model in the published layout.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline import checkpoint
+from pipeline.checkpoint import ResumeState
+from pipeline.config import TrainConfig, config_from_dict
+from pipeline.data import DataPosition
+from pipeline.deepspeed_config import resolve_precision
+from pipeline.parallelize import build_model, init_distributed, model_config, parallelize
+from pipeline.tracking import Tracker
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
+
+
+class Runtime(Protocol):
+    """What the loop needs from its launcher (Ray Train or torchrun)."""
+
+    rank: int
+    world_size: int
+    use_gpu: bool
+
+    def train_epoch(self, epoch: int, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]: ...
+    def val_batches(self) -> Iterator[dict[str, torch.Tensor]] | None: ...
+    def resume_dir(self) -> ContextManager[Path | None]: ...
+    def save_and_report(self, engine: Any, state: ResumeState, metrics: dict[str, float]) -> None: ...
+
+
+class BatchStream:
+    """Micro-batches across epochs, with the position kept and the time blocked measured."""
+
+    def __init__(self, runtime: Runtime, position: DataPosition, device: torch.device):
+        self.rt, self.pos, self.device = runtime, DataPosition(**vars(position)), device
+        self._it = runtime.train_epoch(self.pos.epoch, self.pos.batches)
+        self.wait_s = 0.0  # time blocked on the iterator since the last take_wait()
+
+    def next(self) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            if self.pos.batches == 0:
+                raise RuntimeError(f"epoch {self.pos.epoch} gave this worker no batch: the train split "
+                                   "holds fewer windows than micro_batch_size x workers") from None
+            self.pos = DataPosition(self.pos.epoch + 1, 0)
+            self._it = self.rt.train_epoch(self.pos.epoch, 0)
+            batch = next(self._it)
+        self.pos.batches += 1
+        self.wait_s += time.perf_counter() - t0
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def take_wait(self) -> float:
+        w, self.wait_s = self.wait_s, 0.0
+        return w
+
+
+@dataclass
+class StepStats:
+    """Sums over one optimizer step's micro-batches (this rank), reduced across ranks."""
+
+    names: list[str] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, out: Any) -> None:
+        vals = {"loss": out.loss.detach().float(), "aux_loss": torch.as_tensor(out.aux_loss).detach().float()}
+        for h, l in sorted(out.head_losses.items()):
+            vals[f"loss_h{h}"] = l.detach().float()
+        if not self.names:
+            self.names = list(vals)
+            self.values = [v.clone() for v in vals.values()]
+        else:
+            self.values = [a + vals[n] for a, n in zip(self.values, self.names)]
+
+
+def _all_reduce_mean(vec: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(vec)
+        vec /= world
+    return vec
+
+
+def expert_imbalance(counts_LE: torch.Tensor) -> list[float]:
+    """Per layer max/mean of tokens per expert: 1.0 is perfectly balanced."""
+    counts_LE = counts_LE.float()
+    return (counts_LE.max(dim=1).values / counts_LE.mean(dim=1).clamp_min(1e-9)).tolist()
+
+
+@torch.no_grad()
+def evaluate(engine: Any, batches: Iterator[dict[str, torch.Tensor]] | None, max_batches: int, device: torch.device, world: int) -> dict[str, float]:
+    """Eval loss (the training objective) and MSE of the 1-step head on normalised values,
+    over the loss mask; sums reduced across ranks. Every rank sees the same number of batches
+    (equal split, tail dropped), which ZeRO-3's gathers need."""
+    if batches is None:
+        return {}
+    engine.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, squared error, points
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        b = {k: v.to(device) for k, v in batch.items()}
+        out = engine(b["inputs"], segment_ids=b["segment_ids"], labels=b["labels"], loss_mask=b["loss_mask"])
+        pred_BL = out.predictions[1][..., 0].float()
+        mask_BL = b["loss_mask"].bool()
+        err = ((pred_BL - b["labels"].float()) ** 2)[mask_BL]
+        sums += torch.tensor([float(out.loss), 1.0, float(err.sum()), float(mask_BL.sum())], dtype=torch.float64)
+    engine.train()
+    if world > 1:
+        dist.all_reduce(sums)
+    if sums[1] == 0:
+        return {}
+    return {"eval_loss": float(sums[0] / sums[1]), "eval_mse": float(sums[2] / sums[3].clamp_min(1))}
+
+
+def export_model(engine: Any, ep_info: Any, cfg: TrainConfig, out_dir: Path, rank: int) -> Path | None:
+    """Collective: full weights into a fresh plain model, saved with ``save_pretrained``
+    (config.json + model.safetensors) so it loads without Ray or DeepSpeed."""
+    from model import TimeMoeModel
+
+    module = engine.module
+    if cfg.parallel.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    else:
+        state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    if ep_info is not None:
+        from pipeline.expert_parallel import gather_expert_params
+
+        state.update({k: v.float().cpu() for k, v in gather_expert_params(module, ep_info).items()})
+    if rank != 0:
+        return None
+    fresh = TimeMoeModel(model_config(cfg.model))
+    fresh.load_state_dict(state, strict=True)
+    fresh.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def _flops_per_point(mcfg: Any, window_length: int) -> float | None:
+    try:
+        from model.flops import training_flops_per_point
+
+        return float(training_flops_per_point(mcfg, window_length))
+    except Exception:  # the FLOPs helper is optional for the loop; metrics just omit it
+        return None
+
+
+def _peak_flops(use_gpu: bool) -> float | None:
+    if not use_gpu or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]  # per-step metrics (reduced across ranks), then final eval
+    engine: Any  # the DeepSpeed engine (``engine.module`` is the trained model)
+    ep_info: Any
+    run_id: str | None
+
+
+def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
+    """Train to ``cfg.train.max_steps``; return the history and the engine."""
+    out_root = Path(cfg.train.output_dir)
+    (out_root / "pids").mkdir(parents=True, exist_ok=True)
+    (out_root / "pids" / f"rank{rt.rank}.pid").write_text(str(os.getpid()))  # for fault-injection tests
+    device = torch.device("cuda", torch.cuda.current_device()) if rt.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+
+    init_distributed(rt.use_gpu)
+    mcfg = model_config(cfg.model)
+    model = build_model(cfg.model, cfg.train.seed)
+    engine, ep_info = parallelize(model, cfg, rt.world_size, rt.use_gpu)
+    accum = cfg.grad_accum_steps(rt.world_size)
+    tracker = Tracker(cfg.tracking, rt.rank)
+    fingerprint = cfg.fingerprint()
+
+    state = ResumeState(config_fingerprint=fingerprint)
+    with rt.resume_dir() as ckpt_dir:
+        if ckpt_dir is not None:
+            state = checkpoint.load(engine, Path(ckpt_dir), fingerprint)
+            if rt.rank == 0:
+                print(f"[train] resumed from {ckpt_dir} at step {state.step}, data {state.data}", flush=True)
+    first_open = state.mlflow_run_id is None
+    state.mlflow_run_id = tracker.start(state.mlflow_run_id, cfg.flat())
+    if first_open:
+        tracker.log_text(cfg.to_yaml(), "config.yaml")
+        if cfg.data.path:
+            for name in ("manifest.json", "report.json", "report.html"):
+                p = Path(cfg.data.path) / name
+                if p.exists():
+                    tracker.log_artifact(p, "data")
+
+    batches = BatchStream(rt, state.data, device)
+    window_len: int | None = None
+    flops_pp: float | None = None
+    peak = _peak_flops(rt.use_gpu)
+    history: list[dict[str, float]] = []
+    metrics_file = out_root / "metrics.jsonl"
+    start_step, t_start = state.step, time.perf_counter()
+
+    while state.step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        stats, counts_LE = StepStats(), None
+        lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step uses
+        for _ in range(accum):
+            b = batches.next()
+            out = engine(b["inputs"], segment_ids=b["segment_ids"], labels=b["labels"], loss_mask=b["loss_mask"])
+            engine.backward(out.loss)
+            engine.step()
+            stats.add(out)
+            if getattr(out, "expert_counts", None) is not None:
+                c = out.expert_counts.detach().float().cpu()
+                counts_LE = c if counts_LE is None else counts_LE + c
+        if window_len is None:
+            window_len = b["inputs"].shape[1]
+            flops_pp = _flops_per_point(mcfg, window_len)
+        state.step += 1
+        state.data = DataPosition(**vars(batches.pos))
+        points = cfg.train.global_batch_size * window_len
+        state.points_seen += points
+
+        vec = torch.stack(stats.values).double().cpu() / accum
+        wait_s = batches.take_wait()
+        vec = _all_reduce_mean(torch.cat([vec, torch.tensor([wait_s], dtype=torch.float64)]), rt.world_size)
+        dt = time.perf_counter() - t0
+        m = dict(zip(stats.names, vec[:-1].tolist()))
+        m.update(lr=lr, points_seen=state.points_seen, points_per_s=points / dt, step_time_s=dt,
+                 data_wait_ms=float(vec[-1]) * 1000.0)
+        gn = engine.get_global_grad_norm()
+        if gn is not None:
+            m["grad_norm"] = float(gn)
+        if flops_pp is not None:
+            m["train_flops"] = flops_pp * state.points_seen
+            if peak:
+                m["mfu"] = flops_pp * points / dt / (peak * rt.world_size)
+        if counts_LE is not None:
+            for i, r in enumerate(expert_imbalance(counts_LE)):
+                m[f"expert_imbalance/layer{i}"] = r
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+            m.update(evaluate(engine, rt.val_batches(), cfg.train.eval_batches, device, rt.world_size))
+        history.append({"step": state.step, **m})
+
+        if rt.rank == 0:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps({"step": state.step, **m}) + "\n")
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+            tracker.log_metrics(m, state.step)
+            if rt.rank == 0:
+                done = state.step - start_step
+                eta = (time.perf_counter() - t_start) / done * (cfg.train.max_steps - state.step)
+                ev = f" | eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""
+                print(f"[train] step {state.step}/{cfg.train.max_steps} | loss {m['loss']:.4f} | lr {lr:.2e} | "
+                      f"{m['points_per_s'] / 1e3:.1f}k pts/s | data-wait {m['data_wait_ms']:.1f} ms{ev} | "
+                      f"ETA {_fmt_eta(eta)}", flush=True)
+        every = cfg.train.checkpoint_every
+        if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
+            rt.save_and_report(engine, state, {"step": state.step, "loss": m["loss"]})
+
+    if not cfg.train.eval_every:
+        final_eval = evaluate(engine, rt.val_batches(), cfg.train.eval_batches, device, rt.world_size)
+        if final_eval:
+            tracker.log_metrics(final_eval, state.step)
+            history.append({"step": state.step, **final_eval})
+    if cfg.train.export:
+        exported = export_model(engine, ep_info, cfg, out_root / "final_model", rt.rank)
+        if exported is not None:
+            tracker.log_artifact(exported, "final_model")
+            print(f"[train] exported {exported}", flush=True)
+    tracker.finish()
+    return TrainResult(history, engine, ep_info, state.mlflow_run_id)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point for Ray Train's TorchTrainer (config = ``TrainConfig.to_dict()``)."""
+    from pipeline.trainer import RayRuntime
+
+    cfg = config_from_dict(config)
+    run_training(cfg, RayRuntime(cfg))

@@ -1,0 +1,265 @@
+"""Time-300B on disk (spec section 4): reader and writer.
+
+A dataset folder holds ``meta.json`` and ``data-{i}-of-{n}.bin`` (float32). Offsets in
+``meta.json``'s ``scales`` are global element offsets over the files concatenated in order of
+i, so a sequence may straddle two files; ``mean``/``std`` in a scale entry mean the stored
+values are normalised (raw = x * std + mean).
+
+Reading is planned once and streamed: :func:`load_meta` parses ``meta.json`` (tens of MB) ONCE
+in the planner; :func:`plan_chunks` cuts the scales list into contiguous chunks of about
+``block_elements`` points; each :class:`Time300BChunk` carries only its own slice of offsets,
+lengths and scales, and :func:`read_chunk` reads its element range with one ranged read per
+file and slices every sequence out of that buffer with numpy (no per-sequence I/O).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from preprocessing import storage
+from preprocessing.formats_table import IngestError, quarantine_table, series_table
+from preprocessing.storage import StorageOptions
+
+_FILE_RE = re.compile(r"^data-(\d+)-of-(\d+)\.bin$")
+
+
+# ------------------------------------------------------------------------------ writer
+
+
+def write_time300b_dataset(path: str, sequences: Iterable[np.ndarray], max_elements_per_file: int = 2**30,
+                           scales: Sequence[tuple[float, float] | None] | None = None,
+                           options: StorageOptions | None = None) -> dict:
+    """Write ``sequences`` (raw values) as one Time-300B dataset folder and return its meta.
+
+    ``scales[i] = (mean, std)`` stores sequence i normalised, ``(x - mean) / std``, with the
+    pair recorded in its scale entry (the reader maps it back); None stores it raw. Files hold
+    at most ``max_elements_per_file`` elements, so sequences straddle files when it is small.
+    """
+    seqs = [np.asarray(s, dtype=np.float32).ravel() for s in sequences]
+    entries, stored, offset = [], [], 0
+    for i, s in enumerate(seqs):
+        entry = {"offset": offset, "length": int(len(s))}
+        sc = scales[i] if scales is not None else None
+        if sc is not None:
+            mean, std = float(sc[0]), float(sc[1])
+            entry.update(mean=mean, std=std)
+            s = ((s.astype(np.float64) - mean) / std).astype(np.float32)
+        entries.append(entry)
+        stored.append(s)
+        offset += len(s)
+    flat = np.concatenate(stored) if stored else np.zeros(0, np.float32)
+    n_files = max(1, -(-len(flat) // max_elements_per_file))
+    files = {}
+    for i in range(n_files):
+        part = flat[i * max_elements_per_file:(i + 1) * max_elements_per_file]
+        name = f"data-{i + 1}-of-{n_files}.bin"
+        storage.publish_bytes(storage.join(path, name), part.tobytes(), options)
+        files[name] = int(len(part))
+    meta = {"num_sequences": len(seqs), "dtype": "float32", "files": files, "scales": entries}
+    storage.publish_bytes(storage.join(path, "meta.json"), json.dumps(meta).encode(), options)
+    return meta
+
+
+# ------------------------------------------------------------------------------ meta + plan
+
+
+@dataclass
+class Time300BMeta:
+    """``meta.json`` parsed into arrays (one parse per dataset, in the planner)."""
+
+    folder: str
+    files: list[str]              # data file URLs in order of i
+    file_elements: np.ndarray     # int64 elements per file (as meta claims)
+    offsets: np.ndarray           # int64 global element offset per sequence
+    lengths: np.ndarray           # int64
+    mean: np.ndarray | None       # float64, NaN where the entry is raw; None if no entry has it
+    std: np.ndarray | None
+
+    @property
+    def total_points(self) -> int:
+        return int(self.lengths.sum())
+
+
+def _bad(folder: str, what: str, claimed: int = 0) -> IngestError:
+    return IngestError("bad_meta", f"{storage.join(folder, 'meta.json')}: {what}", claimed)
+
+
+def load_meta(folder: str, options: StorageOptions | None = None, check_files: bool = True) -> Time300BMeta:
+    """Parse and validate a dataset folder's ``meta.json``; raise :class:`IngestError` naming
+    the file and the reason (bad_meta, missing_file, truncated_bin)."""
+    meta_url = storage.join(folder, "meta.json")
+    try:
+        raw = storage.read_bytes(meta_url, options)
+    except FileNotFoundError:
+        raise IngestError("missing_file", f"{meta_url}: meta.json not found") from None
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _bad(folder, f"not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("scales"), list) or not isinstance(meta.get("files"), dict):
+        raise _bad(folder, "expected an object with 'files' (object) and 'scales' (list)")
+    dtype = meta.get("dtype", "float32")
+    if dtype != "float32":
+        raise _bad(folder, f"dtype {dtype!r} is not supported (float32 only)")
+    scales = meta["scales"]
+    try:
+        offsets = np.fromiter((s["offset"] for s in scales), dtype=np.int64, count=len(scales))
+        lengths = np.fromiter((s["length"] for s in scales), dtype=np.int64, count=len(scales))
+    except (KeyError, TypeError, ValueError) as e:
+        raise _bad(folder, f"a scale entry lacks an integer offset/length ({e!r})") from None
+    claimed = int(lengths.sum()) if len(lengths) else 0
+    if "num_sequences" in meta and meta["num_sequences"] != len(scales):
+        raise _bad(folder, f"num_sequences={meta['num_sequences']} but {len(scales)} scale entries", claimed)
+    mean = std = None
+    if any("mean" in s or "std" in s for s in scales):
+        mean = np.fromiter((s.get("mean", np.nan) if s.get("mean") is not None else np.nan for s in scales),
+                           dtype=np.float64, count=len(scales))
+        std = np.fromiter((s.get("std", np.nan) if s.get("std") is not None else np.nan for s in scales),
+                          dtype=np.float64, count=len(scales))
+    names = sorted(meta["files"], key=lambda n: int(_FILE_RE.match(n).group(1)) if _FILE_RE.match(n) else -1)
+    bad_names = [n for n in names if not _FILE_RE.match(n)]
+    if bad_names:
+        raise _bad(folder, f"file names {bad_names} do not follow data-{{i}}-of-{{n}}.bin", claimed)
+    try:
+        file_elements = np.array([int(meta["files"][n]) for n in names], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise _bad(folder, "'files' values must be element counts", claimed) from None
+    total = int(file_elements.sum())
+    if (lengths < 0).any() or (offsets < 0).any():
+        i = int(np.flatnonzero((lengths < 0) | (offsets < 0))[0])
+        raise _bad(folder, f"sequence {i} has a negative offset or length", claimed)
+    end = offsets + lengths
+    if len(end) and int(end.max()) > total:
+        i = int(np.argmax(end > total))
+        raise _bad(folder, f"offsets out of range: sequence {i} ends at element {int(end[i])} but the files "
+                           f"hold {total} elements", claimed)
+    files = [storage.join(folder, n) for n in names]
+    if check_files:
+        for url, n in zip(files, file_elements):
+            try:
+                size = storage.file_info(url, options).size
+            except FileNotFoundError:
+                size = None
+            if size is None:
+                raise IngestError("missing_file", f"{url}: listed in meta.json but missing", claimed)
+            if size < n * 4:
+                raise IngestError("truncated_bin", f"{url}: truncated, {size} bytes but meta.json says {n} "
+                                                   f"float32 elements ({n * 4} bytes)", claimed)
+    return Time300BMeta(folder, files, file_elements, offsets, lengths, mean, std)
+
+
+@dataclass
+class Time300BChunk:
+    """One read unit: a contiguous slice [first, first+len) of a dataset's scales list."""
+
+    domain: str
+    dataset: str
+    folder: str
+    files: list[str]
+    file_elements: np.ndarray
+    first: int                    # index of the first sequence (for series names)
+    offsets: np.ndarray
+    lengths: np.ndarray
+    mean: np.ndarray | None
+    std: np.ndarray | None
+
+    @property
+    def points(self) -> int:
+        return int(self.lengths.sum())
+
+
+def plan_chunks(meta: Time300BMeta, domain: str, dataset: str, block_elements: int = 32 * 2**20) -> list[Time300BChunk]:
+    """Cut the scales list into contiguous chunks of about ``block_elements`` points each."""
+    n = len(meta.lengths)
+    if n == 0:
+        return []
+    cum = np.cumsum(meta.lengths)
+    # chunk k ends at the first sequence whose cumulative length passes (k+1) * block
+    bounds = np.searchsorted(cum, np.arange(block_elements, int(cum[-1]) + block_elements, block_elements),
+                             side="left") + 1
+    bounds = np.unique(np.clip(bounds, 1, n))
+    starts = np.concatenate([[0], bounds[:-1]])
+    chunks = []
+    for a, b in zip(starts.tolist(), bounds.tolist()):
+        if b <= a:
+            continue
+        sl = slice(a, b)
+        chunks.append(Time300BChunk(
+            domain, dataset, meta.folder, meta.files, meta.file_elements, a,
+            meta.offsets[sl].copy(), meta.lengths[sl].copy(),
+            None if meta.mean is None else meta.mean[sl].copy(),
+            None if meta.std is None else meta.std[sl].copy(),
+        ))
+    return chunks
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _read_elements(files: list[str], file_elements: np.ndarray, start: int, stop: int,
+                   options: StorageOptions | None) -> np.ndarray:
+    """Elements [start, stop) of the concatenated files: one ranged read per file touched."""
+    bounds = np.concatenate([[0], np.cumsum(file_elements)])
+    parts = []
+    for i, url in enumerate(files):
+        a, b = max(start, int(bounds[i])), min(stop, int(bounds[i + 1]))
+        if a >= b:
+            continue
+        local = a - int(bounds[i])
+        data = storage.read_range(url, local * 4, (b - a) * 4, options)
+        if len(data) != (b - a) * 4:
+            raise IngestError("truncated_bin", f"{url}: truncated, wanted elements [{local}, {local + b - a}) "
+                                               f"but got {len(data) // 4}", int(stop - start))
+        parts.append(np.frombuffer(data, dtype=np.float32))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def read_chunk(chunk: Time300BChunk, options: StorageOptions | None = None, source_root: str | None = None) -> pa.Table:
+    """The chunk's sequences as a SERIES_SCHEMA table (raw units)."""
+    offsets, lengths = chunk.offsets, chunk.lengths
+    start = int(offsets.min()) if len(offsets) else 0
+    stop = int((offsets + lengths).max()) if len(offsets) else 0
+    buf = _read_elements(chunk.files, chunk.file_elements, start, stop, options)
+    rel = offsets - start
+    contiguous = bool(len(rel) and rel[0] == 0 and (rel[1:] == (rel + lengths)[:-1]).all())
+    list_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    if contiguous:
+        flat = buf[: int(list_offsets[-1])]  # zero-copy: the sequences tile the buffer
+    else:
+        # gather: index of every element = its sequence's start + position inside the sequence
+        seq_start = np.repeat(rel - list_offsets[:-1], lengths)
+        flat = buf[seq_start + np.arange(int(list_offsets[-1]), dtype=np.int64)]
+    if chunk.mean is not None:
+        mean = np.nan_to_num(chunk.mean, nan=0.0)
+        std = np.where(np.isnan(chunk.std), 1.0, chunk.std)
+        flat = (flat * np.repeat(std, lengths) + np.repeat(mean, lengths)).astype(np.float32)
+    names = [str(i) for i in range(chunk.first, chunk.first + len(lengths))]
+    source = chunk.folder
+    return series_table(chunk.domain, chunk.dataset, names, source, flat, list_offsets)
+
+
+def is_dataset_folder(url: str, options: StorageOptions | None = None) -> bool:
+    try:
+        return storage.file_info(storage.join(url, "meta.json"), options).type.name == "File"
+    except FileNotFoundError:
+        return False
+
+
+def dataset_quarantine(domain: str, dataset: str, folder: str, err: IngestError) -> pa.Table:
+    return quarantine_table([(domain, dataset, "*", folder, err.reason, err.message, err.claimed_points)])
+
+
+def default_names(folder: str) -> tuple[str, str]:
+    """(domain, dataset) from a dataset folder path ``.../<domain>/<dataset>``."""
+    parts = folder.rstrip("/").split("/")
+    dataset = parts[-1]
+    domain = parts[-2] if len(parts) >= 2 and parts[-2] else "other"
+    return os.path.basename(domain) or "other", dataset

@@ -1,0 +1,141 @@
+"""Helpers for tests/test_train_*.py: small packed shards, a 2-process gloo launcher, configs.
+
+Shards are written with the real schema (``preprocessing.schema.window_schema``): synthetic
+series (sines + noise) packed two segments per row with some padding, z-scored per segment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from preprocessing.schema import MANIFEST_FILE, SHARD_PATTERN, window_schema
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rows(n: int, window_length: int, rng: np.random.Generator) -> dict[str, list]:
+    width = window_length + 1
+    out: dict[str, list] = {k: [] for k in ("values", "segment_ids", "loss_mask", "seg_mean", "seg_std", "seg_series")}
+    for i in range(n):
+        split = int(rng.integers(width // 3, width - 4))
+        pad = int(rng.integers(0, 4))
+        vals = np.zeros(width, np.float32)
+        seg = np.zeros(width, np.int32)
+        means, stds, names = [], [], []
+        for s, (a, b) in enumerate([(0, split), (split, width - pad)], start=1):
+            t = np.arange(b - a)
+            x = np.sin(2 * np.pi * t / rng.uniform(6, 30) + rng.uniform(0, 6)) + 0.1 * rng.standard_normal(b - a)
+            mu, sd = float(x.mean()), float(x.std() or 1.0)
+            vals[a:b] = (x - mu) / sd
+            seg[a:b] = s
+            means.append(mu), stds.append(sd), names.append(f"synthetic/test/s{i}_{s}")
+        mask = (seg > 0).astype(np.uint8)
+        for k, v in zip(out, (vals, seg, mask, means, stds, names)):
+            out[k].append(v)
+    return out
+
+
+def write_shards(root: Path, window_length: int = 32, train_rows: int = 64, val_rows: int = 16,
+                 rows_per_shard: int = 16, seed: int = 0) -> Path:
+    """A packed dataset at ``root`` (train/, val/, manifest.json); returns ``root``."""
+    rng = np.random.default_rng(seed)
+    schema = window_schema(window_length)
+    counts = {}
+    for split, total in (("train", train_rows), ("val", val_rows)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        n_shards = 0
+        for start in range(0, total, rows_per_shard):
+            rows = _rows(min(rows_per_shard, total - start), window_length, rng)
+            table = pa.table({k: pa.array(v, type=schema.field(k).type) for k, v in rows.items()}, schema=schema)
+            pq.write_table(table, root / split / SHARD_PATTERN.format(index=n_shards))
+            n_shards += 1
+        counts[split] = {"windows": total, "shards": n_shards}
+    (root / MANIFEST_FILE).write_text(json.dumps({"window_length": window_length, "splits": counts}))
+    return root
+
+
+def tiny_config(data_path: Path, out_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A config dict for a few-step tiny run; ``sections`` override keys per section."""
+    cfg: dict[str, Any] = {
+        "model": {"preset": "tiny"},
+        "data": {"path": str(data_path), "loader": "plain", "prefetch_batches": 2},
+        "optim": {"warmup_steps": 2, "lr": 1e-3},
+        "parallel": {"zero_stage": 1, "precision": "fp32"},
+        "train": {"max_steps": 5, "global_batch_size": 8, "micro_batch_size": 4, "seed": 7,
+                  "log_every": 1, "eval_batches": 2, "output_dir": str(out_dir), "export": False},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "tracking": {"enabled": False},
+    }
+    for name, values in sections.items():
+        cfg[name].update(values)
+    return cfg
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, out_dir: str, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def run_ranks(fn: Callable, out_dir: Path, world: int, *args: Any) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; return each rank's result."""
+    import torch
+    import torch.multiprocessing as mp
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        mp.spawn(_entry, args=(world, free_port(), fn, str(out_dir), args), nprocs=world, join=True)
+    except Exception as exc:
+        errs = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.err")))
+        raise AssertionError(f"worker failed:\n{errs or exc}") from exc
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def probe_inputs(window_length: int = 32):
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, window_length, generator=g)
+
+
+def torchrun_worker(rank: int, world: int, cfg_dicts: list[dict], resume: bool = False) -> list[dict]:
+    """Body of one rank: the real loop under the torchrun runtime, once per config (one
+    process group for all, to pay start-up once). Returns per config: the history and the
+    trained module's 1-step predictions on :func:`probe_inputs`."""
+    import torch
+
+    from pipeline.config import config_from_dict
+    from pipeline.torchrun_entry import TorchrunRuntime
+    from pipeline.train_loop import run_training
+
+    out = []
+    for cfg_dict in cfg_dicts:
+        cfg = config_from_dict(cfg_dict)
+        result = run_training(cfg, TorchrunRuntime(cfg, resume))
+        pred = None
+        if cfg.parallel.zero_stage != 3:
+            with torch.no_grad():
+                result.engine.module.eval()
+                pred = result.engine.module(probe_inputs()).predictions[1].float()
+        out.append({"history": result.history, "pred": pred, "run_id": result.run_id})
+    return out

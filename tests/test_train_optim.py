@@ -1,0 +1,108 @@
+"""Unit tests of the training config, the LR schedule, AdamW groups and the DeepSpeed config."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import TrainConfig, load_config
+from pipeline.deepspeed_config import deepspeed_config
+from pipeline.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
+
+
+def reference_lr(step: int, peak: float, warmup: int, total: int, floor_ratio: float) -> float:
+    """Slow, literal statement of the schedule: linear ramp to the peak, cosine to the floor."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / (total - warmup)
+    t = min(t, 1.0)
+    floor = peak * floor_ratio
+    return floor + (peak - floor) * (1 + math.cos(math.pi * t)) / 2
+
+
+def test_lr_schedule_matches_reference_through_deepspeed_style_stepping():
+    cfg = TrainConfig().optim
+    cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio = 1e-3, 10, 0.1
+    total = 50
+    opt = build_optimizer([{"params": [nn.Parameter(torch.zeros(2))], "weight_decay": 0.0}], cfg)
+    sched = build_scheduler(opt, cfg, total)
+    seen = []
+    for step in range(total + 5):
+        seen.append(opt.param_groups[0]["lr"])  # lr used by optimizer step `step`
+        opt.step()
+        sched.step()
+    expected = [reference_lr(s, 1e-3, 10, total, 0.1) for s in range(total + 5)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert seen[0] == pytest.approx(1e-4)  # warm-up starts above zero: step 1 already learns
+    assert max(seen) == pytest.approx(1e-3)
+    assert seen[-1] == pytest.approx(1e-4)  # the floor holds after max_steps
+
+
+def test_lr_multiplier_without_warmup_starts_at_peak():
+    assert lr_multiplier(0, 0, 100, 0.1) == pytest.approx(1.0)
+    assert lr_multiplier(50, 0, 100, 0.1) == pytest.approx(0.55)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)  # weight decays, bias does not
+        self.norm = nn.LayerNorm(4)  # neither decays
+        self.experts = nn.Parameter(torch.zeros(2, 4, 4))  # 3-D expert stack decays
+        self.frozen = nn.Parameter(torch.zeros(4, 4), requires_grad=False)
+
+
+def test_no_decay_on_norms_and_biases():
+    m = Tiny()
+    groups = {g["name"]: g for g in param_groups(m, 0.1)}
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(groups["decay"]["params"]) == ids([m.proj.weight, m.experts])
+    assert ids(groups["no_decay"]["params"]) == ids([m.proj.bias, m.norm.weight, m.norm.bias])
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    opt = build_optimizer(list(groups.values()), TrainConfig().optim)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["lr"] == 1e-3
+
+
+def test_config_yaml_overrides_and_flat_params(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {max_steps: 7, global_batch_size: 16}\noptim: {betas: [0.8, 0.9]}\n")
+    cfg = load_config(path, ["train.max_steps=20", "parallel.zero_stage=2", "model.overrides.num_experts=4"])
+    assert cfg.train.max_steps == 20 and cfg.parallel.zero_stage == 2 and cfg.optim.betas == (0.8, 0.9)
+    flat = cfg.flat()
+    assert flat["train.max_steps"] == 20 and flat["model.overrides.num_experts"] == 4
+    # Round trip through YAML keeps everything.
+    again = tmp_path / "again.yaml"
+    again.write_text(cfg.to_yaml())
+    assert load_config(again).to_dict() == cfg.to_dict()
+    # Step counts may change on resume; the model may not.
+    assert load_config(again, ["train.max_steps=99"]).fingerprint() == cfg.fingerprint()
+    assert load_config(again, ["optim.lr=0.5"]).fingerprint() != cfg.fingerprint()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_stepz=3", "unknown key(s) ['max_stepz'] in config section 'train'"),
+    ("parallel.zero_stage=5", "zero_stage must be 0..3"),
+    ("parallel.ep_size=2", "needs ZeRO stage 1 or 2"),
+])
+def test_config_errors_name_file_and_reason(tmp_path, override, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text("parallel: {zero_stage: 3}\n" if "ep_size" in override else "{}\n")
+    with pytest.raises(ValueError) as err:
+        load_config(path, [override])
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_deepspeed_config_batch_geometry_and_precision():
+    cfg = TrainConfig()
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 64, 4
+    accum = cfg.grad_accum_steps(world_size=4)
+    assert accum == 4
+    ds = deepspeed_config(cfg.parallel, cfg.train, cfg.optim, 4, accum, use_gpu=False)
+    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False  # auto = fp32 on CPU
+    assert deepspeed_config(cfg.parallel, cfg.train, cfg.optim, 4, accum, use_gpu=True)["bf16"]["enabled"]
+    with pytest.raises(ValueError, match="not a multiple"):
+        cfg.grad_accum_steps(world_size=3)
