@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.horizons:
         cfg.horizons = args.horizons
     print(f"[eval] {args.model} on {args.benchmarks}: {cfg.protocol_key()}", flush=True)
-    forecaster, name = load_forecaster(args.model)
+    forecaster, name = load_forecaster(args.model, args.tracking_uri)
     result = evaluate(forecaster, args.benchmarks, cfg, model_name=name)
     files = result.write(args.output)
     if not args.no_plot:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                                     Path(args.output) / "forecasts.png", context=ctx))
     print(result.table(), flush=True)
     print(f"[eval] wrote {', '.join(str(f) for f in files)}", flush=True)
-    if args.run_id or args.tracking_uri:
+    if args.run_id or args.tracking_uri:  # a tracking URI alone: a new run in experiment zeroshot-eval
         run_id = log_to_mlflow(result, files, run_id=args.run_id, tracking_uri=args.tracking_uri,
                                new_run_experiment="zeroshot-eval")
         print(f"[eval] logged to MLflow run {run_id}", flush=True)

@@ -88,6 +88,18 @@ def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], 
     return _AllToAll.apply(x_ND, out_splits, in_splits, group)
 
 
+def _run_experts(experts, x_RD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Run the grouped experts; a rank that receives no row at all (every token routed
+    elsewhere) runs one zero row instead, because grouped_mm's backward rejects empty inputs.
+    A zero row is exact: it adds nothing to any output or weight gradient, and the experts
+    still get (zero) gradients, so every rank reduces the same parameter set."""
+    if x_RD.shape[0] > 0:
+        return experts(x_RD, tokens_per_expert)
+    counts = tokens_per_expert.clone()
+    counts[0] = 1
+    return experts(x_RD.new_zeros(1, x_RD.shape[1]), counts)[:0]
+
+
 class AllToAllDispatcher:
     """Dropless expert-parallel dispatch: every routed copy of a token travels to the rank
     owning its expert and back. Rank r of the EP group owns global experts
@@ -123,7 +135,7 @@ class AllToAllDispatcher:
 
         x_recv_RD = all_to_all(x_sorted_ND, out_splits, in_splits, self.group)
         perm_R = regroup_by_local_expert(counts_recv_SE)
-        y_local_RD = experts(x_recv_RD[perm_R], counts_recv_SE.sum(0))
+        y_local_RD = _run_experts(experts, x_recv_RD[perm_R], counts_recv_SE.sum(0))
         y_recv_RD = torch.empty_like(y_local_RD).index_copy(0, perm_R, y_local_RD)
         y_sorted_ND = all_to_all(y_recv_RD, in_splits, out_splits, self.group)
         return combine(y_sorted_ND, plan, topk_weight_TK, x_TD.shape[0])

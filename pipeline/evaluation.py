@@ -299,7 +299,7 @@ def log_to_mlflow(result: EvalResult, files: Sequence[Path], run_id: str | None 
     return run_id
 
 
-def load_forecaster(spec: str) -> tuple[Forecaster, str]:
+def load_forecaster(spec: str, tracking_uri: str | None = None) -> tuple[Forecaster, str]:
     """``baseline:NAME``, ``models:/NAME@ALIAS`` / ``runs:/ID/PATH`` (an MLflow pyfunc logged by
     ``pipeline.registry``), or a ``save_pretrained`` checkpoint directory."""
     if spec.startswith("baseline:"):
@@ -307,7 +307,7 @@ def load_forecaster(spec: str) -> tuple[Forecaster, str]:
     if spec.startswith(("models:/", "runs:/")):
         from pipeline.registry import load_registered_forecaster
 
-        return load_registered_forecaster(spec), spec
+        return load_registered_forecaster(spec, tracking_uri), spec
     path = Path(spec)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{spec}: not a baseline:NAME, models:/ or runs:/ URI, nor a checkpoint "

@@ -70,7 +70,9 @@ class ExpertParallelInfo:
     group_name: str | None  # DeepSpeed group name ("ep_size_{ep}"), None when ep_size == 1
     ep_group: Any = None  # torch process group of the all-to-all
     expert_data_parallel_group: Any = None  # where expert gradients are reduced
-    moe_layers: list[str] = field(default_factory=list)  # module names of the MoE layers
+    moe_layers: list[str] = field(default_factory=list)  # module names of the MoE layers (at apply time)
+    # the experts modules themselves: names change if wrappers (activation checkpointing) come later
+    expert_modules: list[nn.Module] = field(default_factory=list, repr=False)
 
     @property
     def local_experts(self) -> range:
@@ -142,7 +144,8 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, ep_group=None) -> Expe
     if ep_size < 1 or num_experts % ep_size:
         raise ValueError(f"ep_size={ep_size} must divide num_experts={num_experts}")
     if ep_size == 1:
-        return ExpertParallelInfo(1, 0, num_experts, num_experts, None, moe_layers=[n for n, _ in layers])
+        return ExpertParallelInfo(1, 0, num_experts, num_experts, None, moe_layers=[n for n, _ in layers],
+                                  expert_modules=[m.experts for _, m in layers])
     if not dist.is_initialized():
         raise RuntimeError("apply_expert_parallel(ep_size>1) needs torch.distributed initialised "
                            "(deepspeed.init_distributed) first")
@@ -180,7 +183,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, ep_group=None) -> Expe
             moe.ep_marker = marker_cls(num_experts, ep_size)
 
     return ExpertParallelInfo(ep_size, ep_rank, num_experts, n_local, group_name, ep_group, edp_group,
-                              [n for n, _ in layers])
+                              [n for n, _ in layers], [m.experts for _, m in layers])
 
 
 def is_expert_param(param: torch.Tensor) -> bool:
@@ -224,11 +227,14 @@ def expert_param_groups(
 
 
 def _iter_expert_params(model: nn.Module, info: ExpertParallelInfo) -> Iterable[tuple[str, nn.Parameter]]:
-    modules = dict(model.named_modules())
-    for layer in info.moe_layers:
+    """(current name in ``model``, shard) for every expert weight, in layer order."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    for experts in info.expert_modules:
         for w in EXPERT_WEIGHTS:
-            prefix = f"{layer}.experts." if layer else "experts."
-            yield prefix + w, getattr(modules[layer].experts, w)
+            p = getattr(experts, w)
+            if id(p) not in name_of:
+                raise ValueError(f"expert weight {w} of a sharded layer is not a parameter of the given model")
+            yield name_of[id(p)], p
 
 
 @torch.no_grad()

@@ -188,9 +188,11 @@ class _NamedForecaster:
         return self.model.forecast(series, horizon)
 
 
-def load_registered_forecaster(uri: str) -> _NamedForecaster:
+def load_registered_forecaster(uri: str, tracking_uri: str | None = None) -> _NamedForecaster:
     """The ``TimeMoeModel`` inside a pyfunc logged by :func:`register_checkpoint`, for the harness
     (calling ``forecast`` directly avoids a DataFrame round trip per batch)."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
     pyfunc = mlflow.pyfunc.load_model(uri)
     inner = pyfunc.unwrap_python_model()
     if not hasattr(inner, "model"):
@@ -214,7 +216,8 @@ def _benchmark_digest(benchmarks_dir: str | Path) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
-def zero_shot_score(name: str, version: str, benchmarks_dir: str | Path, cfg, client) -> float:
+def zero_shot_score(name: str, version: str, benchmarks_dir: str | Path, cfg, client,
+                    tracking_uri: str | None = None) -> float:
     """Average zero-shot MSE of one version; cached as version tags, reused only for the same
     protocol and benchmark files."""
     from pipeline.evaluation import evaluate
@@ -224,7 +227,7 @@ def zero_shot_score(name: str, version: str, benchmarks_dir: str | Path, cfg, cl
     if mv.tags.get("zeroshot.protocol") == key and "zeroshot.avg_mse" in mv.tags:
         return float(mv.tags["zeroshot.avg_mse"])
     uri = f"models:/{name}/{version}"
-    result = evaluate(load_registered_forecaster(uri), benchmarks_dir, cfg, model_name=uri)
+    result = evaluate(load_registered_forecaster(uri, tracking_uri), benchmarks_dir, cfg, model_name=uri)
     print(result.table(), flush=True)
     score = result.average_mse()
     client.set_model_version_tag(name, version, "zeroshot.protocol", key)
@@ -247,13 +250,13 @@ def promote_if_better(name: str, candidate_version: str, benchmarks_dir: str | P
         champ: str | None = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         champ = None
-    cand_mse = zero_shot_score(name, cand, benchmarks_dir, cfg, client)
+    cand_mse = zero_shot_score(name, cand, benchmarks_dir, cfg, client, tracking_uri)
     if champ is None:
         decision = PromotionDecision(True, cand, cand_mse, None, None, "no champion yet")
     elif champ == cand:
         decision = PromotionDecision(False, cand, cand_mse, champ, cand_mse, "candidate is already champion")
     else:
-        champ_mse = zero_shot_score(name, champ, benchmarks_dir, cfg, client)
+        champ_mse = zero_shot_score(name, champ, benchmarks_dir, cfg, client, tracking_uri)
         better = cand_mse < champ_mse
         decision = PromotionDecision(better, cand, cand_mse, champ, champ_mse,
                                      f"candidate {cand_mse:.6g} {'<' if better else '>='} champion {champ_mse:.6g}")

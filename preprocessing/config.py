@@ -37,6 +37,8 @@ class CleanConfig:
     partial_window: Literal["check", "drop"] = "check"
     window_rules: bool = True         # False: skip the window ratios (still split at NaN/Inf)
     dedup: bool = True                # exact-duplicate series removal (hash of raw values)
+    # Inputs up to this many bytes on disk are read once and cached for the dedup pass.
+    dedup_cache_max_bytes: int = 256 * 2**20
 
 
 @dataclass

@@ -27,7 +27,7 @@ import pyarrow as pa
 from preprocessing.formats_table import IngestError, concat, quarantine_table, series_table_from_list
 
 TIME_NAMES = {"time", "date", "datetime", "timestamp", "ds", "dteday", "period", "month", "year", "week",
-              "quarter", "hr", "hour", "day", "minute", "dt", "date_time", "time_idx"}
+              "quarter", "hr", "hour", "day", "minute", "dt", "date_time", "time_idx", "t", "step"}
 # calendar parts that only make sense next to another time column (never series on their own)
 CALENDAR_PARTS = {"year", "yr", "quarter", "month", "mnth", "week", "weekday", "day", "hr", "hour", "minute",
                   "season", "holiday", "workingday", "dow"}
@@ -128,7 +128,7 @@ def read_csv_bytes(data: bytes, source: str, ov: TableOverrides) -> pd.DataFrame
     return df
 
 
-_MISSING = {"", "na", "nan", "null", "none", "?", "n/a", "#n/a", "-"}
+_MISSING = {"", "na", "nan", "null", "none", "nil", "?", "n/a", "#n/a", "-"}
 
 
 def _numeric(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +145,9 @@ def _parse_time(col: pd.Series) -> np.ndarray | None:
     """A sortable float key per row (ns for dates, the number for numeric times), None if unparseable."""
     if col.dtype.kind in "fiu":
         return col.to_numpy(np.float64)
+    if col.dtype.kind == "M":
+        return col.dt.tz_localize(None).to_numpy("datetime64[ns]").astype(np.int64).astype(np.float64) \
+            if getattr(col.dt, "tz", None) is not None else col.to_numpy("datetime64[ns]").astype(np.int64).astype(np.float64)
     s = col.astype(str).str.strip()
     num = pd.to_numeric(s, errors="coerce")
     if num.notna().all():
@@ -168,6 +171,8 @@ def _parse_time(col: pd.Series) -> np.ndarray | None:
 
 
 def _looks_like_time(name: str, col: pd.Series) -> bool:
+    if col.dtype.kind == "M":  # typed timestamps (Parquet/Arrow)
+        return True
     if col.dtype.kind in "fiu":
         return False
     s = col.astype(str).str.strip().head(50)
@@ -209,7 +214,7 @@ def _grid_positions(key: np.ndarray, is_datetime: bool) -> np.ndarray | None:
     return np.concatenate([[0], np.cumsum(np.round(k).astype(np.int64))])
 
 
-def _sort_dedupe_fill(frame_vals: np.ndarray, key: np.ndarray | None, is_datetime: bool,
+def _sort_dedupe_fill(frame_vals: np.ndarray, key: np.ndarray | None, is_datetime: bool | None,
                       out: _Out, label: str) -> tuple[np.ndarray, int, int]:
     """Sort rows by time, keep the first of duplicate timestamps, and put NaN in grid gaps.
     Returns (values rows x k, duplicates dropped, gap points added)."""
@@ -220,9 +225,11 @@ def _sort_dedupe_fill(frame_vals: np.ndarray, key: np.ndarray | None, is_datetim
     keep = np.concatenate([[True], np.diff(key) != 0])
     dropped = int((~keep).sum())
     key, frame_vals = key[keep], frame_vals[keep]
-    pos = _grid_positions(key, is_datetime)
+    fill = is_datetime is not None  # None: a composite (date, hour) key, ranks only
+    pos = _grid_positions(key, bool(is_datetime)) if fill else None
     added = 0
-    if pos is not None and pos[-1] + 1 > len(key) and pos[-1] + 1 <= 2 * len(key):
+    # fill only sparse gaps: a business-day or irregular grid would otherwise turn into mostly NaN
+    if fill and pos is not None and len(key) < pos[-1] + 1 <= 1.25 * len(key):
         filled = np.full((int(pos[-1]) + 1, frame_vals.shape[1]), np.nan)
         filled[pos] = frame_vals
         added = len(filled) - len(frame_vals)
@@ -265,8 +272,9 @@ def _classify_columns(df: pd.DataFrame, out: _Out, exclude: set[str]) -> dict[st
                 out.skip(name, "label column")
                 continue
             finite = vals[~np.isnan(vals)]
-            if low in INDEX_NAMES | {"unnamed: 0"} or low.startswith("unnamed"):
-                if len(finite) == len(vals) and (np.diff(finite) == 1).all():
+            if low in INDEX_NAMES or low.startswith("unnamed"):
+                # a running row number (1..n); tolerate a corrupt cell or two in it
+                if len(finite) > 1 and (np.diff(finite) == 1).mean() >= 0.99:
                     out.skip(name, "row index")
                     continue
             if low in CALENDAR_PARTS:
@@ -332,7 +340,7 @@ def _numbered_group(cols: list[str]) -> list[str]:
     return best
 
 
-def _key_for(df: pd.DataFrame, tcols: list[str], out: _Out) -> tuple[np.ndarray | None, bool]:
+def _key_for(df: pd.DataFrame, tcols: list[str], out: _Out) -> tuple[np.ndarray | None, bool | None]:
     if not tcols:
         return None, False
     keys = []
@@ -342,7 +350,7 @@ def _key_for(df: pd.DataFrame, tcols: list[str], out: _Out) -> tuple[np.ndarray 
         if k is None:
             out.note(c, "skipped_column", f"{out.ctx.source}: time column {c!r} could not be parsed; kept file order")
             return None, False
-        is_dt = is_dt or df[c].dtype.kind not in "fiu" and np.nanmax(np.abs(k)) > 1e15
+        is_dt = is_dt or not pd.api.types.is_numeric_dtype(df[c]) and np.nanmax(np.abs(k)) > 1e15
         keys.append(k)
     if len(keys) == 1:
         return keys[0], is_dt
@@ -351,7 +359,7 @@ def _key_for(df: pd.DataFrame, tcols: list[str], out: _Out) -> tuple[np.ndarray 
     for k in keys:
         r = pd.Series(k).rank(method="dense").to_numpy()
         key = key * (r.max() + 1) + r
-    return key, False
+    return key, None
 
 
 def parse_dataframe(df: pd.DataFrame, ctx: FileContext, fail_fast: bool = False) -> pa.Table:
@@ -372,7 +380,7 @@ def parse_dataframe(df: pd.DataFrame, ctx: FileContext, fail_fast: bool = False)
                 and _numeric(df[ov.id_column or first])[1].all() and df[ov.id_column or first].is_unique:
             layout = "rows"
         else:
-            id_cands = [c for c in df.columns if c not in tcols and df[c].dtype == object
+            id_cands = [c for c in df.columns if c not in tcols and not pd.api.types.is_numeric_dtype(df[c])
                         and _numeric(df[c])[1].all() and 1 < df[c].nunique() < len(df) / 2]
             layout = "long" if (ov.id_column or (tcols and id_cands)) else "columns"
     if layout == "calendar":
@@ -380,7 +388,7 @@ def parse_dataframe(df: pd.DataFrame, ctx: FileContext, fail_fast: bool = False)
     if layout == "rows":
         return _rows(df, ov.id_column or first, numbered, out)
     if layout == "long":
-        idc = ov.id_column or [c for c in df.columns if c not in tcols and df[c].dtype == object
+        idc = ov.id_column or [c for c in df.columns if c not in tcols and not pd.api.types.is_numeric_dtype(df[c])
                                and _numeric(df[c])[1].all() and 1 < df[c].nunique() < len(df) / 2][0]
         return _long(df, idc, tcols, out)
     if layout != "columns":
@@ -420,13 +428,15 @@ def _calendar(df: pd.DataFrame, months: list[str], tcols: list[str], out: _Out) 
 
 
 def _rows(df: pd.DataFrame, idc: str, numbered: list[str], out: _Out) -> pa.Table:
-    cols = [c for c in (out.ctx.overrides.columns or numbered or [c for c in df.columns if c != idc])]
+    cols = [c for c in (out.ctx.overrides.columns or numbered or list(df.columns)) if c != idc]
+    out.skip(idc, "series id column")
     for c in df.columns:
         if c != idc and c not in cols:
             out.skip(c, "not part of the numbered value columns (derived)")
-    mat_bad = [_numeric(df[c]) for c in cols]
-    mat = np.stack([v for v, _ in mat_bad], axis=1)
-    bad = np.stack([b for _, b in mat_bad], axis=1)
+    # one vectorised conversion of the whole block (thousands of columns in M4 files)
+    flat_vals, flat_bad = _numeric(pd.Series(df[cols].to_numpy().ravel()))
+    mat = flat_vals.reshape(len(df), len(cols))
+    bad = flat_bad.reshape(len(df), len(cols))
     ids = df[idc].astype(str).str.strip().tolist()
     for i, name in enumerate(ids):
         if bad[i].any():

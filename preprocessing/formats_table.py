@@ -22,14 +22,20 @@ class IngestError(ValueError):
         self.message = message
         self.claimed_points = int(claimed_points)
 
+    def __reduce__(self):  # picklable across Ray task boundaries (fail_fast inside a task)
+        return (IngestError, (self.reason, self.message, self.claimed_points))
+
 
 def _str_col(value: str | Sequence[str], n: int) -> pa.Array:
     if isinstance(value, str):
-        return pa.array([value] * n, pa.string())  # dictionary-free: keep the contract's type
+        # one value repeated n times via Arrow's take (no Python list of n strings)
+        return pa.array([value], pa.string()).take(pa.array(np.zeros(n, np.int64)))
+    if isinstance(value, pa.Array):
+        return value
     return pa.array(list(value), pa.string())
 
 
-def series_table(domain: str, dataset: str, names: Sequence[str], source: str | Sequence[str],
+def series_table(domain: str, dataset: str, names: Sequence[str] | pa.Array, source: str | Sequence[str],
                  flat: np.ndarray, offsets: np.ndarray) -> pa.Table:
     """Good rows: series i holds ``flat[offsets[i]:offsets[i+1]]`` (float32, NaN = missing)."""
     flat = np.ascontiguousarray(flat, dtype=np.float32)
@@ -39,7 +45,7 @@ def series_table(domain: str, dataset: str, names: Sequence[str], source: str | 
     return pa.Table.from_arrays(
         [
             _str_col(domain, n), _str_col(dataset, n), _str_col(names, n), _str_col(source, n), values,
-            pa.array([""] * n, pa.string()), pa.array([""] * n, pa.string()),
+            _str_col("", n), _str_col("", n),
             pa.array(np.diff(offsets), pa.int64()),
         ],
         schema=SERIES_SCHEMA,

@@ -80,10 +80,15 @@ class PackedRows:
 
 
 def assemble_rows(
-    chunks: list[np.ndarray], means: list[float], stds: list[float], keys: list[str], width: int
+    chunks: list[np.ndarray], means: list[float], stds: list[float], keys: list[str], width: int,
+    shuffle_seed: int | None = None,
 ) -> PackedRows:
-    """Pack normalised chunks (each ``<= width`` points) into rows by best-fit decreasing."""
+    """Pack normalised chunks (each ``<= width`` points) into rows by best-fit decreasing.
+    ``shuffle_seed``: permute the rows (seeded) as they are filled, so that rows of very
+    different chunk lengths mix without a copy afterwards."""
     bins = best_fit_decreasing([len(c) for c in chunks], width)
+    if shuffle_seed is not None:
+        bins = [bins[i] for i in np.random.default_rng(shuffle_seed).permutation(len(bins))]
     R = len(bins)
     values_RW = np.zeros((R, width), dtype=np.float32)
     seg_RW = np.zeros((R, width), dtype=np.int32)

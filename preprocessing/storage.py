@@ -130,7 +130,7 @@ def read_range(url: str, offset: int, nbytes: int, options: StorageOptions | Non
 def read_bytes(url: str, options: StorageOptions | None = None, decompress: bool = True) -> bytes:
     """The whole file; ``.gz`` files are gunzipped when ``decompress``."""
     fs, path = resolve_filesystem(url, options)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         data = f.read()
     if decompress and str(url).endswith(".gz"):
         data = gzip.decompress(data)

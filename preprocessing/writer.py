@@ -1,14 +1,16 @@
 """Shard writing and atomic publication to a local folder or an ``s3://`` prefix.
 
-A run writes every shard under ``<output>/_tmp-<runid>/{train,val}/`` and then publishes:
-(1) remove any previous ``manifest.json`` (so the output never looks complete while it holds a
-mix of two runs), (2) replace ``train/`` and ``val/`` by the new shards, (3) write the reports,
-(4) write ``manifest.json`` LAST, (5) delete the temporary folder. A run killed at any point
-before (4) leaves no manifest, so readers treat the output as incomplete.
+Ray tasks write packed rows as Parquet files with temporary names under
+``<output>/_tmp-<runid>/{train,val}/``. The driver then publishes: (1) remove any previous
+``manifest.json`` (so the output never looks complete while it holds a mix of two runs),
+(2) replace ``train/`` and ``val/`` by the new files, renamed ``shard-NNNNN.parquet`` in their
+final order, (3) write the reports, (4) write ``manifest.json`` LAST, (5) delete the temporary
+folder. A run killed at any point before (4) leaves no manifest, so readers treat the output as
+incomplete.
 
 Shards are byte-identical across re-runs with the same inputs and config: rows arrive in a
-fixed order, the shuffle is seeded, and Parquet files carry no timestamps (pyarrow writes
-only the library version as ``created_by``).
+fixed order, shuffles are seeded, and Parquet files carry no timestamps (pyarrow writes only
+the library version as ``created_by``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from preprocessing.config import OutputConfig
+from preprocessing.pack import PackedRows
 from preprocessing.schema import MANIFEST_FILE, SHARD_PATTERN, window_schema
 
 log = logging.getLogger(__name__)
@@ -65,38 +68,50 @@ def delete_dir(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_dir(path)
 
 
-def write_shard(fs: pafs.FileSystem, path: str, table: pa.Table, window_length: int, options: OutputConfig) -> int:
-    """Write packed rows as one Parquet shard (non-nullable columns, one row group, no
-    statistics or timestamps); returns the number of real points."""
-    schema = window_schema(window_length)
-    table = pa.Table.from_arrays([table.column(c).combine_chunks() for c in SHARD_COLUMNS], schema=schema)
+def rows_table(rows: PackedRows, start: int, end: int, window_length: int) -> pa.Table:
+    """Rows ``[start, end)`` of packed rows as an Arrow table of the shard schema (zero copy
+    for the dense columns)."""
+    width = window_length + 1
+
+    def fixed(a_RW: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(a_RW[start:end].reshape(-1)), width)
+
+    return pa.Table.from_arrays(
+        [fixed(rows.values_RW), fixed(rows.segment_ids_RW), fixed(rows.loss_mask_RW),
+         pa.array(rows.seg_mean[start:end], pa.list_(pa.float64())),
+         pa.array(rows.seg_std[start:end], pa.list_(pa.float64())),
+         pa.array(rows.seg_series[start:end], pa.list_(pa.string()))],
+        schema=window_schema(window_length),
+    )
+
+
+def write_shard(fs: pafs.FileSystem, path: str, table: pa.Table, options: OutputConfig) -> None:
+    """One Parquet shard: one row group, no statistics, no timestamps (byte-reproducible)."""
     pq.write_table(
         table, path, filesystem=fs, compression=options.compression,
         compression_level=options.compression_level, use_dictionary=["seg_series"],
         write_statistics=False, row_group_size=max(1, table.num_rows),
     )
-    mask = table.column("loss_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return int(np.count_nonzero(mask))
 
 
-def write_split_files(fs: pafs.FileSystem, directory: str, table: pa.Table, window_length: int,
-                      options: OutputConfig, seed: int) -> list[dict[str, Any]]:
-    """Shuffle ``table``'s rows (seeded) and write them as files of at most ``rows_per_shard``
-    rows under ``directory`` with temporary unique names (final names are given at publish)."""
+def write_packed(fs: pafs.FileSystem, directory: str, rows: PackedRows, window_length: int,
+                 options: OutputConfig) -> list[dict[str, Any]]:
+    """Write packed rows as files of at most ``rows_per_shard`` rows under ``directory`` with
+    temporary unique names (the final ``shard-NNNNN`` names are given at publish)."""
     import uuid
 
-    if table.num_rows == 0:
+    if rows.num_rows == 0:
         return []
     fs.create_dir(directory, recursive=True)
-    table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
     out = []
     per = options.rows_per_shard
-    for start in range(0, table.num_rows, per):
-        part = table.slice(start, per)
+    for start in range(0, rows.num_rows, per):
+        end = min(start + per, rows.num_rows)
         path = join(directory, f"part-{uuid.uuid4().hex}.parquet")
-        points = write_shard(fs, path, part, window_length, options)
-        out.append({"path": path, "rows": part.num_rows, "points": points})
-        log.info("wrote %s (%d rows)", path, part.num_rows)
+        write_shard(fs, path, rows_table(rows, start, end, window_length), options)
+        points = int(sum(sum(lengths) for lengths in rows.seg_lengths[start:end]))
+        out.append({"path": path, "rows": end - start, "points": points})
+        log.info("wrote %s (%d rows)", path, end - start)
     return out
 
 

@@ -94,51 +94,56 @@ def make_batches(rank: int, steps: int, batch: int, length: int) -> list[dict]:
 def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim: int, ffn: int) -> dict:
     """Real AllToAllDispatcher on 2 gloo ranks vs LocalDispatcher on the concatenated tokens.
 
-    Rank 1 routes every token to experts owned by rank 1 (it sends zero rows to rank 0), and
-    expert 0 gets no token from anyone: the empty-split paths are exercised."""
+    Scenario "mixed": rank 1 routes every token to experts owned by rank 1 (it sends zero rows
+    to rank 0) and expert 0 gets no token from anyone. Scenario "starve0": every token of both
+    ranks goes to rank 1's experts, so rank 0 receives no row at all."""
     import torch.distributed as dist
 
     from model.moe import GroupedExperts, LocalDispatcher
     from pipeline.ep_dispatch import AllToAllDispatcher
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    experts_full = GroupedExperts(num_experts, dim, ffn)
-    with torch.no_grad():
-        for p in experts_full.parameters():
-            p.normal_(0, 0.5)
-    x_all = torch.randn(world * tokens, dim)
-    k = 2
-    idx_all = torch.stack([torch.randperm(num_experts - 1)[:k] + 1 for _ in range(world * tokens)])  # never expert 0
-    half = num_experts // 2
-    idx_all[tokens:] = torch.stack([torch.randperm(half)[:k] + half for _ in range(tokens)])  # rank 1: own experts only
-    w_all = torch.rand(world * tokens, k)
+    half, k = num_experts // 2, 2
+    out = {}
+    for scenario in ("mixed", "starve0"):
+        torch.manual_seed(0)
+        experts_full = GroupedExperts(num_experts, dim, ffn)
+        with torch.no_grad():
+            for p in experts_full.parameters():
+                p.normal_(0, 0.5)
+        x_all = torch.randn(world * tokens, dim)
+        if scenario == "mixed":
+            idx_all = torch.stack([torch.randperm(num_experts - 1)[:k] + 1 for _ in range(world * tokens)])
+            idx_all[tokens:] = torch.stack([torch.randperm(half)[:k] + half for _ in range(tokens)])
+        else:
+            idx_all = torch.stack([torch.randperm(half)[:k] + half for _ in range(world * tokens)])
+        w_all = torch.rand(world * tokens, k)
+        probe = torch.arange(x_all.numel()).view_as(x_all).sin()  # a non-uniform upstream gradient
 
-    # reference: one process, all tokens, all experts
-    x_ref = x_all.clone().requires_grad_()
-    w_ref = w_all.clone().requires_grad_()
-    y_ref = LocalDispatcher()(x_ref, idx_all, w_ref, experts_full)
-    (y_ref * torch.arange(y_ref.numel()).view_as(y_ref).sin()).sum().backward()
+        x_ref = x_all.clone().requires_grad_()
+        w_ref = w_all.clone().requires_grad_()
+        y_ref = LocalDispatcher()(x_ref, idx_all, w_ref, experts_full)
+        (y_ref * probe).sum().backward()
 
-    # EP: this rank's tokens, this rank's half of the experts
-    sl = slice(rank * tokens, (rank + 1) * tokens)
-    local = slice(rank * half, (rank + 1) * half)
-    experts_local = GroupedExperts(half, dim, ffn)
-    with torch.no_grad():
-        for name, p in experts_local.named_parameters():
-            p.copy_(dict(experts_full.named_parameters())[name][local])
-    x = x_all[sl].clone().requires_grad_()
-    w = w_all[sl].clone().requires_grad_()
-    y = AllToAllDispatcher(dist.group.WORLD, world, num_experts)(x, idx_all[sl], w, experts_local)
-    (y * torch.arange(y_ref.numel()).view_as(y_ref)[sl].sin()).sum().backward()
+        sl = slice(rank * tokens, (rank + 1) * tokens)
+        local = slice(rank * half, (rank + 1) * half)
+        experts_local = GroupedExperts(half, dim, ffn)
+        with torch.no_grad():
+            for name, p in experts_local.named_parameters():
+                p.copy_(getattr(experts_full, name)[local])
+        x = x_all[sl].clone().requires_grad_()
+        w = w_all[sl].clone().requires_grad_()
+        y = AllToAllDispatcher(dist.group.WORLD, world, num_experts)(x, idx_all[sl], w, experts_local)
+        (y * probe[sl]).sum().backward()
+        out[scenario] = {
+            "y": y.detach(), "y_ref": y_ref[sl].detach(),
+            "gx": x.grad, "gx_ref": x_ref.grad[sl], "gw": w.grad, "gw_ref": w_ref.grad[sl],
+            "gexp": {n: p.grad for n, p in experts_local.named_parameters()},
+            "gexp_ref": {n: p.grad[local] for n, p in experts_full.named_parameters()},
+        }
     dist.barrier()
     dist.destroy_process_group()
-    return {
-        "y": y.detach(), "y_ref": y_ref[sl].detach(),
-        "gx": x.grad, "gx_ref": x_ref.grad[sl], "gw": w.grad, "gw_ref": w_ref.grad[sl],
-        "gexp": {n: p.grad for n, p in experts_local.named_parameters()},
-        "gexp_ref": {n: p.grad[local] for n, p in experts_full.named_parameters()},
-    }
+    return out
 
 
 def ds_config(stage: int, clip: float) -> dict:

@@ -139,3 +139,53 @@ def torchrun_worker(rank: int, world: int, cfg_dicts: list[dict], resume: bool =
                 pred = result.engine.module(probe_inputs()).predictions[1].float()
         out.append({"history": result.history, "pred": pred, "run_id": result.run_id})
     return out
+
+
+def start_mlflow_server(root: Path):
+    """Our own ``mlflow server`` (for tests that kill it); returns ``(process, uri)``."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited early; see {root / 'server.log'}")
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1)
+            return proc, uri
+        except Exception:
+            time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError("mlflow server did not answer within 120 s")
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_step(out_dir: Path, step: int, timeout: float = 300.0) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if any(m["step"] >= step for m in read_metrics(out_dir)):
+                return
+        except ValueError:  # a line being written
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"{out_dir}: step {step} not reached in {timeout} s")

@@ -184,3 +184,17 @@ def test_config_yaml_round_trip_and_unknown_key(tmp_path):
     assert load_config(path) == cfg
     with pytest.raises(ValueError, match="pack: unknown keys \\['window'\\]"):
         config_from_dict({"pack": {"window": 5}})
+
+
+def test_values_of_handles_sliced_and_chunked_columns():
+    import pyarrow as pa
+
+    from preprocessing.job import _values_of, dataset_of
+
+    a = pa.array([[1, 2], [3, 4, 5], [6]], pa.large_list(pa.float32()))
+    flat, offs = _values_of(pa.table({"values": a}).slice(1))
+    assert flat[offs[0]:offs[1]].tolist() == [3, 4, 5] and flat[offs[1]:offs[2]].tolist() == [6]
+    two = pa.concat_tables([pa.table({"values": a}).slice(0, 1), pa.table({"values": a}).slice(2)])
+    flat, offs = _values_of(two)
+    assert flat[offs[1]:offs[2]].tolist() == [6]
+    assert dataset_of("other/gas/GasRate(ft3/min)") == "other/gas"

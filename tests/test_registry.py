@@ -104,7 +104,7 @@ print(json.dumps({{"bad": bad, "ids": out["id"].tolist(), "fc": out["forecast"].
     np.testing.assert_allclose(fc, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_register_cli_from_training_run(checkpoints, mlflow_server, tmp_path):
+def test_register_cli_from_training_run(checkpoints, synth_bench, mlflow_server, tmp_path):
     """The training run logs the exported model under ``final_model/`` and the data manifest under
     ``data/``; ``jobs.register --run-id`` finds both."""
     from jobs.register import main
@@ -118,8 +118,12 @@ def test_register_cli_from_training_run(checkpoints, mlflow_server, tmp_path):
     client.log_artifact(run.info.run_id, str(manifest), "data")
     client.set_terminated(run.info.run_id)
     name = _name()
-    assert main(["--run-id", run.info.run_id, "--name", name, "--tracking-uri", mlflow_server]) == 0
+    assert main(["--run-id", run.info.run_id, "--name", name, "--tracking-uri", mlflow_server, "--promote",
+                 "--benchmarks", str(synth_bench), "--datasets", "synth", "--horizons", "8", "--context", "64",
+                 "--stride", "50"]) == 0
     mv = client.get_model_version_by_alias(name, CANDIDATE)
+    assert client.get_model_version_by_alias(name, CHAMPION).version == mv.version  # first one: promoted
+    assert mv.tags["promotion.decision"] == "promoted" and float(mv.tags["zeroshot.avg_mse"]) > 0
     assert mv.tags["training_run_id"] == run.info.run_id
     assert mv.tags["code_version"] == "abc123"
     assert mv.tags["data_manifest_fingerprint"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
@@ -156,3 +160,27 @@ def test_promotion_refused_for_worse_and_granted_for_better(checkpoints, synth_b
     assert champ_tags["promotion.decision"] == "promoted"
     assert champ_tags[f"promotion.challenge.v{worse.version}"].startswith("kept")
     assert client.get_model_version(name, broken.version).tags[f"promotion.challenge.v{good.version}"].startswith("replaced")
+
+
+def test_evaluate_cli_accepts_checkpoint_dir_and_models_uri(checkpoints, synth_bench, mlflow_server, tmp_path):
+    """The same weights score identically as a checkpoint directory and as a registered model,
+    and a fresh process (the CLI) resolves ``models:/NAME@candidate`` via --tracking-uri."""
+    from pipeline.evaluation import evaluate, load_forecaster
+
+    name = _name()
+    register_checkpoint(checkpoints["good"], name, tracking_uri=mlflow_server)
+    cfg = EvalConfig(datasets=["synth"], horizons=[8], context=64, stride=11, progress=False)
+    direct = evaluate(load_forecaster(str(checkpoints["good"]))[0], synth_bench, cfg).rows[0]
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate", "--model", f"models:/{name}@candidate", "--benchmarks",
+         str(synth_bench), "--datasets", "synth", "--horizons", "8", "--context", "64", "--stride", "11",
+         "--output", str(out), "--tracking-uri", mlflow_server],
+        cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["windows"] == direct.windows
+    assert row["mse"] == pytest.approx(direct.mse, rel=1e-6)
+    runs = mlflow.MlflowClient(mlflow_server).search_runs(
+        [mlflow.MlflowClient(mlflow_server).get_experiment_by_name("zeroshot-eval").experiment_id])
+    assert any(r.data.metrics.get("zeroshot/synth/8/mse") == pytest.approx(direct.mse, rel=1e-6) for r in runs)

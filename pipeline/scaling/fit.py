@@ -51,7 +51,7 @@ def _lse_objective(theta: np.ndarray, design_PK: np.ndarray, offset_PK: np.ndarr
     Each model term k is linear in theta: term_Pk = offset_Pk + sum_j theta_j * J_Pkj, encoded by
     ``design_PK`` of shape [P, K, J] (P points, K terms, J parameters).
     """
-    terms_PK = offset_PK + design_PK @ theta
+    terms_PK = offset_PK + np.einsum("pkj,j->pk", design_PK, theta)  # einsum: no BLAS threads
     pred_P = logsumexp(terms_PK, axis=1)
     r_P = pred_P - log_y_P
     w_PK = np.exp(terms_PK - pred_P[:, None])  # softmax over terms = d pred / d term

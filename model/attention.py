@@ -1,0 +1,175 @@
+"""Causal self-attention with RoPE over packed windows.
+
+Legend: B batch, L query length, S key length (L + cached), D hidden, H query heads,
+KV key/value heads, hd head dim.
+
+Packing: ``segment_ids [B, S]`` (0 = padding, 1..k = series). A query attends to key j iff
+j is not in its future and both carry the same segment id, so attention never crosses a series.
+Padding attends to padding (finite, ignored by the loss) so no row is fully masked.
+
+Backends (``attn_implementation``):
+- ``eager``: the math written out (scores, mask, fp32 softmax); the test reference.
+- ``sdpa``: ``F.scaled_dot_product_attention``; ``is_causal=True`` when the rows hold one
+  series each (no mask tensor at all), else a boolean block-diagonal causal mask ``[B,1,L,S]``.
+- ``flex``: FlexAttention with a block mask built from segment ids (no dense L x S mask);
+  CUDA only in practice: on CPU it needs torch.compile (~90 s to compile, measured).
+- ``auto``: ``flex`` on CUDA for packed training rows, ``sdpa`` otherwise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import TimeMoeConfig
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def rope_cos_sin(position_ids_BL: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[B, L, hd]`` for integer positions; computed in fp32 then cast."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids_BL.device, dtype=torch.float32) / head_dim)
+    freqs_BLh = position_ids_BL.float()[..., None] * inv_freq
+    emb = torch.cat([freqs_BLh, freqs_BLh], dim=-1)  # "rotate_half" layout: cat(freqs, freqs)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x_BHLd: torch.Tensor, cos_BLd: torch.Tensor, sin_BLd: torch.Tensor) -> torch.Tensor:
+    return x_BHLd * cos_BLd[:, None] + rotate_half(x_BHLd) * sin_BLd[:, None]
+
+
+def segment_positions(segment_ids_BL: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its segment: restarts at 0 where the id changes."""
+    B, L = segment_ids_BL.shape
+    idx_L = torch.arange(L, device=segment_ids_BL.device)
+    starts_BL = torch.ones_like(segment_ids_BL, dtype=torch.bool)
+    starts_BL[:, 1:] = segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]
+    start_idx_BL = torch.cummax(torch.where(starts_BL, idx_L, 0), dim=1).values
+    return idx_L - start_idx_BL
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def block_causal_mask(q_seg_BL: torch.Tensor, k_seg_BS: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[B, L, S]``: True = may attend. Queries are the LAST L of the S keys."""
+    L, S = q_seg_BL.shape[1], k_seg_BS.shape[1]
+    q_pos = torch.arange(S - L, S, device=q_seg_BL.device)
+    causal_LS = torch.arange(S, device=q_seg_BL.device)[None, :] <= q_pos[:, None]
+    return causal_LS[None] & (q_seg_BL[:, :, None] == k_seg_BS[:, None, :])
+
+
+def eager_attention(q_BHLd, k_BHSd, v_BHSd, mask_BLS: torch.Tensor | None) -> torch.Tensor:
+    """Reference: softmax(q k^T / sqrt(hd) + mask) v with the softmax in fp32."""
+    L, S = q_BHLd.shape[2], k_BHSd.shape[2]
+    scores = (q_BHLd.float() @ k_BHSd.float().transpose(-2, -1)) / math.sqrt(q_BHLd.shape[-1])
+    if mask_BLS is None:
+        mask_BLS = torch.ones(L, S, dtype=torch.bool, device=q_BHLd.device).tril(S - L)[None]
+    scores = scores.masked_fill(~mask_BLS[:, None], float("-inf"))
+    return (scores.softmax(dim=-1) @ v_BHSd.float()).to(q_BHLd.dtype)
+
+
+def flex_block_mask(q_seg_BL: torch.Tensor, k_seg_BS: torch.Tensor):
+    """FlexAttention block mask (same rule as ``block_causal_mask``); built once per forward
+    and shared by all layers, since building it costs about as much as a layer's attention."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, L = q_seg_BL.shape
+    S = k_seg_BS.shape[1]
+    off = S - L
+
+    def mask_mod(b, h, qi, kj):
+        return (kj <= qi + off) & (q_seg_BL[b, qi] == k_seg_BS[b, kj])
+
+    return create_block_mask(mask_mod, B, None, L, S, device=q_seg_BL.device)
+
+
+_FLEX = None
+
+
+def _compiled_flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def resolve_backend(name: str, device: torch.device, packed: bool) -> str:
+    """Which kernel ``auto`` means on this device (docs/model.md records the table)."""
+    if name != "auto":
+        return name
+    return "flex" if (device.type == "cuda" and packed) else "sdpa"
+
+
+# --------------------------------------------------------------------------- module
+
+
+class Attention(nn.Module):
+    """Multi-head attention (GQA allowed): biases on q, k, v, none on o; fused qkv projection
+    (split into q_proj/k_proj/v_proj by the checkpoint adapter)."""
+
+    def __init__(self, config: TimeMoeConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.rope_theta = config.rope_theta
+        self.backend = config.attn_implementation
+        D = config.hidden_size
+        self.qkv_proj = nn.Linear(D, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=False)
+
+    def forward(
+        self,
+        x_BLD: torch.Tensor,
+        position_ids_BL: torch.Tensor,
+        q_seg_BL: torch.Tensor | None,
+        k_seg_BS: torch.Tensor | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        backend: str | None = None,
+        block_mask=None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``q_seg``/``k_seg`` None means every row is one series (plain causal). With a cache,
+        ``k_seg_BS`` covers cached + new keys. Returns the output and the updated (k, v)."""
+        B, L, _ = x_BLD.shape
+        hd = self.head_dim
+        q, k, v = self.qkv_proj(x_BLD).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        q_BHLd = q.view(B, L, self.n_heads, hd).transpose(1, 2)
+        k_BKLd = k.view(B, L, self.n_kv, hd).transpose(1, 2)
+        v_BKLd = v.view(B, L, self.n_kv, hd).transpose(1, 2)
+        cos, sin = rope_cos_sin(position_ids_BL, hd, self.rope_theta, x_BLD.dtype)
+        q_BHLd, k_BKLd = apply_rope(q_BHLd, cos, sin), apply_rope(k_BKLd, cos, sin)
+        if kv_cache is not None:
+            k_BKLd = torch.cat([kv_cache[0], k_BKLd], dim=2)
+            v_BKLd = torch.cat([kv_cache[1], v_BKLd], dim=2)
+        new_cache = (k_BKLd, v_BKLd)
+        S = k_BKLd.shape[2]
+
+        packed = q_seg_BL is not None
+        which = resolve_backend(backend or self.backend, x_BLD.device, packed)
+        if which == "flex" and packed:
+            if block_mask is None:
+                block_mask = flex_block_mask(q_seg_BL, k_seg_BS)
+            out = _compiled_flex()(q_BHLd, k_BKLd, v_BKLd, block_mask=block_mask, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            rep = self.n_heads // self.n_kv
+            k_BHSd = k_BKLd.repeat_interleave(rep, dim=1) if rep > 1 else k_BKLd
+            v_BHSd = v_BKLd.repeat_interleave(rep, dim=1) if rep > 1 else v_BKLd
+            mask = block_causal_mask(q_seg_BL, k_seg_BS) if packed else None
+            if which == "eager":
+                out = eager_attention(q_BHLd, k_BHSd, v_BHSd, mask)
+            elif mask is None and L == S:
+                out = F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, is_causal=True)
+            else:
+                if mask is None:  # cached decoding of one-series rows: queries are the last L keys
+                    mask = torch.ones(L, S, dtype=torch.bool, device=x_BLD.device).tril(S - L)[None]
+                out = F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, attn_mask=mask[:, None])
+        out_BLD = out.transpose(1, 2).reshape(B, L, self.n_heads * hd)
+        return self.o_proj(out_BLD), new_cache

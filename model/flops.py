@@ -1,0 +1,58 @@
+"""Parameter counts and training FLOPs: the ONE place every later part takes FLOPs from.
+
+Training FLOPs per point (token), forward + backward, as in the Time-MoE spec (section 7) and
+nanoGPT/PaLM:
+
+- every weight matrix W [m, n] touched by a token costs 2mn FLOPs forward (multiply + add) and
+  4mn backward (grad of the input and of the weight): 6 FLOPs per ACTIVE parameter. Active =
+  all parameters minus the routed experts a token does not visit (E - k per MoE layer). The
+  output heads are all computed in training, so they count.
+- attention scores and the weighted sum of values: per layer, query t does ``2 * t * D`` for
+  ``q k^T`` and ``2 * t * D`` for ``p v`` forward; averaged over a causal window of L that is
+  ~``2 * L * D`` forward, times 3 for forward + backward = ``6 * L * D`` per layer... with the
+  causal halving it is ``6 * L * D`` rather than ``12 * L * D``; the spec uses ``6 * layers * L * D``.
+
+So ``flops_per_point = 6 * N_active + 6 * num_layers * L * D`` and
+``MFU = flops_per_point * points_per_second / peak_flops`` (peak 989e12 = H100 dense bf16),
+which keeps our MFU comparable with the spec's published figures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.config import TimeMoeConfig
+
+H100_BF16_PEAK_FLOPS = 989e12
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    active: int
+
+
+def count_parameters(config: TimeMoeConfig) -> ParamCounts:
+    """Count on the meta device (nothing is allocated, so the 2.4B preset costs nothing)."""
+    from model.modeling import TimeMoeModel
+
+    with torch.device("meta"):
+        model = TimeMoeModel(config)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    if not config.use_dense:
+        per_expert = 3 * config.hidden_size * config.expert_intermediate_size
+        inactive = config.num_hidden_layers * (config.num_experts - config.num_experts_per_tok) * per_expert
+    return ParamCounts(total=total, active=total - inactive)
+
+
+def training_flops_per_point(config: TimeMoeConfig, window_length: int) -> float:
+    """Forward + backward FLOPs per input point: ``6 * N_active + 6 * layers * L * D``."""
+    n_active = count_parameters(config).active
+    return float(6 * n_active + 6 * config.num_hidden_layers * window_length * config.hidden_size)
+
+
+def mfu(points_per_second: float, config: TimeMoeConfig, window_length: int, peak_flops: float = H100_BF16_PEAK_FLOPS) -> float:
+    """Model FLOPs utilisation (0..1) of a training run at ``points_per_second``."""
+    return training_flops_per_point(config, window_length) * points_per_second / peak_flops

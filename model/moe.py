@@ -1,0 +1,138 @@
+"""The MoE feed-forward block: router -> token dispatcher -> grouped experts (+ shared expert).
+
+Legend: T tokens (B*L), D hidden, E experts (E_local after expert-parallel slicing), K top-k,
+F_e routed expert width (F // K), N = T*K routed token copies.
+
+Per token x (spec section 1):
+    p = softmax(router(x)) in fp32;  w, idx = topk(p, K)   (weights NOT renormalised)
+    y = sum_k w_k * expert_{idx_k}(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x)
+Dropless: every routed copy is computed (no capacity factor).
+
+Contract with ``pipeline/`` (expert parallelism): ``MoeFeedForward`` owns ``.router``,
+``.experts`` (``GroupedExperts``), ``.shared_expert``, ``.shared_expert_gate`` and
+``.dispatcher``, called as ``dispatcher(x_TD, topk_idx_TK, topk_weight_TK, experts) -> y_TD``.
+An expert-parallel dispatcher replaces ``.dispatcher`` and slices ``.experts``; nothing else in
+the model knows about it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import TimeMoeConfig
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``, no biases: the shared expert and the dense FFN."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _use_grouped_mm(x: torch.Tensor) -> bool:
+    # torch 2.13 CPU: grouped_mm is correct forward and backward in fp32 (checked by tests).
+    # CUDA kernels take bf16; other dtypes there fall back to the per-expert loop.
+    return hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored stacked: ``gate_proj/up_proj [E, F_e, D]``, ``down_proj [E, D, F_e]``.
+
+    ``forward(x_sorted_TD, tokens_per_expert_E)``: rows are sorted by expert, expert e owns the
+    e-th contiguous group. One grouped GEMM per projection, no host sync (offsets stay on device).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
+
+    def forward(self, x_sorted_TD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        if _use_grouped_mm(x_sorted_TD):
+            offs_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
+            gate = F.grouped_mm(x_sorted_TD, self.gate_proj.transpose(-2, -1), offs=offs_E)
+            up = F.grouped_mm(x_sorted_TD, self.up_proj.transpose(-2, -1), offs=offs_E)
+            return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs_E)
+        return self._forward_loop(x_sorted_TD, tokens_per_expert_E)
+
+    def _forward_loop(self, x_sorted_TD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """Fallback: one matmul per expert (host sync on the split sizes)."""
+        outs = []
+        for e, x_e in enumerate(torch.split(x_sorted_TD, tokens_per_expert_E.tolist())):
+            h = F.silu(x_e @ self.gate_proj[e].T) * (x_e @ self.up_proj[e].T)
+            outs.append(h @ self.down_proj[e].T)
+        return torch.cat(outs) if outs else x_sorted_TD.new_zeros(0, self.down_proj.shape[1])
+
+
+class LocalDispatcher:
+    """Expert parallel size 1: sort token copies by expert, run the grouped experts, weight by
+    the router probability and sum back per token. Holds no state (not an nn.Module)."""
+
+    def __repr__(self) -> str:
+        return "LocalDispatcher()"
+
+    def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                 experts: GroupedExperts) -> torch.Tensor:
+        k = topk_idx_TK.shape[1]
+        flat_N = topk_idx_TK.reshape(-1)
+        order_N = torch.argsort(flat_N, stable=True)
+        token_of_row_N = order_N // k
+        counts_E = torch.bincount(flat_N, minlength=experts.gate_proj.shape[0])
+        y_sorted_ND = experts(x_TD[token_of_row_N], counts_E)
+        # weight in the router's dtype (fp32), sum in the activations' dtype
+        w_N = topk_weight_TK.reshape(-1)[order_N]
+        weighted_ND = (y_sorted_ND.to(w_N.dtype) * w_N[:, None]).to(y_sorted_ND.dtype)
+        return y_sorted_ND.new_zeros(x_TD.shape[0], y_sorted_ND.shape[1]).index_add(0, token_of_row_N, weighted_ND)
+
+
+def naive_routed_experts(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                         experts: GroupedExperts) -> torch.Tensor:
+    """Test oracle: a Python loop over experts and slots, as the released code does."""
+    y_TD = torch.zeros_like(x_TD)
+    for e in range(experts.gate_proj.shape[0]):
+        for slot in range(topk_idx_TK.shape[1]):
+            sel = topk_idx_TK[:, slot] == e
+            if sel.any():
+                x = x_TD[sel]
+                h = F.silu(x @ experts.gate_proj[e].T) * (x @ experts.up_proj[e].T)
+                y_TD[sel] += topk_weight_TK[sel, slot, None].to(x.dtype) * (h @ experts.down_proj[e].T)
+    return y_TD
+
+
+class MoeFeedForward(nn.Module):
+    """Router + dispatcher + grouped experts + gated shared expert."""
+
+    def __init__(self, config: TimeMoeConfig) -> None:
+        super().__init__()
+        D = config.hidden_size
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(D, config.num_experts, bias=False)  # checkpoint name: ffn_layer.gate
+        self.experts = GroupedExperts(config.num_experts, D, config.expert_intermediate_size)
+        self.shared_expert = SwiGLU(D, config.intermediate_size)
+        self.shared_expert_gate = nn.Linear(D, 1, bias=False)
+        self.dispatcher = LocalDispatcher()
+
+    def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits ``[T, E]``, top-k (not renormalised) fp32 weights and expert ids."""
+        logits_TE = self.router(x_TD)
+        probs_TE = logits_TE.float().softmax(dim=-1)
+        topk_weight_TK, topk_idx_TK = probs_TE.topk(self.top_k, dim=-1)
+        return logits_TE, topk_weight_TK, topk_idx_TK
+
+    def forward(self, x_BLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``y_BLD``, router logits ``[T, E]`` and expert ids ``[T, K]``."""
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(-1, D)
+        logits_TE, topk_weight_TK, topk_idx_TK = self.route(x_TD)
+        routed_TD = self.dispatcher(x_TD, topk_idx_TK, topk_weight_TK, self.experts)
+        shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+        return (routed_TD + shared_TD).view(B, L, D), logits_TE, topk_idx_TK
