@@ -109,7 +109,8 @@ def read_csv_bytes(data: bytes, source: str, ov: TableOverrides) -> pd.DataFrame
     text = data.decode("utf-8", errors="replace")
     if not text.strip():
         raise IngestError("empty_file", f"{source}: empty file (no rows)")
-    first = text.lstrip("\ufeff").splitlines()[0] if text.splitlines() else ""
+    head = text[:65536].lstrip("\ufeff").splitlines()  # sniff on the head only (files can be large)
+    first = head[0] if head else ""
     sep = ov.delimiter or ("\t" if source.rstrip(".gz").endswith((".tsv", ".tab")) or first.count("\t") > first.count(",")
                            else (";" if first.count(";") > first.count(",") else ","))
     try:
@@ -280,7 +281,7 @@ def _classify_columns(df: pd.DataFrame, out: _Out, exclude: set[str]) -> dict[st
             if low in CALENDAR_PARTS:
                 out.skip(name, "calendar part")
                 continue
-            if len(finite) > 10 and set(np.unique(finite).tolist()) <= {0.0, 1.0} and low not in ("value", "y"):
+            if len(finite) > 10 and set(np.unique(finite).tolist()) == {0.0, 1.0} and low not in ("value", "y"):
                 out.skip(name, "binary indicator (label)")
                 continue
         if bad.any():

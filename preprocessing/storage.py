@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
-import io
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import IO, Iterator
+from typing import IO
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -169,20 +168,6 @@ def publish_bytes(url: str, data: bytes, options: StorageOptions | None = None) 
     else:
         with fs.open_output_stream(path) as f:
             f.write(data)
-
-
-def walk_dirs(url: str, options: StorageOptions | None = None) -> Iterator[str]:
-    """URLs of the immediate sub-folders of ``url``, sorted."""
-    fs, path = resolve_filesystem(url, options)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    for fi in sorted(infos, key=lambda i: i.path):
-        if fi.type == pafs.FileType.Directory and not fi.base_name.startswith((".", "_")):
-            yield to_url(url, fi.path)
-
-
-def text_stream(data: bytes) -> io.StringIO:
-    """Decode bytes as UTF-8 (replacing bad bytes) with universal newlines (CR, CRLF, LF)."""
-    return io.StringIO(data.decode("utf-8", errors="replace"), newline=None)
 
 
 __all__ = ["StorageOptions", "resolve_filesystem", "list_files", "open_input", "open_output",

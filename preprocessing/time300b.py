@@ -14,7 +14,6 @@ file and slices every sequence out of that buffer with numpy (no per-sequence I/
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from preprocessing import storage
-from preprocessing.formats_table import IngestError, quarantine_table, series_table
+from preprocessing.formats_table import IngestError, series_table
 from preprocessing.storage import StorageOptions
 
 _FILE_RE = re.compile(r"^data-(\d+)-of-(\d+)\.bin$")
@@ -310,15 +309,3 @@ def is_dataset_folder(url: str, options: StorageOptions | None = None) -> bool:
         return storage.file_info(storage.join(url, "meta.json"), options).type.name == "File"
     except FileNotFoundError:
         return False
-
-
-def dataset_quarantine(domain: str, dataset: str, folder: str, err: IngestError) -> pa.Table:
-    return quarantine_table([(domain, dataset, "*", folder, err.reason, err.message, err.claimed_points)])
-
-
-def default_names(folder: str) -> tuple[str, str]:
-    """(domain, dataset) from a dataset folder path ``.../<domain>/<dataset>``."""
-    parts = folder.rstrip("/").split("/")
-    dataset = parts[-1]
-    domain = parts[-2] if len(parts) >= 2 and parts[-2] else "other"
-    return os.path.basename(domain) or "other", dataset

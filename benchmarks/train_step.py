@@ -1,0 +1,210 @@
+"""Full training-step throughput of Time-MoE on one GPU: our fast path vs a reference-style path.
+
+A step is forward + backward + optimizer on bf16 windows of 4096 points. Variants, all in one
+run so the ratios are measured on the same machine:
+
+- ``reference``: the way the released Time-MoE code trains: one series per window (no packing,
+  plain causal SDPA, i.e. the flash kernel), experts run by a per-expert Python loop
+  (``torch.where`` per expert, host syncs), no compile, AdamW (foreach).
+- ``grouped``: packed windows (several series per row, FlexAttention block mask from segment
+  ids), experts as grouped GEMMs, no compile, fused AdamW on fp32 master weights.
+- ``compiled``: ``grouped`` plus ``torch.compile`` of every decoder layer and of the loss.
+
+Points/s counts window slots (4096 per row); with packing >= 98% efficient those are real points.
+MFU = ``model.flops.training_flops_per_point`` x points/s / 989e12 (H100 dense bf16 peak).
+
+    python benchmarks/train_step.py --presets timemoe-50m timemoe-200m --windows 8 --out results.json
+
+Needs only torch (no Ray/DeepSpeed/MLflow), so it runs on the bare GPU image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import TimeMoeConfig, TimeMoeModel  # noqa: E402
+from model.flops import count_parameters, mfu, training_flops_per_point  # noqa: E402
+from model.modeling import DecoderLayer  # noqa: E402
+from model.moe import MoeFeedForward  # noqa: E402
+
+
+class ExpertLoopDispatcher:
+    """The released code's MoE: a Python loop over experts, ``torch.where`` per expert."""
+
+    def __call__(self, x_TD, topk_idx_TK, topk_weight_TK, experts):
+        y_TD = torch.zeros_like(x_TD)
+        for e in range(experts.gate_proj.shape[0]):
+            tok, slot = torch.where(topk_idx_TK == e)
+            if tok.numel() == 0:  # a host sync per expert, as in the released code
+                continue
+            x = x_TD[tok]
+            h = F.silu(x @ experts.gate_proj[e].T) * (x @ experts.up_proj[e].T)
+            out = (h @ experts.down_proj[e].T) * topk_weight_TK[tok, slot, None].to(x.dtype)
+            y_TD.index_add_(0, tok, out)
+        return y_TD
+
+
+class MasterWeightAdamW:
+    """bf16 model weights with fp32 master copies (what DeepSpeed's bf16 mode does):
+    grads are upcast, fused AdamW updates the masters, the bf16 weights are refreshed."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1):
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.opt = torch.optim.AdamW(self.master, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+
+    def step(self):
+        for m, p in zip(self.master, self.params):
+            m.grad = p.grad.float() if p.grad is not None else None
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.master)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+def packed_segment_ids(batch: int, length: int, mean_series: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows holding several series of random lengths (a packed shard's shape), fully used."""
+    seg = torch.empty(batch, length, dtype=torch.long)
+    for b in range(batch):
+        cuts = torch.randperm(length - 1, generator=generator)[: max(mean_series - 1, 0)] + 1
+        bounds = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([length])])
+        for i in range(len(bounds) - 1):
+            seg[b, bounds[i] : bounds[i + 1]] = i + 1
+    return seg
+
+
+def make_batch(batch: int, length: int, packed: bool, device: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(length + 1, dtype=torch.float32)
+    values = torch.sin(t[None] / (5 + 20 * torch.rand(batch, 1, generator=g))) + 0.3 * torch.randn(batch, length + 1, generator=g)
+    inputs, labels = values[:, :-1], values[:, 1:]
+    if packed:
+        seg = packed_segment_ids(batch, length + 1, 4, g)
+        seg_in = seg[:, :-1]
+        loss_mask = seg[:, 1:] == seg_in
+        return {k: v.to(device) for k, v in dict(inputs=inputs, labels=labels, segment_ids=seg_in, loss_mask=loss_mask).items()}
+    return {k: v.to(device) for k, v in dict(inputs=inputs, labels=labels).items()}
+
+
+def build(preset: str, variant: str, device: str):
+    cfg = TimeMoeConfig.preset(preset)
+    cfg.attn_implementation = "sdpa" if variant == "reference" or device == "cpu" else "flex"
+    torch.manual_seed(0)
+    model = TimeMoeModel(cfg).to(device=device, dtype=torch.bfloat16)
+    if variant == "reference":
+        for m in model.modules():
+            if isinstance(m, MoeFeedForward):
+                m.dispatcher = ExpertLoopDispatcher()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    else:
+        opt = MasterWeightAdamW(model.parameters())
+    if variant == "compiled":
+        for layer in model.model.layers:
+            layer.compile(dynamic=False)
+    return cfg, model, opt
+
+
+def run_variant(preset: str, variant: str, windows: int, length: int, steps: int, warmup: int, device: str) -> dict:
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    cfg, model, opt = build(preset, variant, device)
+    batch = make_batch(windows, length, packed=variant != "reference", device=device, seed=1)
+
+    def step():
+        out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        return out.loss
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loss = step()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step()
+        sync()  # wall time of a whole step, host syncs included, as a training loop sees it
+        times.append(time.perf_counter() - t)
+    times.sort()
+    median = times[len(times) // 2]
+    points = windows * length
+    pps = points / median
+    counts = count_parameters(cfg)
+    row = dict(
+        preset=preset, variant=variant, windows=windows, window_length=length,
+        step_s_median=median, step_s_min=times[0], step_s_max=times[-1], warmup_s=warm_s,
+        points_per_s=pps, mfu=mfu(pps, cfg, length),
+        flops_per_point=training_flops_per_point(cfg, length),
+        params_total=counts.total, params_active=counts.active,
+        peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), final_loss=float(loss),
+    )
+    del model, opt, batch
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["timemoe-50m", "timemoe-200m"])
+    ap.add_argument("--variants", nargs="+", default=["reference", "grouped", "compiled"])
+    ap.add_argument("--windows", type=int, default=8, help="windows (rows) per step")
+    ap.add_argument("--windows-per-preset", nargs="*", default=[], help="overrides like timemoe-ultra=2")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/train_step.json")
+    ap.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("train_step.py needs a CUDA GPU (or --device cpu for a smoke test)")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    per_preset = dict(item.split("=") for item in args.windows_per_preset)
+    rows = []
+    for preset in args.presets:
+        windows = int(per_preset.get(preset, args.windows))
+        for variant in args.variants:
+            try:
+                row = run_variant(preset, variant, windows, args.length, args.steps, args.warmup, args.device)
+            except torch.OutOfMemoryError as exc:
+                row = dict(preset=preset, variant=variant, windows=windows, error=f"OOM: {exc}"[:300])
+            except Exception as exc:  # keep the other variants' numbers
+                row = dict(preset=preset, variant=variant, windows=windows, error=f"{type(exc).__name__}: {exc}"[:500])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    ref = {r["preset"]: r for r in rows if r.get("variant") == "reference" and "error" not in r}
+    print(f"\n{'preset':14s} {'variant':10s} {'win':>4s} {'step ms':>9s} {'points/s':>11s} {'MFU':>6s} {'peak GB':>8s} {'x ref':>6s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['preset']:14s} {r['variant']:10s} {r['windows']:4d}  ERROR {r['error'][:80]}")
+            continue
+        base = ref.get(r["preset"])
+        ratio = r["points_per_s"] / base["points_per_s"] if base else math.nan
+        print(f"{r['preset']:14s} {r['variant']:10s} {r['windows']:4d} {1e3 * r['step_s_median']:9.1f} "
+              f"{r['points_per_s']:11,.0f} {100 * r['mfu']:5.1f}% {r['peak_mem_gb']:8.1f} {ratio:6.2f}")
+    meta = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(), torch=torch.__version__, python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d"), argv=sys.argv)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
