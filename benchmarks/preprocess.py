@@ -118,12 +118,16 @@ def read_task(task: dict) -> "pa.Table":
 def ray_series(root: Path):
     import ray
 
-    try:
-        from preprocessing.ingest import read_series  # the product's reader when present
+    if os.environ.get("BENCH_READER", "ingest") == "ingest":
+        try:
+            from preprocessing.ingest import read_series  # the product's reader when present
 
-        return read_series([str(root)]), "preprocessing.ingest.read_series"
-    except ImportError:
-        pass
+            from preprocessing.ingest import IngestConfig
+
+            block = int(os.environ.get("BENCH_BLOCK_ELEMENTS", 32 * 2**20))
+            return read_series([str(root)], config=IngestConfig(block_elements=block)), "preprocessing.ingest.read_series"
+        except ImportError:
+            pass
     tasks = _tasks(root)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     return ds.map_batches(lambda b: read_task({k: b[k][0].item() if hasattr(b[k][0], "item") else b[k][0] for k in b}),

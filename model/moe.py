@@ -86,7 +86,9 @@ class LocalDispatcher:
         flat_N = topk_idx_TK.reshape(-1)
         order_N = torch.argsort(flat_N, stable=True)
         token_of_row_N = order_N // k
-        counts_E = torch.bincount(flat_N, minlength=experts.gate_proj.shape[0])
+        # index_add, not bincount: bincount on CUDA syncs with the host to size its output
+        counts_E = torch.zeros(experts.gate_proj.shape[0], dtype=torch.long, device=flat_N.device).index_add(
+            0, flat_N, torch.ones_like(flat_N))
         y_sorted_ND = experts(x_TD[token_of_row_N], counts_E)
         # weight in the router's dtype (fp32), sum in the activations' dtype
         w_N = topk_weight_TK.reshape(-1)[order_N]

@@ -69,8 +69,9 @@ class DatasetTally:
         if kept > 0:
             self.series_kept += 1
         else:
-            reasons = [(p, -_reason_rank(r), r) for r, p in dropped.items() if p]
-            reason = max(reasons)[2] if reasons else "empty"  # a 0-point series
+            reasons = [(p, -_reason_rank(r), r) for r, p in dropped.items()]
+            # a 0-point series: its named reason if any (e.g. quarantine:skipped_column), else "empty"
+            reason = max(reasons)[2] if reasons else "empty"
             self.series_dropped[reason] = self.series_dropped.get(reason, 0) + 1
         self.length_hist[length_bin(n_points)] += 1
 

@@ -118,10 +118,8 @@ def _build(cls: type, data: dict[str, Any] | None, where: str) -> Any:
         raise ValueError(f"config section {where or 'root'}: unknown keys {unknown}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        ftype = fields[name].type
         nested = _NESTED.get((cls.__name__, name))
         kwargs[name] = _build(nested, value, f"{where}.{name}".lstrip(".")) if nested else value
-        del ftype
     return cls(**kwargs)
 
 

@@ -16,6 +16,7 @@ import gzip
 import logging
 import pickle
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -154,8 +155,10 @@ def _plan_one(url: str, catalog: SourceCatalog | None, config: IngestConfig) -> 
         return [_bad(url, _parent(url), _stem(url), IngestError("empty_input", f"{url}: folder holds no files"), config)]
     dataset_dirs = sorted({f.rsplit("/", 1)[0] for f in files if f.endswith("/meta.json")})
     specs: list[InputSpec] = []
-    for d in dataset_dirs:
-        specs += _plan_dataset(d, catalog, config)
+    # meta.json files are independent: fetch/parse them concurrently (S3 latency dominates there)
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(dataset_dirs)))) as pool:
+        for planned in pool.map(lambda d: _plan_dataset(d, catalog, config), dataset_dirs):
+            specs += planned
     inside = tuple(d + "/" for d in dataset_dirs)
     for f in files:
         name = f.rsplit("/", 1)[-1]

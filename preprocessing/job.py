@@ -366,7 +366,7 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
         if sum(f["size"] for f in fingerprints) <= config.clean.dedup_cache_max_bytes:
             series = series.materialize()
         vh, kh = [], []
-        for b in series.map_batches(fingerprint_batch, batch_format="pyarrow").iter_batches(batch_format="numpy", batch_size=None):
+        for b in series.map_batches(fingerprint_batch, batch_format="pyarrow", zero_copy_batch=True).iter_batches(batch_format="numpy", batch_size=None):
             vh.append(b["value_hash"].astype(np.uint64))
             kh.append(b["key_hash"].astype(np.uint64))
         ctx.drop_key_hashes = duplicate_losers(np.concatenate(vh) if vh else np.zeros(0, np.uint64),
@@ -387,7 +387,7 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
     tmp_name = f"_tmp-{uuid.uuid4().hex[:12]}"
     tmp = join(out_path, tmp_name)
     files_meta = (
-        series.map_batches(clean_udf, batch_format="pyarrow")
+        series.map_batches(clean_udf, batch_format="pyarrow", zero_copy_batch=True)
         .map_batches(pack_and_write, batch_format="pyarrow", batch_size=config.pack.pack_batch_chunks,
                      fn_kwargs={"window_length": window_length, "output": config.output, "tmp_name": tmp_name,
                                 "options": config.output_options, "seed": config.seed})

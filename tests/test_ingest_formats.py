@@ -97,3 +97,16 @@ def test_long_layout_inferred(tmp_path):
     got = _good(p)
     _eq(got["A"], [1, 2, 3])
     _eq(got["B"], [11, 12, 13])
+
+
+def test_globs_and_folders_keep_domain_from_parent(tmp_path):
+    from preprocessing.ingest import plan_inputs
+
+    for dom, name in [("energy", "a.csv"), ("energy", "b.jsonl"), ("web", "c.csv"), ("web", "README.md")]:
+        p = tmp_path / "corpus" / dom / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("t,v\n1,2\n2,3\n" if name.endswith(".csv") else '{"sequence": [1, 2]}\n')
+    specs = plan_inputs([str(tmp_path / "corpus" / "*" / "*.csv")])
+    assert sorted((s.domain, s.dataset) for s in specs) == [("energy", "a"), ("web", "c")]
+    specs = plan_inputs([str(tmp_path / "corpus")])
+    assert sorted((s.domain, s.dataset) for s in specs) == [("energy", "a"), ("energy", "b"), ("web", "c")]
