@@ -2,7 +2,12 @@
 synthetic corpus in Time-300B layout: Ray Data pipeline (``run_preprocess``) next to a
 single-process loop over the SAME pure functions, plus peak memory at 1x and 10x corpus size.
 
-    .venv/bin/python benchmarks/preprocess.py --points 100000000 --scale-rss 10
+    .venv/bin/python benchmarks/preprocess.py --points 100000000 --rss-base 10000000 --scale-rss 10
+
+Environment knobs: BENCH_READER=builtin (Ray path reads with this script's memmap reader instead
+of preprocessing.ingest.read_series), BENCH_BLOCK_ELEMENTS (ingest read-task size),
+BENCH_OBJECT_STORE_BYTES (Ray object-store budget, default 1 GiB), TIMEMOE_DATA_STATS=1 (log
+Ray Data's per-operator stats).
 
 Prints a table and writes ``benchmarks/results/preprocess.json``. Each measurement runs in a
 fresh subprocess; peak memory is the sampled sum of PSS (proportional set size, so shared
@@ -143,7 +148,10 @@ def worker_ray(corpus: Path, out: Path, cpus: int) -> dict:
     from preprocessing.config import PreprocessConfig
     from preprocessing.job import run_preprocess
 
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    # A fixed object-store budget (Ray's default is 30% of RAM): Ray Data's backpressure then
+    # bounds the memory of the streaming pipeline whatever the corpus size.
+    store = int(os.environ.get("BENCH_OBJECT_STORE_BYTES", 1 << 30))
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", object_store_memory=store)
     ray.data.DataContext.get_current().enable_progress_bars = False
     series, reader = ray_series(corpus)
     cfg = PreprocessConfig(inputs=[str(corpus)], output=str(out))

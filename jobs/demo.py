@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--window", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--horizon", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/demo")
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         if step % 25 == 0 or step == 1:
             now = time.perf_counter()
             print(f"[demo] step {step:4d}/{args.steps} | loss {np.mean(losses[-25:]):.4f} | "
-                  f"aux {float(out.aux_loss):.3f} | {pts / (now - t_log):,.0f} points/s", flush=True)
+                  f"aux {out.aux_loss.item():.3f} | {pts / (now - t_log):,.0f} points/s", flush=True)
             t_log, pts = now, 0
     train_s = time.perf_counter() - t0
 

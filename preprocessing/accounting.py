@@ -58,6 +58,13 @@ class DatasetTally:
     value_min: float = math.inf
     value_max: float = -math.inf
 
+    def add_dropped_points(self, n_points: int, reason: str) -> None:
+        """Points an input held that belong to no emitted series (e.g. rows with a repeated
+        timestamp): counted in and dropped, with no series attached."""
+        self.points_in += int(n_points)
+        if n_points:
+            self.points_dropped[reason] = self.points_dropped.get(reason, 0) + int(n_points)
+
     def add_series(self, n_points: int, dropped: dict[str, int], kept: int) -> None:
         """One input series: ``n_points`` in, ``kept`` kept, the rest by reason in ``dropped``."""
         self.series_in += 1

@@ -63,7 +63,7 @@ class NormalizeConfig:
 class PackConfig:
     window_length: int = 4096         # rows hold window_length + 1 points
     min_chunk_length: int = 32        # a tail chunk shorter than this is dropped (short_tail)
-    pack_batch_chunks: int = 4096     # chunks bin-packed together (best-fit decreasing)
+    pack_batch_chunks: int = 2048     # chunks bin-packed together (best-fit decreasing)
     val_fraction: float = 0.01        # share of series (by key hash) held out to val/
     shuffle_buffer_rows: int = 4096   # bounded streaming shuffle before writing (0 = off)
 
