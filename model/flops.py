@@ -7,10 +7,11 @@ nanoGPT/PaLM:
   4mn backward (grad of the input and of the weight): 6 FLOPs per ACTIVE parameter. Active =
   all parameters minus the routed experts a token does not visit (E - k per MoE layer). The
   output heads are all computed in training, so they count.
-- attention scores and the weighted sum of values: per layer, query t does ``2 * t * D`` for
-  ``q k^T`` and ``2 * t * D`` for ``p v`` forward; averaged over a causal window of L that is
-  ~``2 * L * D`` forward, times 3 for forward + backward = ``6 * L * D`` per layer... with the
-  causal halving it is ``6 * L * D`` rather than ``12 * L * D``; the spec uses ``6 * layers * L * D``.
+- attention scores and the weighted sum of values have no parameters. Per layer, query t
+  costs ``2 * t * D`` (q k^T) + ``2 * t * D`` (p v) forward. Counted over the full L x L
+  window (as PaLM/nanoGPT do, ignoring the causal half) that is ``4 * L * D`` forward per
+  point; backward is twice that, so ``12 * L * D``. With the causal half skipped by the kernel
+  it is ``6 * L * D``, the term the spec uses: ``6 * layers * L * D``.
 
 So ``flops_per_point = 6 * N_active + 6 * num_layers * L * D`` and
 ``MFU = flops_per_point * points_per_second / peak_flops`` (peak 989e12 = H100 dense bf16),
