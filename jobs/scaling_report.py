@@ -13,8 +13,13 @@ the parent run under ``scaling_report/`` (``--no-log`` to skip).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# The fits are thousands of tiny problems: BLAS threads only add contention.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pipeline.scaling.report import FIT_METRICS, rebuild_from_mlflow
 

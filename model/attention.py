@@ -129,14 +129,14 @@ class Attention(nn.Module):
     def forward(
         self,
         x_BLD: torch.Tensor,
-        position_ids_BL: torch.Tensor,
+        rope_BLd: tuple[torch.Tensor, torch.Tensor],
         q_seg_BL: torch.Tensor | None,
         k_seg_BS: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         backend: str | None = None,
         block_mask=None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``q_seg``/``k_seg`` None means every row is one series (plain causal). With a cache,
+        """``rope_BLd`` is ``rope_cos_sin`` of the query positions. ``q_seg``/``k_seg`` None means every row is one series (plain causal). With a cache,
         ``k_seg_BS`` covers cached + new keys. Returns the output and the updated (k, v)."""
         B, L, _ = x_BLD.shape
         hd = self.head_dim
@@ -144,7 +144,7 @@ class Attention(nn.Module):
         q_BHLd = q.view(B, L, self.n_heads, hd).transpose(1, 2)
         k_BKLd = k.view(B, L, self.n_kv, hd).transpose(1, 2)
         v_BKLd = v.view(B, L, self.n_kv, hd).transpose(1, 2)
-        cos, sin = rope_cos_sin(position_ids_BL, hd, self.rope_theta, x_BLD.dtype)
+        cos, sin = rope_BLd  # computed once per forward by the decoder, shared by all layers
         q_BHLd, k_BKLd = apply_rope(q_BHLd, cos, sin), apply_rope(k_BKLd, cos, sin)
         if kv_cache is not None:
             k_BKLd = torch.cat([kv_cache[0], k_BKLd], dim=2)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import checkpoint as ckpt
-from model.attention import Attention, flex_block_mask, resolve_backend, segment_positions
+from model.attention import Attention, flex_block_mask, resolve_backend, rope_cos_sin, segment_positions
 from model.config import TimeMoeConfig
 from model.forecast import horizon_schedule, prepare_contexts
 from model.loss import head_loss, load_balancing_loss
@@ -66,9 +66,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn_layer = SwiGLU(config.hidden_size, config.intermediate_size) if config.use_dense else MoeFeedForward(config)
 
-    def forward(self, h_BLD, position_ids_BL, q_seg_BL, k_seg_BS, kv_cache=None, backend=None, block_mask=None):
+    def forward(self, h_BLD, rope_BLd, q_seg_BL, k_seg_BS, kv_cache=None, backend=None, block_mask=None):
         """Returns ``(h_BLD, router_logits_TE | None, topk_idx_TK | None, new_kv)``."""
-        a, new_kv = self.self_attn(self.input_layernorm(h_BLD), position_ids_BL, q_seg_BL, k_seg_BS, kv_cache,
+        a, new_kv = self.self_attn(self.input_layernorm(h_BLD), rope_BLd, q_seg_BL, k_seg_BS, kv_cache,
                                    backend, block_mask)
         h_BLD = h_BLD + a
         if isinstance(self.ffn_layer, MoeFeedForward):
@@ -94,9 +94,11 @@ class TimeMoeDecoder(nn.Module):
         block_mask = None
         if q_seg_BL is not None and resolve_backend(backend or self.attn_backend, x_BL.device, True) == "flex":
             block_mask = flex_block_mask(q_seg_BL, k_seg_BS)  # once for all layers
+        attn = self.layers[0].self_attn if len(self.layers) else None
+        rope_BLd = rope_cos_sin(position_ids_BL, attn.head_dim, attn.rope_theta, h.dtype) if attn else None
         logits, idxs, new_caches = [], [], []
         for i, layer in enumerate(self.layers):
-            h, lg, ix, kv = layer(h, position_ids_BL, q_seg_BL, k_seg_BS, None if kv_caches is None else kv_caches[i],
+            h, lg, ix, kv = layer(h, rope_BLd, q_seg_BL, k_seg_BS, None if kv_caches is None else kv_caches[i],
                                   backend, block_mask)
             logits.append(lg)
             idxs.append(ix)
@@ -116,6 +118,11 @@ class TimeMoeOutput:
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
+    if x.is_cuda:
+        # no host sync on the training hot path: the assertion fails asynchronously (the CUDA
+        # error names this message); data from the data plane is finite by construction
+        torch._assert_async(torch.isfinite(x).all(), f"{what} holds NaN/inf values")
+        return
     bad = ~torch.isfinite(x)
     if bad.any():
         where = bad.nonzero()[0].tolist()

@@ -97,7 +97,10 @@ def _run_experts(experts, x_RD: torch.Tensor, tokens_per_expert: torch.Tensor) -
         return experts(x_RD, tokens_per_expert)
     counts = tokens_per_expert.clone()
     counts[0] = 1
-    return experts(x_RD.new_zeros(1, x_RD.shape[1]), counts)[:0]
+    # cat (not a fresh tensor): the empty x_RD must stay in the graph, or this rank would skip
+    # the backward all-to-all that the other ranks wait in (a deadlock, seen in testing)
+    padded_1D = torch.cat([x_RD, x_RD.new_zeros(1, x_RD.shape[1])])
+    return experts(padded_1D, counts)[:0]
 
 
 class AllToAllDispatcher:

@@ -9,7 +9,8 @@ The data algorithms are the pure functions of ``clean``, ``normalize``, ``pack``
    (16 bytes: 48M series = 0.8 GB) and, for every group of identical value hashes, drops all but
    the copy whose key hash is smallest: deterministic and independent of read order.
 2. ``clean_batch``: contamination guard, cleaning, normalisation, validation split, chunking,
-   mixture weights; returns chunk rows and an :class:`Accounting` tally (sent to a small actor).
+   mixture weights; returns chunk rows and an :class:`Accounting` tally (in the Ray pipeline it
+   travels with the block as one carrier row, see ``ACCOUNTING_SPLIT``).
 3. ``pack_and_write``: best-fit-decreasing over ``pack.pack_batch_chunks`` chunks at a time;
    the task writes its rows to temporary shard files and returns only file metadata.
 4. The driver consumes packed blocks IN ORDER (``preserve_order``), routes them to the train/val
@@ -24,8 +25,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import base64
 import math
 import os
+import pickle
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from preprocessing import report as report_mod
@@ -51,6 +55,11 @@ CHUNK_SCHEMA = pa.schema([
     ("split", pa.string()), ("key", pa.string()), ("values", pa.large_list(pa.float32())),
     ("mean", pa.float64()), ("std", pa.float64()),
 ])
+# In the Ray pipeline each clean block carries its Accounting as ONE extra row (split "",
+# ``key`` = the pickled tally) that pack_and_write forwards to the driver in its metadata
+# table: no accounting actor (a process of its own and a blocking call per block), and a
+# retried task's tally is discarded with its output instead of being counted twice.
+ACCOUNTING_SPLIT = ""
 
 
 _MALLOC_TUNED = False
@@ -251,14 +260,20 @@ def pack_and_write(table: pa.Table, window_length: int, output: str, tmp_name: s
     tune_malloc()
     width = window_length + 1
     flat, offsets = _values_of(table)
-    splits = np.array(table.column("split").to_pylist(), dtype=object)
+    split_col = table.column("split")
     keys = table.column("key").to_pylist()
     means = table.column("mean").to_numpy()
     stds = table.column("std").to_numpy()
     fs, out_path = resolve(output)
     meta: dict[str, list] = {"split": [], "path": [], "rows": [], "points": [], "dataset_points": []}
+    for i in np.flatnonzero(pc.equal(split_col, ACCOUNTING_SPLIT).to_numpy(zero_copy_only=False)):
+        meta["split"].append(ACCOUNTING_SPLIT)  # a clean block's tally, passed through (see CHUNK_SCHEMA)
+        meta["path"].append(keys[i])
+        meta["rows"].append(0)
+        meta["points"].append(0)
+        meta["dataset_points"].append("{}")
     for split in (TRAIN_DIR, VAL_DIR):
-        idx = np.flatnonzero(splits == split)
+        idx = np.flatnonzero(pc.equal(split_col, split).to_numpy(zero_copy_only=False))
         if len(idx) == 0:
             continue
         lens = (offsets[idx + 1] - offsets[idx]).tolist()
@@ -279,6 +294,19 @@ def pack_and_write(table: pa.Table, window_length: int, output: str, tmp_name: s
     return pa.table({"split": pa.array(meta["split"], pa.string()), "path": pa.array(meta["path"], pa.string()),
                      "rows": pa.array(meta["rows"], pa.int64()), "points": pa.array(meta["points"], pa.int64()),
                      "dataset_points": pa.array(meta["dataset_points"], pa.string())})
+
+
+def accounting_row(acc: Accounting) -> pa.Table:
+    """A clean block's tally as one carrier row of CHUNK_SCHEMA (split ACCOUNTING_SPLIT)."""
+    blob = base64.b64encode(pickle.dumps(acc, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii")
+    return pa.Table.from_arrays(
+        [pa.array([ACCOUNTING_SPLIT]), pa.array([blob]),
+         pa.LargeListArray.from_arrays(pa.array([0, 0], pa.int64()), pa.array([], pa.float32())),
+         pa.array([0.0]), pa.array([1.0])], schema=CHUNK_SCHEMA)
+
+
+def decode_accounting(blob: str) -> Accounting:
+    return pickle.loads(base64.b64decode(blob))
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -305,23 +333,6 @@ def input_fingerprints(inputs: list[str], max_files: int = 100_000) -> list[dict
         for f in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)[:max_files]:
             out.append({"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns})
     return out
-
-
-def _accounting_actor():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class AccountingActor:
-        def __init__(self) -> None:
-            self.acc = Accounting()
-
-        def add(self, part: Accounting) -> None:
-            self.acc.merge(part)
-
-        def get(self) -> Accounting:
-            return self.acc
-
-    return AccountingActor.remote()
 
 
 def _read(config: PreprocessConfig):
@@ -379,12 +390,9 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
         log.info("dedup: %d duplicate series to drop (%.1fs)", len(ctx.drop_key_hashes), time.time() - t0)
     t_main = time.time()
 
-    actor = _accounting_actor()
-
     def clean_udf(table: pa.Table) -> pa.Table:
         chunks, acc = clean_batch(table, ctx)
-        ray.get(actor.add.remote(acc))
-        return chunks
+        return pa.concat_tables([chunks, accounting_row(acc)])
 
     window_length = config.pack.window_length
 
@@ -401,11 +409,15 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
                      fn_kwargs={"window_length": window_length, "output": config.output, "tmp_name": tmp_name,
                                 "options": config.output_options, "seed": config.seed})
     )
+    acc = Accounting()
     written_by_dataset: dict[str, int] = {}
     entries: dict[str, list[dict[str, Any]]] = {TRAIN_DIR: [], VAL_DIR: []}
     try:
         for batch in files_meta.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
+                if row["split"] == ACCOUNTING_SPLIT:
+                    acc.merge(decode_accounting(row["path"]))
+                    continue
                 entries[row["split"]].append(row)
                 for k, v in json.loads(row["dataset_points"]).items():
                     written_by_dataset[k] = written_by_dataset.get(k, 0) + v
@@ -424,7 +436,6 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
         if os.environ.get("TIMEMOE_DATA_STATS"):
             log.warning("Ray Data stats:\n%s", files_meta.stats())
         t_publish = time.time()
-        acc: Accounting = ray.get(actor.get.remote())
         check_invariant(acc)
         expected = {k: t.points_kept + t.points_repeated for k, t in acc.datasets.items()}
         got = written_by_dataset
@@ -461,8 +472,6 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
         except Exception:  # noqa: BLE001 - cleanup must not hide the real error
             log.warning("could not remove %s", tmp)
         raise
-    finally:
-        ray.kill(actor)
     seconds = time.time() - t0
     log.info("reports + publish: %.1fs; preprocess done in %.1fs: train efficiency %.4f",
              time.time() - t_publish, seconds, efficiency[TRAIN_DIR])

@@ -92,6 +92,7 @@ def assemble_rows(
     R = len(bins)
     values_RW = np.zeros((R, width), dtype=np.float32)
     seg_RW = np.zeros((R, width), dtype=np.int32)
+    mask_RW = np.zeros((R, width), dtype=np.uint8)
     seg_mean, seg_std, seg_series, seg_lengths = [], [], [], []
     for r, members in enumerate(bins):
         pos = 0
@@ -100,8 +101,9 @@ def assemble_rows(
             values_RW[r, pos:pos + n] = chunks[i]
             seg_RW[r, pos:pos + n] = k + 1
             pos += n
+        mask_RW[r, :pos] = 1  # segments fill the row from its start: real points are [0, pos)
         seg_mean.append([float(means[i]) for i in members])
         seg_std.append([float(stds[i]) for i in members])
         seg_series.append([keys[i] for i in members])
         seg_lengths.append([len(chunks[i]) for i in members])
-    return PackedRows(values_RW, seg_RW, (seg_RW > 0).astype(np.uint8), seg_mean, seg_std, seg_series, seg_lengths)
+    return PackedRows(values_RW, seg_RW, mask_RW, seg_mean, seg_std, seg_series, seg_lengths)

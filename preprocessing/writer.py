@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from preprocessing.config import OutputConfig
 from preprocessing.pack import PackedRows
-from preprocessing.schema import MANIFEST_FILE, SHARD_PATTERN, window_schema
+from preprocessing.schema import DENSE_DTYPES, MANIFEST_FILE, SHARD_PATTERN, window_schema
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +68,29 @@ def delete_dir(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_dir(path)
 
 
-def rows_table(rows: PackedRows, start: int, end: int, window_length: int) -> pa.Table:
+SHARD_LAYOUT = "bytes"  # physical layout of the dense columns (see preprocessing/schema.py)
+
+
+def _dense_column(a_RW: np.ndarray, dtype: np.dtype, layout: str) -> pa.Array:
+    """One dense ``[R, W]`` array as a shard column, zero copy (rows of a C-contiguous array)."""
+    a_RW = np.ascontiguousarray(a_RW, dtype=dtype)
+    rows, width = a_RW.shape
+    if layout == "bytes":
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width * dtype.itemsize), rows,
+                                                    [None, pa.py_buffer(a_RW.reshape(-1).view(np.uint8))])
+    return pa.FixedSizeListArray.from_arrays(pa.array(a_RW.reshape(-1)), width)
+
+
+def rows_table(rows: PackedRows, start: int, end: int, window_length: int, layout: str = SHARD_LAYOUT) -> pa.Table:
     """Rows ``[start, end)`` of packed rows as an Arrow table of the shard schema (zero copy
     for the dense columns)."""
-    width = window_length + 1
-
-    def fixed(a_RW: np.ndarray) -> pa.Array:
-        return pa.FixedSizeListArray.from_arrays(pa.array(a_RW[start:end].reshape(-1)), width)
-
+    dense = [(rows.values_RW, "values"), (rows.segment_ids_RW, "segment_ids"), (rows.loss_mask_RW, "loss_mask")]
     return pa.Table.from_arrays(
-        [fixed(rows.values_RW), fixed(rows.segment_ids_RW), fixed(rows.loss_mask_RW),
-         pa.array(rows.seg_mean[start:end], pa.list_(pa.float64())),
-         pa.array(rows.seg_std[start:end], pa.list_(pa.float64())),
-         pa.array(rows.seg_series[start:end], pa.list_(pa.string()))],
-        schema=window_schema(window_length),
+        [_dense_column(a_RW[start:end], DENSE_DTYPES[name], layout) for a_RW, name in dense]
+        + [pa.array(rows.seg_mean[start:end], pa.list_(pa.float64())),
+           pa.array(rows.seg_std[start:end], pa.list_(pa.float64())),
+           pa.array(rows.seg_series[start:end], pa.list_(pa.string()))],
+        schema=window_schema(window_length, layout),
     )
 
 

@@ -103,14 +103,17 @@ def test_ep2_matches_ep1_losses_and_weights_under_zero(ep_runs, stage, clip, opt
         base, ep2 = res[(stage, 1, clip, opt)], res[(stage, 2, clip, opt)]
         torch.testing.assert_close(torch.tensor(ep2["losses"]), torch.tensor(base["losses"]), rtol=1e-4, atol=0,
                                    msg=f"rank {rank} losses")
-        assert base["losses"][-1] < base["losses"][0]  # it trained: the comparison is not vacuous
+        # the weights moved (same batch every step, so a changing loss means changed weights):
+        # the comparison is not vacuous
+        assert max(base["losses"]) - min(base["losses"]) > 1e-3, base["losses"]
         assert base["weights"].keys() == ep2["weights"].keys()
         for name, w in base["weights"].items():
             torch.testing.assert_close(ep2["weights"][name], w, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
     # sanity: the weights moved, and experts on the two EP ranks differ (no accidental broadcast)
     name = next(n for n in ep_runs[0][(stage, 2, clip, opt)]["weights"] if n.endswith("experts.gate_proj"))
     w = ep_runs[0][(stage, 2, clip, opt)]["weights"][name]
-    assert not torch.allclose(w[:4], w[4:])
+    half = w.shape[0] // 2
+    assert not torch.allclose(w[:half], w[half:])
 
 
 def test_zero3_with_expert_parallel_is_refused(ep_runs):

@@ -44,6 +44,11 @@ def test_build_report_from_records(tmp_path):
     md = files.table_md.read_text()
     assert md.count("| sparse |") == 12 + 1 and md.count("| dense |") == 12 + 1  # trials + fit row
     assert "<table" in files.table_html.read_text()
+    # FLOPs vs MSE too: held-out and zero-shot MSE get their own L(C) fits, multiplier and plot.
+    for other in ("heldout_mse", "zs_mse"):
+        assert set(fits["by_metric"][other]["families"]["sparse"]["power_law"]) == {"E", "A", "alpha"}
+        assert "multiplier" in fits["by_metric"][other]
+        assert _is_png(tmp_path / f"{other}_vs_flops.png")
 
 
 def test_build_report_single_family_has_no_multiplier(tmp_path):

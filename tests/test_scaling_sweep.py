@@ -144,6 +144,21 @@ def _trainer_ready() -> str | None:
         return f"pipeline.trainer not importable yet ({type(exc).__name__}: {exc})"
     if not hasattr(trainer, "run_ray"):
         return "pipeline.trainer has no run_ray(cfg, resume) entry point yet"
+    # The loop must accept a dense model's output (no router: aux_loss is None).
+    import dataclasses
+
+    import torch
+
+    from pipeline import train_loop
+
+    cfg = dataclasses.replace(model.TimeMoeConfig.preset("tiny"), use_dense=True)
+    x = torch.randn(1, 16)
+    out = model.TimeMoeModel(cfg)(x, labels=x, loss_mask=torch.ones_like(x, dtype=torch.bool))
+    try:
+        train_loop.StepStats().add(out)
+    except Exception as exc:  # noqa: BLE001
+        return (f"pipeline/train_loop.py StepStats.add cannot take a dense model's output "
+                f"({type(exc).__name__}: {exc}); the dense twins cannot train through Ray Train yet")
     return None
 
 
@@ -168,3 +183,16 @@ def test_tiny_sweep_with_ray_train_trainer(ray_local, mlflow_server, tmp_path):
     client = MlflowClient(tracking_uri=mlflow_server)
     exp_id = client.get_experiment_by_name(cfg.sweep.experiment).experiment_id
     assert len(R.child_runs(client, exp_id, first.parent_run_id)) == 8
+
+
+def test_zero_shot_subset_through_evaluation(shared_data):
+    import torch
+
+    torch.manual_seed(0)
+    m = model.TimeMoeModel(model.TimeMoeConfig.preset("tiny"))
+    ev = S.EvalSection(zero_shot_datasets=("ETTh1",), zero_shot_horizons=(96,), zero_shot_stride=400,
+                       zero_shot_data_dir=str(shared_data / "benchmarks"))
+    zs = S.zero_shot_metrics(m, ev)
+    assert set(zs) == {"zs/ETTh1/96/mse", "zs/ETTh1/96/mae", "zs_mse", "zs_mae"}
+    assert zs["zs_mse"] == zs["zs/ETTh1/96/mse"] > 0 and zs["zs_mae"] > 0
+    assert S.zero_shot_metrics(m, S.EvalSection()) == {}  # no benchmark folder configured: skipped
