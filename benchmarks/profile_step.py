@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=35)
+    ap.add_argument("--stack", action="store_true", help="group kernels by Python call site")
     args = ap.parse_args()
     cfg, model, opt = build(args.preset, args.variant, "cuda")
     batch = make_batch(args.windows, args.length, packed=args.variant != "reference", device="cuda", seed=1)
@@ -49,10 +50,15 @@ def main() -> None:
         step(times)
     med = sorted(times, key=sum)[len(times) // 2]
     print(f"phases ms: forward {med[0]:.1f}  backward {med[1]:.1f}  clip+optimizer {med[2]:.1f}  total {sum(med):.1f}")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU],
+                                with_stack=args.stack) as prof:
         for _ in range(2):
             step()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    if args.stack:
+        print(prof.key_averages(group_by_stack_n=6).table(sort_by="self_cuda_time_total", row_limit=args.rows,
+                                                          max_name_column_width=60))
+    else:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":

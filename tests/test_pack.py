@@ -119,3 +119,48 @@ def test_fast_normalize_run_matches_float64_reference(method, offset):
     # the z-values differ from float64 by at most the float32 rounding of the mean (in std units)
     shift = float(np.spacing(np.float32(abs(ref_mean)))) / ref_std
     np.testing.assert_allclose(y, apply_stats(x, ref_mean, ref_std), atol=shift + 2e-4)
+
+
+@pytest.mark.parametrize("layout", ["list", "bytes"])
+def test_both_shard_layouts_decode_to_the_same_dense_arrays(layout, tmp_path):
+    """decode_batch gives the packed arrays back from either physical layout, in every form a
+    reader hands over: Arrow (whole, sliced, several chunks, read back from Parquet), numpy
+    object arrays (Ray Data's numpy batches: ``bytes`` or arrays per row) and 2-D arrays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from preprocessing.schema import decode_batch, window_schema
+    from preprocessing.writer import rows_table
+
+    rng = np.random.default_rng(4)
+    chunks = [rng.normal(size=int(n)).astype(np.float32) for n in rng.integers(1, 40, 60)]
+    rows = assemble_rows(chunks, [0.0] * 60, [1.0] * 60, [f"k{i}" for i in range(60)], 41)
+    cols = ("values", "segment_ids", "loss_mask")
+    table = rows_table(rows, 0, rows.num_rows, 40, layout)
+    assert table.schema.equals(window_schema(40, layout), check_metadata=True)
+    pq.write_table(table, tmp_path / "s.parquet")
+    back = pq.read_table(tmp_path / "s.parquet")
+    assert back.schema.metadata[b"timemoe.layout"] == layout.encode()
+
+    def check(batch, start=0):
+        d = decode_batch(batch)
+        assert d["values"].dtype == np.float32 and d["segment_ids"].dtype == np.int32 and d["loss_mask"].dtype == bool
+        assert np.array_equal(d["values"], rows.values_RW[start:])
+        assert np.array_equal(d["segment_ids"], rows.segment_ids_RW[start:])
+        assert np.array_equal(d["loss_mask"], rows.loss_mask_RW[start:].astype(bool))
+
+    check({c: back.column(c) for c in cols})
+    check({c: back.slice(3).column(c) for c in cols}, 3)
+    check({c: pa.concat_tables([back.slice(0, 2), back.slice(2)]).column(c) for c in cols})
+    check({c: back.column(c).to_numpy() for c in cols})          # object arrays (bytes / arrays)
+    check({c: getattr(rows, f"{c}_RW") for c in cols})          # already dense
+    if layout == "bytes":  # numpy fixed-width bytes, as a pandas/numpy conversion may give
+        check({c: np.array(back.column(c).to_pylist()) for c in cols})
+
+
+def test_loss_mask_marks_exactly_the_segment_points():
+    rng = np.random.default_rng(5)
+    chunks = [np.ones(int(n), np.float32) for n in rng.integers(1, 300, 200)]
+    rows = assemble_rows(chunks, [0.0] * 200, [1.0] * 200, [f"k{i}" for i in range(200)], 301, shuffle_seed=3)
+    assert rows.loss_mask_RW.dtype == np.uint8
+    assert np.array_equal(rows.loss_mask_RW, (rows.segment_ids_RW > 0).astype(np.uint8))

@@ -198,3 +198,30 @@ def test_values_of_handles_sliced_and_chunked_columns():
     flat, offs = _values_of(two)
     assert flat[offs[1]:offs[2]].tolist() == [6]
     assert dataset_of("other/gas/GasRate(ft3/min)") == "other/gas"
+
+
+def test_accounting_travels_through_pack_and_write(tmp_path):
+    """The clean block's tally rides in one carrier row through pack_and_write and comes back
+    intact in its metadata table; carrier rows are not packed."""
+    import pyarrow as pa
+
+    from preprocessing.config import OutputConfig
+    from preprocessing.job import ACCOUNTING_SPLIT, accounting_row, decode_accounting, pack_and_write
+    from preprocessing.schema import TRAIN_DIR
+
+    acc = Accounting()
+    acc.tally("d", "ds").add_series(500, {"short_tail": 10}, 490)
+    chunk = pa.table({"split": [TRAIN_DIR], "key": ["d/ds/0"],
+                      "values": pa.array([np.arange(490, dtype=np.float32)], pa.large_list(pa.float32())),
+                      "mean": [0.0], "std": [1.0]})
+    table = pa.concat_tables([pa.Table.from_arrays(chunk.columns, schema=accounting_row(acc).schema), accounting_row(acc)])
+    meta = pack_and_write(table, 511, str(tmp_path), "_tmp", OutputConfig(), 0).to_pylist()
+    carried = [m for m in meta if m["split"] == ACCOUNTING_SPLIT]
+    written = [m for m in meta if m["split"] == TRAIN_DIR]
+    assert len(carried) == 1 and sum(m["points"] for m in written) == 490
+    back = decode_accounting(carried[0]["path"])
+    assert back.datasets.keys() == acc.datasets.keys()
+    t = back.tally("d", "ds")
+    assert (t.points_in, t.points_kept, t.points_dropped) == (500, 490, {"short_tail": 10})
+    shard = pq.read_table(written[0]["path"])
+    assert shard.schema.metadata[b"timemoe.layout"] == b"bytes"
