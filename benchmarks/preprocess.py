@@ -6,8 +6,8 @@ single-process loop over the SAME pure functions, plus peak memory at 1x and 10x
 
 Environment knobs: BENCH_READER=builtin (Ray path reads with this script's memmap reader instead
 of preprocessing.ingest.read_series), BENCH_BLOCK_ELEMENTS (ingest read-task size),
-BENCH_OBJECT_STORE_BYTES (Ray object-store budget, default 1 GiB), TIMEMOE_DATA_STATS=1 (log
-Ray Data's per-operator stats).
+BENCH_OBJECT_STORE_BYTES (Ray object-store budget, default 1 GiB), BENCH_COMPRESSION (shard codec,
+e.g. lz4, instead of the product default), TIMEMOE_DATA_STATS=1 (log Ray Data's per-operator stats).
 
 Prints a table and writes ``benchmarks/results/preprocess.json``. Each measurement runs in a
 fresh subprocess; peak memory is the sampled sum of PSS (proportional set size, so shared
@@ -142,6 +142,16 @@ def ray_series(root: Path):
 # ------------------------------------------------------------------------------ the workers
 
 
+def bench_config(corpus: Path, out: Path) -> "PreprocessConfig":
+    from preprocessing.config import PreprocessConfig
+
+    cfg = PreprocessConfig(inputs=[str(corpus)], output=str(out))
+    if os.environ.get("BENCH_COMPRESSION"):
+        cfg.output_options.compression = os.environ["BENCH_COMPRESSION"]
+        cfg.output_options.compression_level = None
+    return cfg
+
+
 def worker_ray(corpus: Path, out: Path, cpus: int) -> dict:
     import ray
 
@@ -154,7 +164,7 @@ def worker_ray(corpus: Path, out: Path, cpus: int) -> dict:
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", object_store_memory=store)
     ray.data.DataContext.get_current().enable_progress_bars = False
     series, reader = ray_series(corpus)
-    cfg = PreprocessConfig(inputs=[str(corpus)], output=str(out))
+    cfg = bench_config(corpus, out)
     t0 = time.perf_counter()
     result = run_preprocess(cfg, series=series)
     dt = time.perf_counter() - t0
@@ -171,7 +181,7 @@ def worker_single(corpus: Path, out: Path) -> dict:
     from preprocessing.config import PreprocessConfig
     from preprocessing.job import StageContext, clean_batch, duplicate_losers, fingerprint_batch, pack_and_write
 
-    cfg = PreprocessConfig(inputs=[str(corpus)], output=str(out))
+    cfg = bench_config(corpus, out)
     tasks = _tasks(corpus)
     import pandas  # noqa: F401  (pyarrow imports it lazily on first use; keep that out of the timing)
 
@@ -318,6 +328,7 @@ def main() -> None:
         "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}",
         "command": "python " + " ".join(sys.argv),
         "ray_over_single_per_core": ray_rate / single_rate,
+        "compression": os.environ.get("BENCH_COMPRESSION") or "zstd (product default)",
         "rows": rows,
     }
     out = ROOT / "benchmarks" / "results" / "preprocess.json"

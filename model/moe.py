@@ -101,7 +101,9 @@ def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.T
     order_N = torch.argsort(flat_N, stable=True)
     # argsort of a permutation is its inverse; a scatter here became a slow sorted index_put under inductor
     inverse_N = torch.argsort(order_N)
-    counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat_N.device).index_add(0, flat_N, torch.ones_like(flat_N))
+    # a one-hot column sum: bincount syncs with the host, and index_add compiles to a sorted
+    # index_put that serialises on the repeated indices (2.9 ms per layer on an H100)
+    counts_E = torch.nn.functional.one_hot(flat_N, num_experts).sum(dim=0)
     return order_N, inverse_N, counts_E
 
 

@@ -85,9 +85,13 @@ def window_schema(window_length: int, layout: str = "list") -> pa.Schema:
     )
 
 
-def _from_bytes(data: bytes | memoryview | np.ndarray, rows: int, stored: np.dtype, dtype: np.dtype) -> np.ndarray:
-    flat = np.frombuffer(data, dtype=stored)
-    return flat.reshape(rows, -1).astype(dtype, copy=False) if rows else np.zeros((0, 0), dtype)
+def _from_bytes(data: bytes | memoryview | np.ndarray, rows: int, row_bytes: int, stored: np.dtype,
+                dtype: np.dtype) -> np.ndarray:
+    """``rows`` rows of ``row_bytes`` raw little-endian bytes each -> ``[rows, W+1]`` of ``dtype``."""
+    width = row_bytes // stored.itemsize
+    if rows == 0:
+        return np.zeros((0, width), dtype)
+    return np.frombuffer(data, dtype=stored).reshape(rows, width).astype(dtype, copy=False)
 
 
 def _as_matrix(column: object, stored: np.dtype, dtype: np.dtype) -> np.ndarray:
@@ -104,15 +108,15 @@ def _as_matrix(column: object, stored: np.dtype, dtype: np.dtype) -> np.ndarray:
             size = column.type.byte_width
             buf = column.buffers()[1]
             data = memoryview(buf)[column.offset * size:(column.offset + len(column)) * size]
-            return _from_bytes(data, len(column), stored, dtype)
+            return _from_bytes(data, len(column), size, stored, dtype)
         width = column.type.list_size
         return column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, width)
     array = np.asarray(column)
     if array.dtype.kind in "SV":  # numpy fixed-width bytes: one row per element
-        return _from_bytes(np.ascontiguousarray(array).view(np.uint8), len(array), stored, dtype)
+        return _from_bytes(np.ascontiguousarray(array).view(np.uint8), len(array), array.dtype.itemsize, stored, dtype)
     if array.dtype == object:
         if len(array) and isinstance(array[0], (bytes, bytearray, memoryview)):
-            return _from_bytes(b"".join(array.tolist()), len(array), stored, dtype)
+            return _from_bytes(b"".join(array.tolist()), len(array), len(array[0]), stored, dtype)
         array = np.stack([np.asarray(row) for row in array]) if len(array) else array.reshape(0, 0)
     return array.astype(dtype, copy=False)
 
