@@ -81,7 +81,9 @@ class StepStats:
     values: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, out: Any) -> None:
-        vals = {"loss": out.loss.detach().float(), "aux_loss": torch.as_tensor(out.aux_loss).detach().float()}
+        vals = {"loss": out.loss.detach().float()}
+        if out.aux_loss is not None:  # dense models have no router, hence no aux loss
+            vals["aux_loss"] = out.aux_loss.detach().float()
         for h, l in sorted(out.head_losses.items()):
             vals[f"loss_h{h}"] = l.detach().float()
         if not self.names:
