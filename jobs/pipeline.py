@@ -1,0 +1,179 @@
+"""The main job, end to end on one machine: corpus -> preprocessing (Ray Data) -> pretraining
+(Ray Train + DeepSpeed, tracked in MLflow) -> zero-shot evaluation -> model registry.
+
+    python -m jobs.pipeline                                   # ~5 min on 2 CPU cores
+    python -m jobs.pipeline --benchmarks /data/benchmarks --output-dir outputs/qs train.max_steps=20
+    python -m jobs.pipeline --input /data/time300b --scale 1 --output-dir outputs/mine
+
+On a cluster::
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.pipeline
+
+Without ``--input`` the embedded synthetic corpus is generated into ``OUTPUT/corpus``. Stages hand
+over through durable locations only (``RUN/packed/manifest.json``, ``RUN/train/final_model``, the
+MLflow run id, ``RUN/eval/``, where RUN = ``OUTPUT/run-<timestamp>``). MLflow goes to ``$MLFLOW_TRACKING_URI`` or
+``sqlite:///OUTPUT/mlflow.db``. Trailing ``key=value`` arguments override the training config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.baselines import make_baseline
+from pipeline.config import load_config
+from pipeline.evaluation import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
+from pipeline.quickstart import (alias_of, ensure_experiment, resolve_tracking_uri, training_run_id,
+                                 write_heldout_benchmarks)
+from pipeline.registry import promote_if_better, register_checkpoint
+from preprocessing.config import config_from_dict as preprocess_config_from_dict
+
+DEFAULT_CONFIG = "configs/quickstart.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="quickstart YAML (see configs/quickstart.yaml)")
+    p.add_argument("--input", nargs="+", default=None, help="raw corpus folders/URLs (default: embedded synthetic)")
+    p.add_argument("--benchmarks", default=None, help="benchmark CSV folder (default: held-out synthetic series)")
+    p.add_argument("--datasets", nargs="+", default=None, help="benchmark datasets (default: all in the folder)")
+    p.add_argument("--output-dir", default="outputs/quickstart")
+    p.add_argument("--scale", type=float, default=None, help="size of the embedded corpus (1.0 = ~1.5M points)")
+    p.add_argument("overrides", nargs="*", help="training config overrides, e.g. train.max_steps=20")
+    return p.parse_args(argv)
+
+
+def stage(name: str) -> float:
+    print(f"\n===== {name} =====", flush=True)
+    return time.time()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    qs = yaml.safe_load(Path(args.config).read_text()) or {}
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(out)
+    # Derived data of this run goes to its own folder (a re-run never collides with an earlier
+    # run's shards or Ray Train state); the MLflow store is shared, so champions compete.
+    run_dir = out / time.strftime("run-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=False)
+
+    # ---- resolve every stage's config up front, print it, keep a copy next to the outputs
+    pre = preprocess_config_from_dict(dict(qs.get("preprocess", {})))
+    pre.output = str(run_dir / "packed")
+    tq = qs.get("train", {})
+    train_cfg = load_config(tq.get("config", "configs/tiny-cpu.yaml"),
+                            list(tq.get("overrides", [])) + [f"data.path={pre.output}",
+                                                             f"train.output_dir={run_dir / 'train'}",
+                                                             f"tracking.tracking_uri={uri}"] + list(args.overrides))
+    eq = qs.get("eval", {})
+    eval_cfg = EvalConfig(horizons=list(eq.get("horizons", [96])), context=eq.get("context"),
+                          stride=int(eq.get("stride", 96)))
+    corpus = qs.get("corpus", {})
+    scale = args.scale if args.scale is not None else float(corpus.get("scale", 1.0))
+    reg_name = qs.get("register", {}).get("name", "timemoe-quickstart")
+    resolved = {"output_dir": str(out), "run_dir": str(run_dir), "tracking_uri": uri, "inputs": args.input or [str(out / "corpus")],
+                "corpus": {"seed": corpus.get("seed", 0), "scale": scale} if not args.input else None,
+                "preprocess": pre.to_dict(), "train": yaml.safe_load(train_cfg.to_yaml()),
+                "eval": {"benchmarks": args.benchmarks or str(out / "heldout"), "horizons": eval_cfg.horizons,
+                         "context": eval_cfg.context, "stride": eval_cfg.stride,
+                         "baselines": eq.get("baselines", ["naive", "seasonal_naive"])},
+                "register": {"name": reg_name}}
+    text = yaml.safe_dump(resolved, sort_keys=False)
+    (run_dir / "resolved_config.yaml").write_text(text)
+    print("# resolved config\n" + text, flush=True)
+
+    # ---- 1. corpus
+    if args.input:
+        pre.inputs = list(args.input)
+    else:
+        t = stage("1/5 corpus: embedded synthetic")
+        from preprocessing.synthetic import generate_default_corpus
+
+        summary = generate_default_corpus(str(out / "corpus"), seed=int(corpus.get("seed", 0)), scale=scale)
+        pre.inputs = [str(out / "corpus")]
+        print(f"[pipeline] {summary['series']} series, {summary['points']:,} points in {time.time() - t:.1f}s", flush=True)
+
+    # ---- 2. preprocessing (Ray Data) -> RUN/packed
+    t = stage("2/5 preprocess (Ray Data)")
+    from preprocessing.job import run_preprocess
+
+    prep = run_preprocess(pre)
+    print(f"[pipeline] packed {prep.manifest['rows']} rows (window {pre.pack.window_length}), "
+          f"efficiency {prep.efficiency:.3f}, {time.time() - t:.1f}s -> {pre.output}", flush=True)
+
+    # ---- 3. pretraining (Ray Train + DeepSpeed) -> RUN/train/final_model + MLflow run
+    t = stage("3/5 pretrain (Ray Train + DeepSpeed)")
+    ensure_experiment(uri, train_cfg.tracking.experiment, out / "mlartifacts")
+    from pipeline.trainer import run_ray
+
+    result = run_ray(train_cfg)
+    if getattr(result, "error", None):
+        print(f"training failed: {result.error}", file=sys.stderr)
+        return 1
+    run_id = training_run_id(result)
+    final_model = Path(train_cfg.train.output_dir) / "final_model"
+    print(f"[pipeline] trained {time.time() - t:.1f}s: metrics {result.metrics}; run {run_id}; model {final_model}",
+          flush=True)
+
+    # ---- 4. zero-shot evaluation -> RUN/eval
+    t = stage("4/5 zero-shot evaluation")
+    bench = args.benchmarks or str(out / "heldout")
+    if not args.benchmarks:
+        eval_cfg.datasets = write_heldout_benchmarks(bench, seed=int(eq.get("heldout_seed", 10_000)))
+    elif args.datasets:
+        eval_cfg.datasets = list(args.datasets)
+    eval_dir = run_dir / "eval"
+    model, _ = load_forecaster(str(final_model))
+    forecasters = {"timemoe": model} | {b: make_baseline(b) for b in resolved["eval"]["baselines"]}
+    results, tables = {}, []
+    for name, fc in forecasters.items():
+        res = evaluate(fc, bench, eval_cfg, model_name=name)
+        files = res.write(eval_dir / name)
+        if name == "timemoe":
+            h = eval_cfg.horizons[0]
+            png = plot_forecasts(forecasters, bench, res.rows[0].dataset, h, eval_dir / "forecasts.png",
+                                 context=eval_cfg.context_for(h))
+            files.append(png)
+            if run_id:
+                log_to_mlflow(res, files, run_id=run_id, tracking_uri=uri)
+        results[name] = {"avg_mse": res.average_mse(), "rows": json.loads((eval_dir / name / "results.json").read_text())["rows"]}
+        tables.append(res.table())
+    eval_json = eval_dir / "summary.json"
+    eval_json.write_text(json.dumps({"protocol": eval_cfg.protocol_key(), "benchmarks": bench, "models": results},
+                                    indent=2))
+    print(f"[pipeline] evaluated in {time.time() - t:.1f}s", flush=True)
+
+    # ---- 5. registry: register (alias candidate), promote to champion if it beats the champion
+    t = stage("5/5 register + promote")
+    reg = register_checkpoint(final_model, reg_name, training_run_id=run_id,
+                              manifest_path=str(Path(pre.output) / "manifest.json"), tracking_uri=uri)
+    decision = promote_if_better(reg_name, reg.version, bench, eval_cfg, tracking_uri=uri)
+    aliases = alias_of(reg_name, reg.version, uri)
+
+    # ---- summary
+    print("\n# resolved config\n" + text, flush=True)
+    print("\n".join(tables), flush=True)
+    print(f"""
+===== summary ({time.time() - t_start:.0f}s) =====
+curation report : {Path(pre.output) / 'report.html'}
+manifest        : {Path(pre.output) / 'manifest.json'}
+MLflow run id   : {run_id}
+model           : {final_model}
+registered      : {reg.model_uri} aliases {aliases} ({'promoted' if decision.promoted else 'not promoted'}: {decision.reason})
+eval table      : {eval_json} (avg MSE {', '.join(f'{k} {v["avg_mse"]:.4f}' for k, v in results.items())})
+forecast plot   : {eval_dir / 'forecasts.png'}
+MLflow UI       : mlflow ui --backend-store-uri {uri}
+""", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Small helpers of the one-machine quickstart (``jobs.pipeline``) that touch MLflow or make
+held-out data; the job itself only orchestrates.
+
+Stages hand over through durable locations: the tracking URI (a sqlite file under the output
+folder unless ``MLFLOW_TRACKING_URI`` is set), the training run id (read back from the final
+checkpoint's ``resume_state.json``) and files on disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.checkpoint import STATE_FILE
+from preprocessing.synthetic import kernelsynth, random_walk, seasonal
+
+HELDOUT_FAMILIES = {"synth_seasonal": seasonal, "synth_kernel": kernelsynth, "synth_walk": random_walk}
+
+
+def resolve_tracking_uri(output_dir: str | Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in ``output_dir/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_dir: str | Path | None = None) -> str:
+    """Create experiment ``name`` (artifacts under ``artifact_dir`` for a local store, so that
+    they do not land in whatever cwd a Ray worker has); return its id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if artifact_dir is not None and tracking_uri.startswith("sqlite:"):
+        location = Path(artifact_dir).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def training_run_id(result: Any) -> str | None:
+    """The MLflow run id stored in the final checkpoint of a Ray Train ``Result``."""
+    ckpt = getattr(result, "checkpoint", None)
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        state = Path(d) / STATE_FILE
+        if not state.exists():
+            return None
+        return json.loads(state.read_text()).get("mlflow_run_id")
+
+
+def write_heldout_benchmarks(out_dir: str | Path, seed: int = 10_000, rows: int = 4000,
+                             channels: int = 3) -> list[str]:
+    """Benchmark-style CSVs (``date`` column + channels, hourly) of synthetic series drawn with a
+    seed the training corpus never uses; ``pipeline.benchmark_data`` reads them with its 70/10/20
+    split. Returns the dataset names."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dates = pd.date_range("2020-01-01", periods=rows, freq="h")
+    names = []
+    for i, (name, family) in enumerate(HELDOUT_FAMILIES.items()):
+        rng = np.random.default_rng([seed, i])
+        x_CT = family(rng, channels, rows)
+        df = pd.DataFrame({"date": dates.strftime("%Y-%m-%d %H:%M:%S")})
+        for c in range(channels):
+            df[f"ch{c}"] = np.round(x_CT[c].astype(np.float64), 6)
+        df.to_csv(out / f"{name}.csv", index=False)
+        names.append(name)
+    return names
+
+
+def alias_of(name: str, version: str, tracking_uri: str) -> list[str]:
+    """The aliases pointing at ``name`` version ``version``."""
+    from mlflow.tracking import MlflowClient
+
+    return list(MlflowClient(tracking_uri=tracking_uri).get_model_version(name, version).aliases)
