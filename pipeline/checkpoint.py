@@ -3,8 +3,19 @@
 A checkpoint directory holds::
 
     <tag>/...                 engine.save_checkpoint output (module, ZeRO partitions, scheduler)
+    <tag>/experts-rank*.safetensors   with expert parallelism: each rank's own experts
     latest                    DeepSpeed's pointer to <tag>
     resume_state.json         step, data position, MLflow run id, config fingerprint
+
+Expert parallelism: DeepSpeed's MoE checkpoint code only knows its own ``MoE`` layer layout
+(``deepspeed_moe.experts.deepspeed_experts.{i}``) and writes nothing for our stacked expert
+tensors, while its module file comes from rank 0 alone. So every rank saves its own expert
+shard next to the engine checkpoint, DeepSpeed's MoE loading is bypassed, and each rank puts
+its shard back after the engine has loaded (the parallel layout is part of the config
+fingerprint, so a resume always has the same ranks). Under ZeRO-1/2 DeepSpeed also restores
+the weights from each rank's fp32 master partition, which already holds the right experts
+(measured: the resume test passes with or without the copy); the shard keeps a resume correct
+without relying on that, e.g. for a run that loads module weights only.
 
 Every rank writes its own ZeRO partition into the same directory (on one host, or on a shared
 filesystem, or per-worker directories that Ray Train merges on upload).
@@ -15,6 +26,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pipeline.data import DataPosition
 
@@ -39,10 +52,27 @@ class ResumeState:
         return cls(**raw)
 
 
+def _local_expert_params(engine: Any) -> dict[str, torch.nn.Parameter]:
+    """This rank's expert-parallel parameters (marked ``allreduce=False`` by expert_parallel)."""
+    return {n: p for n, p in engine.module.named_parameters() if getattr(p, "allreduce", True) is False}
+
+
+def _expert_file(directory: Path, tag: str, rank: int) -> Path:
+    return directory / tag / f"experts-rank{rank:05d}.safetensors"
+
+
 def save(engine: Any, directory: Path, state: ResumeState) -> None:
     """Collective: every rank must call it (ZeRO partitions are per rank)."""
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(directory), tag=f"step{state.step:08d}", client_state={"resume": asdict(state)})
+    tag = f"step{state.step:08d}"
+    engine.save_checkpoint(str(directory), tag=tag, client_state={"resume": asdict(state)})
+    experts = _local_expert_params(engine)
+    if experts:
+        path = _expert_file(directory, tag, engine.global_rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in experts.items()}, str(path))
     if engine.global_rank == 0:
         tmp = directory / (STATE_FILE + ".tmp")
         tmp.write_text(state.to_json())
@@ -60,9 +90,29 @@ def load(engine: Any, directory: Path, fingerprint: str) -> ResumeState:
             f"{directory}: checkpoint was written with config fingerprint {state.config_fingerprint}, "
             f"this run has {fingerprint}: model, optimiser, batch or parallel layout differ"
         )
-    load_path, _ = engine.load_checkpoint(str(directory), tag=f"step{state.step:08d}")
+    tag = f"step{state.step:08d}"
+    experts = _local_expert_params(engine)
+    had_moe = getattr(engine, "has_moe_layers", False)
+    if experts:
+        engine.has_moe_layers = False  # skip DeepSpeed's per-expert files (see module docstring)
+    try:
+        load_path, _ = engine.load_checkpoint(str(directory), tag=tag)
+    finally:
+        engine.has_moe_layers = had_moe
     if load_path is None:
         raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint for step {state.step}")
+    if experts:
+        from safetensors.torch import load_file
+
+        path = _expert_file(directory, tag, engine.global_rank)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: expert shard of rank {engine.global_rank} missing from the checkpoint")
+        saved = load_file(str(path))
+        if set(saved) != set(experts):
+            raise ValueError(f"{path}: expert parameters {sorted(saved)} do not match this model's {sorted(experts)}")
+        with torch.no_grad():
+            for name, param in experts.items():
+                param.copy_(saved[name].to(param.device, param.dtype))
     return state
 
 

@@ -98,3 +98,21 @@ def test_exported_model_loads_without_ray_or_deepspeed(zero_runs, tmp_path):
     engine_pred = results[0][0]["pred"]
     torch.testing.assert_close(preds[1], engine_pred, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(preds[3], engine_pred, rtol=1e-3, atol=1e-4)  # ZeRO-3 gathered export
+
+
+def test_expert_parallel_resume_restores_every_ranks_experts(tmp_path):
+    """With ep=2 each rank holds different experts; a resumed run must get its OWN experts back
+    (not rank 0's), so its losses after resume equal the unbroken run's."""
+    data = write_shards(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "ep2", parallel={"zero_stage": 1, "ep_size": 2},
+                      train={"max_steps": STEPS, "checkpoint_every": 3, "export": False})
+    unbroken_hist = run_ranks(torchrun_worker, tmp_path / "unbroken", 2, [cfg])[0][0]["history"]
+    unbroken = {h["step"]: h["loss"] for h in unbroken_hist if "loss" in h}
+    ckpts = Path(cfg["train"]["output_dir"]) / "checkpoints"
+    shutil.rmtree(ckpts / f"step{STEPS:08d}")
+    resumed = run_ranks(torchrun_worker, tmp_path / "resumed", 2, [cfg], True)[0][0]["history"]
+    steps = [h["step"] for h in resumed if "loss" in h]
+    assert steps == [4, 5]
+    for h in resumed:
+        if "loss" in h:
+            assert abs(h["loss"] - unbroken[h["step"]]) < 1e-3 * max(1.0, abs(unbroken[h["step"]])), (h, unbroken)
