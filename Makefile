@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: venv
-	$(PY) -m jobs.demo
+	$(PY) -m jobs.pipeline
 
 test: venv
 	$(PY) -m pytest -q tests

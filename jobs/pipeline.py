@@ -1,7 +1,7 @@
 """The main job, end to end on one machine: corpus -> preprocessing (Ray Data) -> pretraining
 (Ray Train + DeepSpeed, tracked in MLflow) -> zero-shot evaluation -> model registry.
 
-    python -m jobs.pipeline                                   # ~5 min on 2 CPU cores
+    python -m jobs.pipeline                                   # ~3 min on 2 CPU cores
     python -m jobs.pipeline --benchmarks /data/benchmarks --output-dir outputs/qs train.max_steps=20
     python -m jobs.pipeline --input /data/time300b --scale 1 --output-dir outputs/mine
 
@@ -9,7 +9,7 @@ On a cluster::
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.pipeline
 
-Without ``--input`` the embedded synthetic corpus is generated into ``OUTPUT/corpus``. Stages hand
+Without ``--input`` the embedded synthetic corpus is generated into ``RUN/corpus``. Stages hand
 over through durable locations only (``RUN/packed/manifest.json``, ``RUN/train/final_model``, the
 MLflow run id, ``RUN/eval/``, where RUN = ``OUTPUT/run-<timestamp>``). MLflow goes to ``$MLFLOW_TRACKING_URI`` or
 ``sqlite:///OUTPUT/mlflow.db``. Trailing ``key=value`` arguments override the training config.
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--benchmarks", default=None, help="benchmark CSV folder (default: held-out synthetic series)")
     p.add_argument("--datasets", nargs="+", default=None, help="benchmark datasets (default: all in the folder)")
     p.add_argument("--output-dir", default="outputs/quickstart")
-    p.add_argument("--scale", type=float, default=None, help="size of the embedded corpus (1.0 = ~1.5M points)")
+    p.add_argument("--scale", type=float, default=None, help="size of the embedded corpus (1.0 = ~1.3M points)")
     p.add_argument("overrides", nargs="*", help="training config overrides, e.g. train.max_steps=20")
     return p.parse_args(argv)
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = qs.get("corpus", {})
     scale = args.scale if args.scale is not None else float(corpus.get("scale", 1.0))
     reg_name = qs.get("register", {}).get("name", "timemoe-quickstart")
-    resolved = {"output_dir": str(out), "run_dir": str(run_dir), "tracking_uri": uri, "inputs": args.input or [str(out / "corpus")],
+    resolved = {"output_dir": str(out), "run_dir": str(run_dir), "tracking_uri": uri, "inputs": args.input or [str(run_dir / "corpus")],
                 "corpus": {"seed": corpus.get("seed", 0), "scale": scale} if not args.input else None,
                 "preprocess": pre.to_dict(), "train": yaml.safe_load(train_cfg.to_yaml()),
                 "eval": {"benchmarks": args.benchmarks or str(out / "heldout"), "horizons": eval_cfg.horizons,
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         t = stage("1/5 corpus: embedded synthetic")
         from preprocessing.synthetic import generate_default_corpus
 
-        summary = generate_default_corpus(str(out / "corpus"), seed=int(corpus.get("seed", 0)), scale=scale)
-        pre.inputs = [str(out / "corpus")]
+        summary = generate_default_corpus(str(run_dir / "corpus"), seed=int(corpus.get("seed", 0)), scale=scale)
+        pre.inputs = [str(run_dir / "corpus")]
         print(f"[pipeline] {summary['series']} series, {summary['points']:,} points in {time.time() - t:.1f}s", flush=True)
 
     # ---- 2. preprocessing (Ray Data) -> RUN/packed
