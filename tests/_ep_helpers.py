@@ -5,33 +5,13 @@ module level here. Results come back through torch.save files written by each ra
 """
 from __future__ import annotations
 
-import os
-import socket
-import traceback
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn: Callable, out_dir: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu",
-                      OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    try:
-        result = fn(rank, world, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
+from tests._train_helpers import _entry, free_port  # one 2-rank launcher for the suite
 
 
 def run_two_ranks(fn: Callable, out_dir: Path, *args, timeout_s: float = 240.0) -> list:
@@ -55,15 +35,10 @@ def run_two_ranks(fn: Callable, out_dir: Path, *args, timeout_s: float = 240.0) 
 
 
 def init_deepspeed_gloo() -> None:
-    """deepspeed.init_distributed on gloo, skipping the CPU shared-memory op build (~28 s;
-    same results per stack.md)."""
-    import sys
+    """The training code's own process-group set-up (gloo, shared-memory op build skipped)."""
+    from pipeline.parallelize import init_distributed
 
-    import deepspeed
-    import deepspeed.comm.torch  # noqa: F401  (``deepspeed.comm.torch`` the attribute is torch itself)
-
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(use_gpu=False)
 
 
 # ---------------------------------------------------------------------------- models
