@@ -74,6 +74,10 @@ class TrainSection:
     checkpoint_every: int = 0  # 0: only the final checkpoint
     output_dir: str = "runs/pretrain"  # checkpoints, exported model, worker pid files
     export: bool = True  # save_pretrained the final model to <output_dir>/final_model
+    checkpoint_at_end: bool = True  # False for throughput benchmarks (an ultra checkpoint is ~30 GB)
+    # (first, last) optimizer steps to profile on every rank (torch.profiler); summary per rank
+    # in <output_dir>/profile/ (pipeline.profiling). Empty: no profiling.
+    profile_steps: tuple[int, ...] = ()
 
 
 @dataclass
@@ -145,6 +149,8 @@ class TrainConfig:
             raise ValueError(f"parallel.precision must be auto, fp32 or bf16, got {p.precision!r}")
         if self.data.loader not in ("ray", "plain"):
             raise ValueError(f"data.loader must be 'ray' or 'plain', got {self.data.loader!r}")
+        if t.profile_steps and (len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]):
+            raise ValueError(f"train.profile_steps must be [first, last] with 1 <= first <= last, got {list(t.profile_steps)}")
         if t.max_steps < 1 or t.micro_batch_size < 1:
             raise ValueError("train.max_steps and train.micro_batch_size must be >= 1")
 

@@ -65,16 +65,6 @@ def read_manifest(data_path: str) -> dict[str, Any]:
         ) from err
 
 
-def window_length_of(shard: str) -> int:
-    """L of a shard, from its ``values`` fixed-size-list width (W = L + 1)."""
-    fs, path = _fs_and_root(shard)
-    with fs.open_input_file(path) as f:
-        schema = pq.read_schema(f)
-    if "values" not in schema.names or not pa.types.is_fixed_size_list(schema.field("values").type):
-        raise ValueError(f"{shard}: not a packed-window shard (no fixed-size 'values' column)")
-    return schema.field("values").type.list_size - 1
-
-
 def to_torch_batch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Shard rows (numpy or Arrow columns) -> model inputs, all ``[B, L]`` tensors."""
     arrays = split_windows(**decode_batch(batch))

@@ -27,6 +27,7 @@ from pipeline.config import TrainConfig, config_from_dict
 from pipeline.data import DataPosition
 from pipeline.deepspeed_config import resolve_precision
 from pipeline.parallelize import build_model, init_distributed, model_config, parallelize
+from pipeline.profiling import StepProfiler
 from pipeline.tracking import Tracker
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
@@ -225,9 +226,11 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     peak = _peak_flops(rt.use_gpu)
     history: list[dict[str, float]] = []
     metrics_file = out_root / "metrics.jsonl"
+    profiler = StepProfiler(cfg.train.profile_steps, out_root, rt.rank, rt.use_gpu)
     start_step, t_start = state.step, time.perf_counter()
 
     while state.step < cfg.train.max_steps:
+        profiler.before_step(state.step + 1)
         t0 = time.perf_counter()
         stats, counts_LE = StepStats(), None
         lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step uses
@@ -255,6 +258,15 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         m = dict(zip(stats.names, vec[:-1].tolist()))
         m.update(lr=lr, points_seen=state.points_seen, points_per_s=points / dt, step_time_s=dt,
                  data_wait_ms=float(vec[-1]) * 1000.0)
+        if rt.use_gpu:
+            m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        profile = profiler.after_step(state.step)
+        if profile is not None:
+            m["all_to_all_share"] = profile["all_to_all_share"]
+            if rt.rank == 0:
+                print(f"[train] profile of steps {list(cfg.train.profile_steps)}: {profile['wall_ms_per_step']:.1f} ms/step, "
+                      f"all-to-all {100 * profile['all_to_all_share']:.1f}%, kernels (ms/step) "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in profile["kernel_ms_per_step"].items()), flush=True)
         gn = engine.get_global_grad_norm()
         if gn is not None:
             m["grad_norm"] = float(gn)
@@ -282,7 +294,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                       f"{m['points_per_s'] / 1e3:.1f}k pts/s | data-wait {m['data_wait_ms']:.1f} ms{ev} | "
                       f"ETA {_fmt_eta(eta)}", flush=True)
         every = cfg.train.checkpoint_every
-        if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
+        if (every and state.step % every == 0) or (state.step == cfg.train.max_steps and cfg.train.checkpoint_at_end):
             rt.save_and_report(engine, state, {"step": state.step, "loss": m["loss"]})
 
     if not cfg.train.eval_every:
