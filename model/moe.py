@@ -38,8 +38,14 @@ class SwiGLU(nn.Module):
 
 def _use_grouped_mm(x: torch.Tensor) -> bool:
     # torch 2.13 CPU: grouped_mm is correct forward and backward in fp32 (checked by tests).
-    # CUDA kernels take bf16; other dtypes there fall back to the per-expert loop.
-    return hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+    # CUDA kernels take bf16; other dtypes there fall back to the per-expert loop. Under
+    # torch.compile the op's meta function accepts only bf16 (on any device), so compiled fp32
+    # CPU code takes the loop too.
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.dtype == torch.bfloat16:
+        return True
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class GroupedExperts(nn.Module):

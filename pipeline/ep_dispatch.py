@@ -12,36 +12,21 @@ R rows received by this rank.
 
 Data flow of one layer (one host sync, see ``_exchange_counts``)::
 
-    rows sorted by global expert  --all_to_all(counts)-->  counts_recv_SE      (the sync: .tolist())
+    K copies per token, sorted by global expert  --all_to_all(counts)-->  counts_recv_SE  (the sync: .tolist())
     x_sorted_ND                   --all_to_all(rows)--->   x_recv_RD  [by (source rank, local expert)]
     regroup by local expert -> experts(x_local_RD, tokens_per_local_expert) -> y_local_RD -> undo regroup
     y_recv_RD                     --all_to_all(rows)--->   y_sorted_ND
-    y_TD = sum_k w_k * y  (index_add over the token each row came from)
+    unsort -> y_TKD; y_TD = sum_k w_k * y_TKD[:, k]
+
+Every permutation is a gather whose backward is the inverse gather (``model.moe.permute_rows``):
+indexing's backward would be a scatter-add, which was 30% of a step on an H100.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class DispatchPlan:
-    """Where this rank's token copies go: pure function of the router's choice."""
-
-    order_N: torch.Tensor  # permutation of the T*K (token, slot) pairs, sorted by global expert
-    token_of_row_N: torch.Tensor  # token index of each sorted row
-    counts_E: torch.Tensor  # rows this rank sends to each global expert
-
-
-def plan_dispatch(topk_idx_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
-    """Sort the (token, slot) pairs by global expert; stable so the order is deterministic."""
-    k = topk_idx_TK.shape[1]
-    flat_N = topk_idx_TK.reshape(-1)
-    order_N = torch.argsort(flat_N, stable=True)
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
-    return DispatchPlan(order_N=order_N, token_of_row_N=order_N // k, counts_E=counts_E)
+from model.moe import permute_rows, sort_by_expert
 
 
 def regroup_by_local_expert(counts_recv_SE: torch.Tensor) -> torch.Tensor:
@@ -53,15 +38,6 @@ def regroup_by_local_expert(counts_recv_SE: torch.Tensor) -> torch.Tensor:
         torch.arange(el, device=counts_recv_SE.device).repeat(s), counts_recv_SE.reshape(-1)
     )
     return torch.argsort(expert_of_row_R, stable=True)
-
-
-def combine(y_sorted_ND: torch.Tensor, plan: DispatchPlan, topk_weight_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Weight each expert output by its (not renormalised) router weight and sum per token.
-    The product is taken in the router's dtype (fp32), the sum in the activations' dtype."""
-    w_N = topk_weight_TK.reshape(-1)[plan.order_N]
-    weighted_ND = (y_sorted_ND.to(w_N.dtype) * w_N[:, None]).to(y_sorted_ND.dtype)
-    y_TD = y_sorted_ND.new_zeros(num_tokens, y_sorted_ND.shape[1])
-    return y_TD.index_add(0, plan.token_of_row_N, weighted_ND)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -129,16 +105,24 @@ class AllToAllDispatcher:
         dist.all_to_all_single(counts_recv, counts_E, group=self.group)  # counts carry no gradient
         return counts_recv.view(self.ep_size, self.num_local_experts)
 
+    @torch.compiler.disable  # dynamic split sizes + collectives: eager, one graph break per layer
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, experts) -> torch.Tensor:
-        plan = plan_dispatch(topk_idx_TK, self.num_experts)
-        x_sorted_ND = x_TD[plan.token_of_row_N]
-        counts_recv_SE = self._exchange_counts(plan.counts_E)
-        splits = torch.stack([plan.counts_E.view(self.ep_size, -1).sum(1), counts_recv_SE.sum(1)])
+        # the data movement of model.moe.LocalDispatcher (gathers only, no scatter-add in
+        # forward or backward), with the two exchanges inserted around the experts
+        T, K = topk_idx_TK.shape
+        order_N, inverse_N, counts_E = sort_by_expert(topk_idx_TK, self.num_experts)
+        copies_ND = x_TD[:, None, :].expand(T, K, x_TD.shape[1]).reshape(T * K, -1)
+        x_sorted_ND = permute_rows(copies_ND, order_N, inverse_N)
+        counts_recv_SE = self._exchange_counts(counts_E)
+        splits = torch.stack([counts_E.view(self.ep_size, -1).sum(1), counts_recv_SE.sum(1)])
         in_splits, out_splits = splits.tolist()  # host sync (see _exchange_counts)
 
         x_recv_RD = all_to_all(x_sorted_ND, out_splits, in_splits, self.group)
         perm_R = regroup_by_local_expert(counts_recv_SE)
-        y_local_RD = _run_experts(experts, x_recv_RD[perm_R], counts_recv_SE.sum(0))
-        y_recv_RD = torch.empty_like(y_local_RD).index_copy(0, perm_R, y_local_RD)
+        inverse_R = torch.argsort(perm_R)
+        y_local_RD = _run_experts(experts, permute_rows(x_recv_RD, perm_R, inverse_R), counts_recv_SE.sum(0))
+        y_recv_RD = permute_rows(y_local_RD, inverse_R, perm_R)
         y_sorted_ND = all_to_all(y_recv_RD, in_splits, out_splits, self.group)
-        return combine(y_sorted_ND, plan, topk_weight_TK, x_TD.shape[0])
+        y_TKD = permute_rows(y_sorted_ND, inverse_N, order_N).view(T, K, -1)
+        # weight in the router's dtype (fp32), return in the activations' dtype
+        return (y_TKD.to(topk_weight_TK.dtype) * topk_weight_TK[..., None]).sum(dim=1).to(y_sorted_ND.dtype)

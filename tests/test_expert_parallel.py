@@ -5,20 +5,36 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.ep_dispatch import combine, plan_dispatch, regroup_by_local_expert
+from pipeline.ep_dispatch import regroup_by_local_expert
 from tests._ep_helpers import dispatcher_worker, run_two_ranks, train_worker
 
 moe = pytest.importorskip("model.moe", reason="model.moe not written yet")
+
+
+def plan_dispatch(topk_idx_TK, num_experts):
+    """Reference planning, written independently of the dispatcher: stable sort of the
+    (token, slot) pairs by expert, the token of each sorted row, rows per expert."""
+    k = topk_idx_TK.shape[1]
+    order_N = torch.argsort(topk_idx_TK.reshape(-1), stable=True)
+    return dict(order_N=order_N, token_of_row_N=order_N // k,
+                counts_E=torch.bincount(topk_idx_TK.reshape(-1), minlength=num_experts))
+
+
+def combine(y_sorted_ND, plan, topk_weight_TK, num_tokens):
+    """Reference combine: weighted scatter-add of each sorted row onto its token."""
+    w_N = topk_weight_TK.reshape(-1)[plan["order_N"]]
+    y_TD = y_sorted_ND.new_zeros(num_tokens, y_sorted_ND.shape[1])
+    return y_TD.index_add(0, plan["token_of_row_N"], (y_sorted_ND.to(w_N.dtype) * w_N[:, None]).to(y_sorted_ND.dtype))
 
 
 def _simulate_two_rank_dispatch(xs, idxs, ws, experts_per_rank, num_experts):
     """The AllToAllDispatcher's data movement with the two all-to-alls done by hand."""
     S, El = len(xs), num_experts // len(xs)
     plans = [plan_dispatch(i, num_experts) for i in idxs]
-    sends = [list(torch.split(x[p.token_of_row_N], p.counts_E.view(S, El).sum(1).tolist())) for x, p in zip(xs, plans)]
+    sends = [list(torch.split(x[p["token_of_row_N"]], p["counts_E"].view(S, El).sum(1).tolist())) for x, p in zip(xs, plans)]
     ys_back = [[None] * S for _ in range(S)]
     for dst in range(S):
-        counts_recv_SE = torch.stack([p.counts_E.view(S, El)[dst] for p in plans])
+        counts_recv_SE = torch.stack([p["counts_E"].view(S, El)[dst] for p in plans])
         x_recv = torch.cat([sends[src][dst] for src in range(S)])
         perm = regroup_by_local_expert(counts_recv_SE)
         y_local = experts_per_rank[dst](x_recv[perm], counts_recv_SE.sum(0))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on a lent multi-GPU machine (the device tool's `run`), from the repo root:
+#   bash benchmarks/lent_gpu.sh BUDGET_S PLAN [PLAN ...]
+# Installs the wheels carried in .whl/ (deepspeed and what the image lacks; see docs/benchmarks.md),
+# writes synthetic packed 4096-point shards, runs benchmarks/train_distributed.py plans, and leaves
+# the JSON and the tails of every run's log in $OUT.
+set -u
+budget=$1; shift
+OUT=${OUT:-/tmp/lent_out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
+python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name())" || exit 1
+python3 benchmarks/train_distributed.py data --out /tmp/packed4k --rows 512 || exit 1
+python3 benchmarks/train_distributed.py run --data /tmp/packed4k --plan "$@" --out /tmp/td \
+    --json "$OUT/train_distributed.json" --budget "$budget"
+for f in /tmp/td/runs/*/log.txt; do
+    echo "===== $f"; grep -v -i -E "warning|warn\(" "$f" | tail -40
+done > "$OUT/run_logs.txt" 2>&1
