@@ -28,16 +28,18 @@ def init_distributed(use_gpu: bool) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return
     if not use_gpu:
         # The CPU shared-memory comm op compiles for ~25 s on first use and gloo does not need
-        # it (stack.md: same results without it).
+        # it (stack.md: same results without it). Patched before the early return below: under
+        # Ray Train the process group already exists, and DeepSpeed still builds the op when
+        # deepspeed.initialize wraps that group (~40 s per run with 2 workers on 2 cores).
         import importlib
 
         # Not `import deepspeed.comm.torch as m`: that resolves the attribute `torch` of
         # deepspeed.comm, which is the torch library itself, and patches the wrong module.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if dist.is_initialized():
+        return
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 
