@@ -14,6 +14,11 @@ Trials run as Ray tasks with fractional resources (``resources_per_trial``), at 
 ``max_concurrent`` at a time; each trains through ``pipeline.trainer``, then measures the
 held-out loss/MSE on the val shards and the zero-shot metrics on a documented benchmark
 subset, and logs one summary (see ``report.TrialRecord``) on its child run.
+
+Air-gapped GPU nodes (no Ray, no MLflow) run the same plan through ``pipeline.scaling.offline``:
+trials train in-process through ``pipeline.train_loop.run_training`` and their records go to a
+JSON-lines file, which ``offline.import_records`` later logs as FINISHED child runs with the
+bookkeeping below (``open_sweep``, ``create_trial_run``, ``trial_runs``, ``build_sweep_report``).
 """
 from __future__ import annotations
 
@@ -245,6 +250,8 @@ def run_trial(plan: TrialPlan, ev: EvalSection, *, train_fn: TrainFn | None = No
 
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     model, info = (train_fn or train_trial)(plan.train_config)
+    if (plan.train_config.get("scaling") or {}).get("use_gpu") and torch.cuda.is_available():
+        model = model.to("cuda")  # the exported model loads on CPU; measure where it trained
     data_path = plan.train_config["data"]["path"]
     loss, mse = heldout_metrics(model, data_path, ev.heldout_windows, ev.heldout_batch_size)
     zs = zero_shot_metrics(model, ev)
@@ -288,6 +295,55 @@ def _parent_run(client: Any, exp_id: str, cfg: SweepConfig) -> str:
     return run.info.run_id
 
 
+@dataclass
+class SweepRuns:
+    """The MLflow side of one sweep: client, tracking URI, experiment id, parent run id."""
+
+    client: Any
+    uri: str | None
+    exp_id: str
+    parent: str
+
+
+def open_sweep(cfg: SweepConfig) -> SweepRuns:
+    """Find or create the sweep's experiment and parent run (by sweep name)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = cfg.sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.sweep.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.sweep.experiment)
+    return SweepRuns(client, uri, exp_id, _parent_run(client, exp_id, cfg))
+
+
+def trial_runs(runs: SweepRuns) -> dict[str, Any]:
+    """The sweep's existing child runs by config hash."""
+    return {r.data.tags.get(R.HASH_TAG): r for r in R.child_runs(runs.client, runs.exp_id, runs.parent)}
+
+
+def create_trial_run(runs: SweepRuns, cfg: SweepConfig, p: TrialPlan, *, tags: dict[str, str] | None = None,
+                     start_time: int | None = None) -> str:
+    """A new child run for a planned trial: the tags the skip/resume logic matches on, and the
+    trial's parameters."""
+    run_id = runs.client.create_run(runs.exp_id, run_name=p.spec.name, start_time=start_time, tags={
+        "mlflow.parentRunId": runs.parent, R.ROLE_TAG: R.ROLE_TRIAL, R.HASH_TAG: p.config_hash,
+        R.FAMILY_TAG: p.spec.family, R.SWEEP_TAG: cfg.sweep.name, **(tags or {})}).info.run_id
+    runs.client.log_batch(run_id, params=_trial_params(p))
+    return run_id
+
+
+def build_sweep_report(cfg: SweepConfig, runs: SweepRuns, log: Callable[[str], None] = print) -> R.ReportFiles | None:
+    """The report from the sweep's FINISHED children in MLflow, logged on the parent run."""
+    _, records = R.load_trials(cfg.sweep.experiment, runs.uri, cfg.sweep.name)
+    if len(records) < 3:
+        log(f"report skipped: {len(records)} finished trials (need >= 3)")
+        return None
+    files = R.build_report(records, Path(cfg.sweep.output_dir) / "report", n_boot=cfg.evaluation.report_n_boot)
+    R.log_report(runs.uri, runs.parent, files.out_dir)
+    log(f"report: {files.out_dir}")
+    return files
+
+
 def _trial_task(plan: TrialPlan, ev: EvalSection, tracking_uri: str | None, run_id: str,
                 train_fn: TrainFn | None = None) -> tuple[str, str | None]:
     """Ray task body: train + measure + log on the child run; returns (hash, error or None)."""
@@ -315,18 +371,12 @@ def run_sweep(cfg: SweepConfig, *, report: bool = True, log: Callable[[str], Non
     ``train_fn(train_config_dict) -> (model, info)`` replaces the Ray Train trainer (the
     default, ``train_trial``) where a caller needs another training path.
     """
-    import ray
-    from mlflow.tracking import MlflowClient
-
-    uri = cfg.sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.sweep.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.sweep.experiment)
-    parent = _parent_run(client, exp_id, cfg)
+    runs = open_sweep(cfg)
+    client, uri = runs.client, runs.uri
 
     plans = plan_trials(cfg)
     log(format_grid([p.spec for p in plans]))
-    existing = {r.data.tags.get(R.HASH_TAG): r for r in R.child_runs(client, exp_id, parent)}
+    existing = trial_runs(runs)
     ran, skipped, resumed, todo = [], [], [], []
     for p in plans:
         run = existing.get(p.config_hash)
@@ -338,16 +388,15 @@ def run_sweep(cfg: SweepConfig, *, report: bool = True, log: Callable[[str], Non
             run_id = run.info.run_id
             client.update_run(run_id, status="RUNNING")
         else:
-            run_id = client.create_run(exp_id, run_name=p.spec.name, tags={
-                "mlflow.parentRunId": parent, R.ROLE_TAG: R.ROLE_TRIAL, R.HASH_TAG: p.config_hash,
-                R.FAMILY_TAG: p.spec.family, R.SWEEP_TAG: cfg.sweep.name}).info.run_id
-            client.log_batch(run_id, params=_trial_params(p))
+            run_id = create_trial_run(runs, cfg, p)
         todo.append((p, run_id))
     log(f"sweep {cfg.sweep.name!r}: {len(plans)} trials, {len(skipped)} finished (skipped), "
         f"{len(resumed)} to resume, {len(todo) - len(resumed)} new")
 
     failed: dict[str, str] = {}
     if todo:
+        import ray
+
         if not ray.is_initialized():
             ray.init()
         task = ray.remote(_trial_task).options(num_cpus=cfg.sweep.cpus_per_trial,
@@ -376,21 +425,12 @@ def run_sweep(cfg: SweepConfig, *, report: bool = True, log: Callable[[str], Non
                 ran.append(h)
                 log(f"[{done}/{len(todo)}] {p.spec.name} finished")
 
-    files = None
-    if report:
-        _, records = R.load_trials(cfg.sweep.experiment, uri, cfg.sweep.name)
-        if len(records) >= 3:
-            files = R.build_report(records, Path(cfg.sweep.output_dir) / "report", n_boot=cfg.evaluation.report_n_boot)
-            R.log_report(uri, parent, files.out_dir)
-            log(f"report: {files.out_dir}")
-        else:
-            log(f"report skipped: {len(records)} finished trials (need >= 3)")
-    return SweepResult(parent, ran, skipped, resumed, failed, files)
+    files = build_sweep_report(cfg, runs, log) if report else None
+    return SweepResult(runs.parent, ran, skipped, resumed, failed, files)
 
 
-def _trial_params(p: TrialPlan) -> list[Any]:
-    from mlflow.entities import Param
-
+def trial_param_values(p: TrialPlan) -> dict[str, str]:
+    """The parameters every trial's child run carries (as MLflow stores them: strings)."""
     m = p.spec.model
     values = {"family": p.spec.family, "size": p.spec.size, "budget_points": p.spec.budget_points,
               "steps": p.steps, "window_length": p.spec.window_length,
@@ -398,4 +438,10 @@ def _trial_params(p: TrialPlan) -> list[Any]:
               "intermediate_size": m["intermediate_size"], "num_attention_heads": m["num_attention_heads"],
               "num_experts": m["num_experts"], "num_experts_per_tok": m["num_experts_per_tok"],
               "use_dense": m["use_dense"], "flops_per_point": p.spec.flops_per_point}
-    return [Param(k, str(v)) for k, v in values.items()]
+    return {k: str(v) for k, v in values.items()}
+
+
+def _trial_params(p: TrialPlan) -> list[Any]:
+    from mlflow.entities import Param
+
+    return [Param(k, v) for k, v in trial_param_values(p).items()]

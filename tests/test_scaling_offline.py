@@ -1,0 +1,188 @@
+"""The offline scaling sweep (air-gapped GPU nodes: no Ray, no MLflow there): shards of the plan
+train in-process through the real training loop and append JSON-line records; a re-run skips
+them; an import into a real MLflow server makes them FINISHED child runs that an online run of
+the same sweep skips, and builds the report."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+model = pytest.importorskip("model")
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _helpers_scaling as H  # noqa: E402
+
+from pipeline.scaling import offline as O  # noqa: E402
+from pipeline.scaling import report as R  # noqa: E402
+from pipeline.scaling import sweep as S  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_BENCH = Path(os.environ.get("TIMEMOE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "benchmarks"
+WINDOW = 32
+
+# One shard of the offline sweep through the CLI, in a fresh interpreter where ray and mlflow cannot
+# be imported (as on an air-gapped GPU node; DeepSpeed's optional `import mlflow` copes), then the
+# names of those that did get loaded (none may).
+SHARD_CODE = """
+import importlib.abc, json, sys
+
+class AirGap(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("ray", "mlflow"):
+            raise ModuleNotFoundError(f"No module named {name!r} (air-gapped node)")
+
+sys.meta_path.insert(0, AirGap())
+from jobs.sweep import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "mlflow"))}))
+"""
+
+
+def _raw_config(tmp_path: Path, data: Path, name: str) -> dict:
+    raw = yaml.safe_load((ROOT / "configs" / "sweep-tiny-cpu.yaml").read_text())
+    raw["sweep"].update(name=name, experiment=f"exp-{name}", output_dir=str(tmp_path / "runs"))
+    raw["grid"]["window_length"] = WINDOW
+    raw["grid"]["budgets"] = [256, 512]  # 2 and 4 steps of 4 windows x 32 points
+    raw["training"]["data"]["path"] = str(data)
+    raw["evaluation"].update(heldout_windows=16, report_n_boot=10)
+    if (SHARED_BENCH / "ETTh1.csv.gz").exists():  # exercise the zero-shot metrics through the records too
+        raw["evaluation"].update(zero_shot_datasets=["ETTh1"], zero_shot_stride=400,
+                                 zero_shot_data_dir=str(SHARED_BENCH))
+    return raw
+
+
+def _boom(train_config):
+    raise AssertionError("a finished trial must not train again")
+
+
+def test_offline_shards_then_import_then_online_skips(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    data = H.write_test_shards(tmp_path / "data", WINDOW, n_train=32, n_val=16)
+    raw = _raw_config(tmp_path, data, "offline")
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = S.SweepConfig.from_yaml(cfg_path)
+    plans = S.plan_trials(cfg)
+    assert len(plans) == 8
+
+    # Two shards at once, as one process per GPU would run (each picks its own MASTER_PORT).
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env.pop("MASTER_PORT", None)
+    records = [tmp_path / "out" / f"records-{k}.jsonl" for k in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", SHARD_CODE, "--config", str(cfg_path),
+                               "--offline-records", str(records[k]), "--shard", f"{k}/2"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(2)]
+    for k, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"shard {k}:\n{out[-3000:]}\n{err[-3000:]}"
+        res = json.loads(out.strip().splitlines()[-1])
+        assert res == {"rc": 0, "loaded": []}, res  # no ray, no mlflow needed
+        assert "done: " in out and "held-out loss" in out  # per-trial progress
+        recs = O.read_records([records[k]])
+        assert [r.config_hash for r in recs] == [p.config_hash for p in plans[k::2]]
+        for r in recs:
+            p = next(p for p in plans if p.config_hash == r.config_hash)
+            assert r.sweep == "offline" and r.trial == p.spec.name and r.params == S.trial_param_values(p)
+            assert r.record.trial_hash == p.config_hash and r.record.points_seen == p.points_seen
+            assert r.record.heldout_loss > 0 and r.record.heldout_mse > 0 and r.record.wall_time_s > 0
+            assert math.isnan(r.record.mfu)  # CPU: stored as null, read back as NaN
+            assert (tmp_path / "runs" / p.config_hash / "final_model" / "model.safetensors").exists()
+            if "zero_shot_datasets" in raw["evaluation"]:
+                assert r.record.zs_mse > 0 and "zs/ETTh1/96/mse" in r.record.zero_shot
+
+    # A re-run of a shard finds every trial in its file: nothing trains.
+    again = O.run_offline(cfg, records[0], shard=(0, 2), train_fn=_boom, log=lambda s: None)
+    assert not again.ran and not again.failed and len(again.skipped) == 4
+
+    # A writer killed mid-line leaves a partial last line: it is reported and left out.
+    with records[1].open("a") as f:
+        f.write('{"sweep": "offline", "config_')
+    messages: list[str] = []
+    cfg.sweep.tracking_uri = mlflow_server
+    imp = O.import_records(cfg, records, log=messages.append)
+    assert any("unreadable record" in m for m in messages)
+    assert sorted(imp.imported) == sorted(p.config_hash for p in plans) and not imp.skipped and not imp.foreign
+    assert imp.report is not None
+    for f in ("scaling_fits.json", "scaling_table.md", "loss_vs_flops.png"):
+        assert (imp.report.out_dir / f).exists(), f
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp_id = client.get_experiment_by_name(cfg.sweep.experiment).experiment_id
+    children = R.child_runs(client, exp_id, imp.parent_run_id)
+    assert sorted(c.data.tags[R.HASH_TAG] for c in children) == sorted(p.config_hash for p in plans)
+    by_hash = {r.config_hash: r for r in O.read_records(records, log=lambda s: None)}
+    for c in children:
+        h = c.data.tags[R.HASH_TAG]
+        p = next(p for p in plans if p.config_hash == h)
+        assert c.info.status == "FINISHED" and c.info.run_name == p.spec.name
+        assert c.data.tags[R.ROLE_TAG] == R.ROLE_TRIAL and c.data.tags[R.SWEEP_TAG] == "offline"
+        assert c.data.tags[R.FAMILY_TAG] == p.spec.family and c.data.tags[O.SOURCE_TAG].startswith("offline:records-")
+        assert c.data.params == S.trial_param_values(p)  # exactly what an online trial logs
+        assert c.data.metrics["heldout_loss"] == pytest.approx(by_hash[h].record.heldout_loss)
+        assert R.record_from_run(c) is not None
+    logged = {a.path for a in client.list_artifacts(imp.parent_run_id, R.REPORT_DIR)}
+    assert f"{R.REPORT_DIR}/scaling_fits.json" in logged
+
+    # Importing again changes nothing; the online sweep with the same config skips every trial.
+    twice = O.import_records(cfg, records, report=False, log=lambda s: None)
+    assert twice.parent_run_id == imp.parent_run_id and not twice.imported and len(twice.skipped) == 8
+    online = S.run_sweep(cfg, train_fn=_boom, report=False, log=lambda s: None)
+    assert online.parent_run_id == imp.parent_run_id
+    assert not online.ran and not online.resumed and len(online.skipped) == 8
+    assert len(R.child_runs(client, exp_id, imp.parent_run_id)) == 8
+
+    # Records of another config are refused, not mixed in.
+    other = S.SweepConfig.from_dict({**raw, "grid": {**raw["grid"], "budgets": [1024]}})
+    other.sweep.tracking_uri = mlflow_server
+    foreign = O.import_records(other, records, report=False, log=lambda s: None)
+    assert not foreign.imported and len(foreign.foreign) == 8
+
+
+def test_records_round_trip_and_shards():
+    rec = R.TrialRecord(family="sparse", size="s", trial_hash="abc", n_total=10, n_active=5, points_seen=64,
+                        training_flops=1e9, heldout_loss=0.5, heldout_mse=0.7, zs_mse=math.nan,
+                        zero_shot={"zs/ETTh1/96/mse": 0.3})
+    line = O.OfflineRecord(sweep="x", config_hash="abc", trial="sparse-s-6e01", params={"family": "sparse"},
+                           record=rec).to_json()
+    json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    back = O.OfflineRecord.from_json(line)
+    assert back.record.metrics() == rec.metrics() and math.isnan(back.record.mfu)
+    assert O.parse_shard("3/8") == (3, 8) and O.parse_shard("0/1") == (0, 1)
+    for bad in ("8/8", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="shard"):
+            O.parse_shard(bad)
+    items = list(range(24))
+    parts = [O.shard_plans(items, k, 8) for k in range(8)]
+    assert sorted(sum(parts, [])) == items and all(len(p) == 3 for p in parts)
+
+
+def test_lent_gpu_config_plans_and_fits_its_time_box():
+    """configs/sweep-gpu-lent.yaml: 24 trials, ~1M to ~50M active parameters, window 1024, and by
+    the FLOPs estimate (25% of 989 TFLOP/s + 30 s compile per trial) every GPU's shard of 3
+    trials ends within 8 minutes."""
+    cfg = S.SweepConfig.from_yaml(ROOT / "configs" / "sweep-gpu-lent.yaml")
+    plans = S.plan_trials(cfg)
+    assert len(plans) == 24 and cfg.grid.window_length == 1024 and len(cfg.grid.budgets) == 3
+    active = sorted({p.spec.n_active for p in plans})
+    assert 1e6 <= active[0] < 3e6 and 4e7 <= active[-1] <= 6e7
+    assert cfg.training["data"]["loader"] == "plain" and not Path(cfg.training["data"]["path"]).is_absolute()
+    from pipeline.config import config_from_dict
+
+    def est(p):  # seconds
+        return 30 + p.spec.flops_per_point * p.points_seen / (0.25 * 989e12)
+
+    assert max(est(p) for p in plans) < 90
+    assert max(sum(est(p) for p in O.shard_plans(plans, k, 8)) for k in range(8)) < 8 * 60
+    for p in plans:
+        tc = config_from_dict(p.train_config)
+        assert tc.scaling.use_gpu and tc.train.global_batch_size == tc.train.micro_batch_size == 32
+        assert tc.parallel.precision == "bf16" and tc.parallel.compile
+    assert cfg.training["optim"]["warmup_steps"] == round(0.1 * min(p.steps for p in plans))
