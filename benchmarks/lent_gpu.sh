@@ -15,5 +15,6 @@ python3 benchmarks/train_distributed.py data --out /tmp/packed4k --rows 512 || e
 python3 benchmarks/train_distributed.py run --data /tmp/packed4k --plan "$@" --out /tmp/td \
     --json "$OUT/train_distributed.json" --budget "$budget"
 for f in /tmp/td/runs/*/log.txt; do
-    echo "===== $f"; grep -v -i -E "warning|warn\(" "$f" | tail -40
+    echo "===== $f"; grep -v -i -E "warning|warn\(" "$f" | grep -m 1 -A 30 "Traceback"; grep "\[train\]" "$f" | tail -3
 done > "$OUT/run_logs.txt" 2>&1
+tar czf "$OUT/run_logs.tar.gz" /tmp/td/runs/*/log.txt 2>/dev/null

@@ -109,9 +109,18 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-200m", ALL8, 2, 16)],
         [_r("timemoe-200m", ALL8, 4, 16)],
     ],
-    "ultra": [
+    # the same runs without the 1-GPU baselines (measured before), most wanted first
+    "multi": [
+        [_r("timemoe-200m", [0, 1], 1, 16), _r("timemoe-200m", [2, 3], 2, 16),
+         _r("timemoe-50m", [4, 5], 1, 16), _r("timemoe-50m", [6, 7], 2, 16)],
+        [_r("timemoe-200m", [0, 1, 2, 3], 1, 16), _r("timemoe-200m", [4, 5, 6, 7], 4, 16)],
+        [_r("timemoe-200m", ALL8, 1, 16)],
+        [_r("timemoe-200m", ALL8, 8, 16)],
         [_r("timemoe-ultra", ALL8, 8, 4)],
         [_r("timemoe-ultra", ALL8, 1, 4)],
+        [_r("timemoe-200m", ALL8, 2, 16)],
+        [_r("timemoe-200m", [0, 1, 2, 3], 2, 16)],
+        [_r("timemoe-200m", ALL8, 4, 16)],
     ],
     "smoke": [[_r("timemoe-50m", [0, 1], 2, 4, steps=4)]],
     "cpu": [[_r("tiny", [0], 1, 4, steps=6), _r("tiny", [1, 2], 2, 4, steps=6)]],
@@ -241,6 +250,7 @@ def main() -> None:
     r.add_argument("--budget", type=float, default=1e9,
                    help="seconds for the whole plan: a wave is cut at the budget, and none starts with < 60 s left")
     r.add_argument("--cpu", action="store_true", help="gloo + tiny preset smoke test")
+    r.add_argument("--keep-going", action="store_true", help="go on after a wave whose multi-GPU runs all failed")
     args = ap.parse_args()
 
     if args.cmd == "data":
@@ -271,7 +281,12 @@ def main() -> None:
                 log(f"budget spent: skipped {[s.name for s in wave]}")
                 rows += [{**asdict(s), "world": len(s.gpus), "skipped": "budget"} for s in wave]
                 continue
-            rows += run_wave(wave, args.data, out, args.cpu, min(args.wave_timeout, left - 5), log)
+            wave_rows = run_wave(wave, args.data, out, args.cpu, min(args.wave_timeout, left - 5), log)
+            rows += wave_rows
+            multi = [r for r in wave_rows if r["world"] > 1]
+            if multi and all("error" in r for r in multi) and not args.keep_going:
+                log("every multi-GPU run of this wave failed: stopping here (see the logs; --keep-going to go on)")
+                args.budget = 0
             add_scaling(rows)
             json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     add_scaling(rows)

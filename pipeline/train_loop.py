@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,10 +95,13 @@ class StepStats:
             self.values = [a + vals[n] for a, n in zip(self.values, self.names)]
 
 
-def _all_reduce_mean(vec: torch.Tensor, world: int) -> torch.Tensor:
+def all_reduce_sum(vec: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
+    """Sum a small host tensor across ranks. NCCL reduces only device tensors, so the vector
+    travels to ``device`` and back (gloo takes it as it is)."""
     if world > 1:
-        dist.all_reduce(vec)
-        vec /= world
+        moved = vec.to(device)
+        dist.all_reduce(moved)
+        vec = moved.cpu()
     return vec
 
 
@@ -127,7 +131,7 @@ def evaluate(engine: Any, batches: Iterator[dict[str, torch.Tensor]] | None, max
         sums += torch.tensor([float(out.loss), 1.0, float(err.sum()), float(mask_BL.sum())], dtype=torch.float64)
     engine.train()
     if world > 1:
-        dist.all_reduce(sums)
+        sums = all_reduce_sum(sums, world, device)
     if sums[1] == 0:
         return {}
     return {"eval_loss": float(sums[0] / sums[1]), "eval_mse": float(sums[2] / sums[3].clamp_min(1))}
@@ -135,7 +139,9 @@ def evaluate(engine: Any, batches: Iterator[dict[str, torch.Tensor]] | None, max
 
 def export_model(engine: Any, ep_info: Any, cfg: TrainConfig, out_dir: Path, rank: int) -> Path | None:
     """Collective: full weights into a fresh plain model, saved with ``save_pretrained``
-    (config.json + model.safetensors) so it loads without Ray or DeepSpeed."""
+    (config.json + model.safetensors) so it loads without Ray or DeepSpeed. Published with
+    renames (:func:`publish_dir`): a job stopped or killed mid-export never leaves a
+    half-written ``out_dir``."""
     from model import TimeMoeModel
 
     module = engine.module
@@ -154,8 +160,26 @@ def export_model(engine: Any, ep_info: Any, cfg: TrainConfig, out_dir: Path, ran
         return None
     fresh = TimeMoeModel(model_config(cfg.model))
     fresh.load_state_dict(state, strict=True)
-    fresh.save_pretrained(str(out_dir))
+    out_dir = Path(out_dir)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    fresh.save_pretrained(str(tmp))
+    publish_dir(tmp, out_dir)
     return out_dir
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the complete directory ``tmp`` with renames only: readers see the
+    previous complete directory, none, or the new complete one, never a partial one."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _flops_per_point(mcfg: Any, window_length: int) -> float | None:
@@ -253,7 +277,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
 
         vec = torch.stack(stats.values).double().cpu() / accum
         wait_s = batches.take_wait()
-        vec = _all_reduce_mean(torch.cat([vec, torch.tensor([wait_s], dtype=torch.float64)]), rt.world_size)
+        vec = all_reduce_sum(torch.cat([vec, torch.tensor([wait_s], dtype=torch.float64)]), rt.world_size, device) / rt.world_size
         dt = time.perf_counter() - t0
         m = dict(zip(stats.names, vec[:-1].tolist()))
         m.update(lr=lr, points_seen=state.points_seen, points_per_s=points / dt, step_time_s=dt,
