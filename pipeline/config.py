@@ -11,7 +11,8 @@ YAML layout (every key optional; see ``configs/tiny-cpu.yaml``)::
     optim:    {lr: 1.0e-3, warmup_steps: 100, min_lr_ratio: 0.1, ...}
     parallel: {zero_stage: 1, ep_size: 1, precision: auto, ...}
     train:    {max_steps: 1000, global_batch_size: 64, micro_batch_size: 8, ...}
-    scaling:  {num_workers: 2, use_gpu: false, cpus_per_worker: 0.5, max_failures: 1}
+    scaling:  {num_workers: 2, use_gpu: false, cpus_per_worker: 0.5, max_failures: 1,
+               resources_per_worker: {trainer: 1}}
     tracking: {tracking_uri: null, experiment: timemoe-pretrain}
 
 Command-line overrides use dotted keys: ``train.max_steps=20 optim.lr=3e-4``.
@@ -86,6 +87,10 @@ class ScalingSection:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional so Ray Data tasks can still schedule (stack.md)
     max_failures: int = 0  # Ray Train restarts the worker group from the latest checkpoint
+    # Extra Ray custom resources each worker asks for, on top of CPU (cpus_per_worker) and GPU
+    # (use_gpu): ``{trainer: 1}`` places the workers on the cluster's gpu_trainer nodes
+    # (cluster.yaml, docs/cluster.md "Placing work"). Empty: any node with the CPU/GPU.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,6 +158,15 @@ class TrainConfig:
             raise ValueError(f"train.profile_steps must be [first, last] with 1 <= first <= last, got {list(t.profile_steps)}")
         if t.max_steps < 1 or t.micro_batch_size < 1:
             raise ValueError("train.max_steps and train.micro_batch_size must be >= 1")
+        extra = self.scaling.resources_per_worker
+        if not isinstance(extra, dict):
+            raise ValueError(f"scaling.resources_per_worker must be a mapping like {{trainer: 1}}, got {extra!r}")
+        for name, amount in extra.items():
+            if name in ("CPU", "GPU"):
+                raise ValueError(f"scaling.resources_per_worker: set {name} through "
+                                 f"scaling.{'cpus_per_worker' if name == 'CPU' else 'use_gpu'}, not here")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+                raise ValueError(f"scaling.resources_per_worker[{name!r}] must be a number > 0, got {amount!r}")
 
     def grad_accum_steps(self, world_size: int) -> int:
         per_step = self.train.micro_batch_size * world_size

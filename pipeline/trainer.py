@@ -107,7 +107,9 @@ def run_ray(cfg: TrainConfig, resume: bool = False) -> Any:
     cfg.train.output_dir = str(out)  # workers may run in another cwd
     datasets = data.ray_datasets(cfg.data.path) if cfg.data.loader == "ray" else {}
     s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker} | ({"GPU": 1} if s.use_gpu else {})
+    # CPU and GPU from their own knobs; custom resources (e.g. {"trainer": 1}) place the workers
+    # on the node type that advertises them (cluster.yaml, docs/cluster.md "Placing work").
+    resources = {"CPU": s.cpus_per_worker} | ({"GPU": 1} if s.use_gpu else {}) | dict(s.resources_per_worker)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),

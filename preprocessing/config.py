@@ -11,6 +11,7 @@ YAML layout mirrors the dataclasses::
     normalize: {method: zscore, scope: run}
     pack: {window_length: 4096, min_chunk_length: 32}
     mixture: {weights: {nature: 0.3, energy: 2.5}}
+    task_resources: {data: 1}   # Ray custom resources of every read/clean/pack task (placement)
 """
 from __future__ import annotations
 
@@ -100,6 +101,10 @@ class PreprocessConfig:
     pack: PackConfig = field(default_factory=PackConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     output_options: OutputConfig = field(default_factory=OutputConfig)
+    # Ray custom resources that every preprocessing task (read, dedup pass, clean, pack/write)
+    # asks for, on top of its CPU: ``{data: 1}`` keeps them on the cluster's cpu_data nodes
+    # (cluster.yaml, docs/cluster.md "Placing work"). Empty: any node with a free CPU.
+    task_resources: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,5 +169,11 @@ def validate(config: PreprocessConfig) -> None:
         raise ValueError(f"normalize.method must be zscore, max or none, got {config.normalize.method!r}")
     if config.normalize.scope not in ("run", "series"):
         raise ValueError(f"normalize.scope must be run or series, got {config.normalize.scope!r}")
+    if not isinstance(config.task_resources, dict):
+        raise ValueError(f"task_resources must be a mapping like {{data: 1}}, got {config.task_resources!r}")
+    for name, amount in config.task_resources.items():
+        if name in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ValueError(f"task_resources[{name!r}] must be a custom resource (not CPU/GPU) with an amount > 0, "
+                             f"got {amount!r}")
     if config.clean.partial_window not in ("check", "drop"):
         raise ValueError(f"clean.partial_window must be check or drop, got {config.clean.partial_window!r}")

@@ -18,7 +18,7 @@ import pickle
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
@@ -241,8 +241,10 @@ def _read_batch(batch: pa.Table, config: IngestConfig) -> pa.Table:
 
 
 def read_series(inputs: list[str], catalog: SourceCatalog | None = None,
-                config: IngestConfig | None = None) -> "ray.data.Dataset":  # noqa: F821
-    """A Ray Data dataset of SERIES_SCHEMA blocks; one read task per read unit."""
+                config: IngestConfig | None = None,
+                ray_remote_args: dict[str, Any] | None = None) -> "ray.data.Dataset":  # noqa: F821
+    """A Ray Data dataset of SERIES_SCHEMA blocks; one read task per read unit.
+    ``ray_remote_args`` go to the read tasks (e.g. ``{"resources": {"data": 1}}`` for placement)."""
     import ray
 
     config = config or IngestConfig()
@@ -255,7 +257,7 @@ def read_series(inputs: list[str], catalog: SourceCatalog | None = None,
     log.info("ingest: %d read units from %d inputs", len(specs), len(inputs))
     ds = ray.data.from_arrow(blocks)
     return ds.map_batches(_read_batch, fn_kwargs={"config": config}, batch_size=1, batch_format="pyarrow",
-                          zero_copy_batch=True)
+                          zero_copy_batch=True, **(ray_remote_args or {}))
 
 
 def read_series_local(inputs: list[str], catalog: SourceCatalog | None = None,
