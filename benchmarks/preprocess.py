@@ -9,6 +9,15 @@ of preprocessing.ingest.read_series), BENCH_BLOCK_ELEMENTS (ingest read-task siz
 BENCH_OBJECT_STORE_BYTES (Ray object-store budget, default 1 GiB), BENCH_COMPRESSION (shard codec,
 e.g. lz4, instead of the product default), TIMEMOE_DATA_STATS=1 (log Ray Data's per-operator stats).
 
+``--ray-warm`` adds a "ray-warm" row: the same Ray measurement after an UNTIMED 2M-point run on the
+same Ray instance (a long-running cluster taking ``ray job submit`` jobs: Ray Data's per-cluster
+singleton actors already exist). The headline per-core figure stays the cold "ray" row.
+
+"Mpts/s/core" = points / wall seconds / the cores Ray was given (``--cpus``). "Mpts/cpu-s" divides
+by the CPU seconds of the worker's whole process tree over its lifetime (Ray start-up, and for
+ray-warm the warm-up run, included); "run cpu-s" is the CPU the tree burnt inside the timed
+interval only.
+
 Prints a table and writes ``benchmarks/results/preprocess.json``. Each measurement runs in a
 fresh subprocess; peak memory is the sampled sum of PSS (proportional set size, so shared
 object-store pages are not double counted) over that process and all its descendants (the
@@ -152,7 +161,7 @@ def bench_config(corpus: Path, out: Path) -> "PreprocessConfig":
     return cfg
 
 
-def worker_ray(corpus: Path, out: Path, cpus: int) -> dict:
+def worker_ray(corpus: Path, out: Path, cpus: int, warm_corpus: Path | None = None) -> dict:
     import ray
 
     from preprocessing.config import PreprocessConfig
@@ -161,16 +170,45 @@ def worker_ray(corpus: Path, out: Path, cpus: int) -> dict:
     # A fixed object-store budget (Ray's default is 30% of RAM): Ray Data's backpressure then
     # bounds the memory of the streaming pipeline whatever the corpus size.
     store = int(os.environ.get("BENCH_OBJECT_STORE_BYTES", 1 << 30))
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", object_store_memory=store)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING", object_store_memory=store)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if warm_corpus is not None:
+        # "Long-running cluster" figure: one small run first on the same Ray instance, so that
+        # Ray Data's per-cluster singletons (stats and autoscaling-coordinator actors) exist,
+        # as they do on a cluster that takes `ray job submit` jobs. NOT timed.
+        import shutil
+
+        warm_out = out.parent / (out.name + "-warm")
+        warm_series, _ = ray_series(warm_corpus)
+        run_preprocess(bench_config(warm_corpus, warm_out), series=warm_series)
+        shutil.rmtree(warm_out, ignore_errors=True)
     series, reader = ray_series(corpus)
     cfg = bench_config(corpus, out)
+    cpu0 = _tree_cpu_now()
     t0 = time.perf_counter()
     result = run_preprocess(cfg, series=series)
     dt = time.perf_counter() - t0
+    cpu_run = _tree_cpu_now(cpu0)
     ray.shutdown()
-    return {"seconds": dt, "points_in": result.report["points_in"], "points_kept": result.report["points_kept"],
+    return {"seconds": dt, "cpu_seconds_run": cpu_run, "points_in": result.report["points_in"], "points_kept": result.report["points_kept"],
             "efficiency": result.efficiency, "reader": reader}
+
+
+def _tree_cpu_now(before: dict[int, float] | None = None):
+    """CPU seconds (user+sys) per process of this process tree; with ``before``, the total
+    burnt since then (processes born since count whole)."""
+    import psutil
+
+    now = {}
+    for p in [psutil.Process()] + psutil.Process().children(recursive=True):
+        try:
+            t = p.cpu_times()
+            now[p.pid] = t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    if before is None:
+        return now
+    return sum(v - before.get(pid, 0.0) for pid, v in now.items())
 
 
 def worker_single(corpus: Path, out: Path) -> dict:
@@ -243,12 +281,14 @@ def _tree_sample(pid: int, cpu: dict[int, float]) -> int:
     return total
 
 
-def measure(mode: str, corpus: Path, cpus: int) -> dict:
+def measure(mode: str, corpus: Path, cpus: int, warm_corpus: Path | None = None) -> dict:
     """Run one worker in a subprocess, sampling the PSS of its process tree."""
     with tempfile.TemporaryDirectory(prefix="bench-out-") as out:
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", mode, "--corpus", str(corpus), "--out", out,
-                                 "--cpus", str(cpus)], stdout=subprocess.PIPE, env=env, text=True)
+        cmd = [sys.executable, __file__, "--worker", mode, "--corpus", str(corpus), "--out", out, "--cpus", str(cpus)]
+        if warm_corpus is not None:
+            cmd += ["--warm-corpus", str(warm_corpus)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
         peak = 0
         cpu: dict[int, float] = {}
         stop = threading.Event()
@@ -284,10 +324,17 @@ def main() -> None:
     p.add_argument("--worker", choices=["ray", "single"])
     p.add_argument("--corpus")
     p.add_argument("--out")
+    p.add_argument("--warm-corpus")
+    p.add_argument("--ray-warm", action="store_true",
+                   help="also time the Ray pipeline after an untimed small run on the same Ray instance "
+                        "(a long-running cluster: Ray Data's singleton actors already up)")
     args = p.parse_args()
     if args.worker:
-        fn = worker_ray if args.worker == "ray" else worker_single
-        res = fn(Path(args.corpus), Path(args.out), args.cpus) if args.worker == "ray" else fn(Path(args.corpus), Path(args.out))
+        if args.worker == "ray":
+            res = worker_ray(Path(args.corpus), Path(args.out), args.cpus,
+                             Path(args.warm_corpus) if args.warm_corpus else None)
+        else:
+            res = worker_single(Path(args.corpus), Path(args.out))
         print(json.dumps(res))
         return
 
@@ -296,8 +343,10 @@ def main() -> None:
     t = time.perf_counter()
     main_corpus = generate_corpus(work / f"corpus-{args.points}", args.points)
     print(f"generated {args.points:,} points in {time.perf_counter() - t:.1f}s under {work}", flush=True)
-    for mode, cpus in (("single", 1), ("ray", args.cpus)):
-        r = measure(mode, main_corpus, cpus)
+    modes = [("single", 1), ("ray", args.cpus)] + ([("ray-warm", args.cpus)] if args.ray_warm else [])
+    warm = generate_corpus(work / "corpus-2000000", 2_000_000) if args.ray_warm else None
+    for mode, cpus in modes:
+        r = measure("ray" if mode == "ray-warm" else mode, main_corpus, cpus, warm if mode == "ray-warm" else None)
         r.update(mode=mode, cores=cpus, corpus_points=args.points,
                  points_per_s=r["points_in"] / r["seconds"], points_per_s_per_core=r["points_in"] / r["seconds"] / cpus,
                  points_per_cpu_s=r["points_in"] / max(r["cpu_seconds_tree"], 1e-9))
@@ -316,10 +365,11 @@ def main() -> None:
             rows.append(r)
     print()
     print(f"{'mode':<14}{'cores':>6}{'points in':>14}{'seconds':>9}{'Mpts/s':>9}{'Mpts/s/core':>13}{'Mpts/cpu-s':>12}"
-          f"{'efficiency':>12}{'peak PSS MB':>13}")
+          f"{'run cpu-s':>10}{'efficiency':>12}{'peak PSS MB':>13}")
     for r in rows:
         print(f"{r['mode']:<14}{r['cores']:>6}{r['points_in']:>14,}{r['seconds']:>9.2f}{r['points_per_s'] / 1e6:>9.2f}"
-              f"{r['points_per_s_per_core'] / 1e6:>13.2f}{r['points_per_cpu_s'] / 1e6:>12.2f}{r['efficiency']:>12.4f}"
+              f"{r['points_per_s_per_core'] / 1e6:>13.2f}{r['points_per_cpu_s'] / 1e6:>12.2f}"
+              f"{r.get('cpu_seconds_run', float('nan')):>10.2f}{r['efficiency']:>12.4f}"
               f"{r['peak_pss_mb']:>13.0f}")
     ray_rate = next(r for r in rows if r["mode"] == "ray")["points_per_s_per_core"]
     single_rate = next(r for r in rows if r["mode"] == "single")["points_per_s_per_core"]
@@ -328,6 +378,7 @@ def main() -> None:
         "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}",
         "command": "python " + " ".join(sys.argv),
         "ray_over_single_per_core": ray_rate / single_rate,
+        "load_average_1min_at_end": os.getloadavg()[0],
         "compression": os.environ.get("BENCH_COMPRESSION") or "zstd (product default)",
         "rows": rows,
     }

@@ -38,7 +38,8 @@ class CleanConfig:
     partial_window: Literal["check", "drop"] = "check"
     window_rules: bool = True         # False: skip the window ratios (still split at NaN/Inf)
     dedup: bool = True                # exact-duplicate series removal (hash of raw values)
-    # Inputs up to this many bytes on disk are read once and cached for the dedup pass.
+    # No longer used (kept so existing YAML files load): the job fingerprints series in its main
+    # pass and re-reads only when a duplicate is found (preprocessing/job.py: dedup_fixup).
     dedup_cache_max_bytes: int = 256 * 2**20
 
 

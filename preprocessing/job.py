@@ -29,6 +29,7 @@ import base64
 import math
 import os
 import pickle
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ CHUNK_SCHEMA = pa.schema([
 # table: no accounting actor (a process of its own and a blocking call per block), and a
 # retried task's tally is discarded with its output instead of being counted twice.
 ACCOUNTING_SPLIT = ""
+# Files written by the clean task itself (``process_block``) travel the same way: one carrier
+# row per file, ``key`` = the JSON of its metadata row.
+FILE_SPLIT = "#file"
 
 
 _MALLOC_TUNED = False
@@ -266,8 +270,9 @@ def pack_and_write(table: pa.Table, window_length: int, output: str, tmp_name: s
     stds = table.column("std").to_numpy()
     fs, out_path = resolve(output)
     meta: dict[str, list] = {"split": [], "path": [], "rows": [], "points": [], "dataset_points": []}
-    for i in np.flatnonzero(pc.equal(split_col, ACCOUNTING_SPLIT).to_numpy(zero_copy_only=False)):
-        meta["split"].append(ACCOUNTING_SPLIT)  # a clean block's tally, passed through (see CHUNK_SCHEMA)
+    carrier = pc.invert(pc.is_in(split_col, pa.array([TRAIN_DIR, VAL_DIR]))).to_numpy(zero_copy_only=False)
+    for i in np.flatnonzero(carrier):
+        meta["split"].append(split_col[i].as_py())  # a carrier row (tally, file written upstream), passed through
         meta["path"].append(keys[i])
         meta["rows"].append(0)
         meta["points"].append(0)
@@ -296,17 +301,121 @@ def pack_and_write(table: pa.Table, window_length: int, output: str, tmp_name: s
                      "dataset_points": pa.array(meta["dataset_points"], pa.string())})
 
 
-def accounting_row(acc: Accounting) -> pa.Table:
-    """A clean block's tally as one carrier row of CHUNK_SCHEMA (split ACCOUNTING_SPLIT)."""
-    blob = base64.b64encode(pickle.dumps(acc, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii")
+def accounting_row(acc: Accounting, block: dict[str, Any] | None = None) -> pa.Table:
+    """A clean block's tally as one carrier row of CHUNK_SCHEMA (split ACCOUNTING_SPLIT).
+    ``block``: what the driver needs besides the tally (block id, whether its chunks were
+    packed in the task, dedup fingerprints); :func:`decode_carrier` returns it."""
+    payload = acc if block is None else {"acc": acc, **block}
+    return carrier_row(ACCOUNTING_SPLIT, base64.b64encode(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii"))
+
+
+def carrier_row(split: str, key: str) -> pa.Table:
     return pa.Table.from_arrays(
-        [pa.array([ACCOUNTING_SPLIT]), pa.array([blob]),
+        [pa.array([split]), pa.array([key]),
          pa.LargeListArray.from_arrays(pa.array([0, 0], pa.int64()), pa.array([], pa.float32())),
          pa.array([0.0]), pa.array([1.0])], schema=CHUNK_SCHEMA)
 
 
+def decode_carrier(blob: str) -> dict[str, Any]:
+    payload = pickle.loads(base64.b64decode(blob))
+    return payload if isinstance(payload, dict) else {"acc": payload}
+
+
 def decode_accounting(blob: str) -> Accounting:
-    return pickle.loads(base64.b64decode(blob))
+    return decode_carrier(blob)["acc"]
+
+
+def block_id(table: pa.Table) -> str:
+    """Content id of a series block (keys, sources, quarantine reasons, lengths): names the
+    block across the main pass and a dedup fix-up pass, which re-reads the same blocks."""
+    h = hashlib.blake2b(digest_size=12)
+    for c in ("domain", "dataset", "series", "source", "quarantine_reason"):
+        h.update("\x00".join(table.column(c).to_pylist()).encode())
+        h.update(b"\x01")
+    h.update(table.column("claimed_points").to_numpy().tobytes())
+    _, offsets = _values_of(table)
+    h.update(np.diff(offsets).tobytes())
+    return h.hexdigest()
+
+
+def pack_batches(n: int, batch_chunks: int) -> list[tuple[int, int]]:
+    """``[start, end)`` row ranges cutting ``n >= batch_chunks`` chunks into ``n // batch_chunks``
+    equal batches (each of batch_chunks .. 2 * batch_chunks - 1 chunks)."""
+    k = max(1, n // batch_chunks)
+    bounds = [n * i // k for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def process_block(table: pa.Table, ctx: StageContext, tmp_name: str, fingerprint: bool,
+                  only_blocks: frozenset[str] | None = None) -> pa.Table:
+    """The main pass over one read block, in ONE task: dedup fingerprints, clean + normalise +
+    chunk (``clean_batch``), and, when the block holds at least ``pack_batch_chunks`` chunks,
+    pack + write them right here (``pack_and_write`` per batch), so that normalised values never
+    enter the object store. Returns CHUNK_SCHEMA rows: ``FILE_SPLIT`` carriers for the files
+    written, the chunks of a block too small to pack alone (packed downstream with other small
+    blocks' chunks), and one ACCOUNTING_SPLIT carrier (tally + block info).
+
+    ``only_blocks``: process only blocks with these ids (the dedup fix-up pass); others yield
+    no rows."""
+    bid = block_id(table)
+    if only_blocks is not None and bid not in only_blocks:
+        return CHUNK_SCHEMA.empty_table()
+    cfg = ctx.config
+    info: dict[str, Any] = {"block": bid}
+    if fingerprint:
+        fp = fingerprint_batch(table)
+        info["value_hash"] = fp.column("value_hash").to_numpy()
+        info["key_hash"] = fp.column("key_hash").to_numpy()
+    chunks, acc = clean_batch(table, ctx)
+    batch = cfg.pack.pack_batch_chunks
+    info["packed"] = chunks.num_rows >= batch
+    out = []
+    if info["packed"]:
+        for a, b in pack_batches(chunks.num_rows, batch):
+            meta = pack_and_write(chunks.slice(a, b - a), cfg.pack.window_length, cfg.output, tmp_name,
+                                  cfg.output_options, cfg.seed)
+            for row in meta.to_pylist():
+                out.append(carrier_row(FILE_SPLIT, json.dumps({**row, "block": bid})))
+    else:
+        out.append(chunks)
+    out.append(accounting_row(acc, info))
+    return pa.concat_tables(out)
+
+
+def dedup_fixup(files: list[dict[str, Any]], blocks: list[dict[str, Any]], ctx: StageContext, main_pass, collect
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Exact-duplicate removal after a speculative main pass (which kept every copy).
+
+    From the fingerprints of all blocks, the copies to drop are known (``duplicate_losers``:
+    per group of identical values, all but the smallest key hash). If there are none, nothing
+    changes. Otherwise the blocks holding a dropped copy are processed again with those copies
+    dropped (``main_pass(only_blocks=...)``, a re-read that skips every other block) and their
+    first-pass files and tallies are discarded. Chunks of small blocks were packed together
+    downstream, so if a small block is affected, ALL small blocks are redone (and all
+    downstream-packed files discarded); if two blocks share an id (a reader emitting identical
+    keys), everything is redone. The result is what a run knowing the duplicates from the
+    start would produce for the same blocks; unused files die with the tmp folder."""
+    if not any("key_hash" in b for b in blocks):
+        return files, blocks
+    vh = np.concatenate([b["value_hash"] for b in blocks]).astype(np.uint64)
+    kh = np.concatenate([b["key_hash"] for b in blocks]).astype(np.uint64)
+    losers = duplicate_losers(vh, kh)
+    log.info("dedup: %d duplicate series to drop", len(losers))
+    if not len(losers):
+        return files, blocks
+    ctx.drop_key_hashes = losers
+    ids = [b["block"] for b in blocks]
+    affected = {b["block"] for b in blocks if np.isin(b["key_hash"], losers).any()}
+    redo_small = any(not b["packed"] for b in blocks if b["block"] in affected)
+    redo: set[str] | None = affected | ({b["block"] for b in blocks if not b["packed"]} if redo_small else set())
+    if len(set(ids)) != len(ids):
+        redo, redo_small = None, True
+    t = time.time()
+    files2, blocks2 = collect(main_pass(False, None if redo is None else frozenset(redo)))
+    log.info("dedup fix-up: redid %s blocks in %.1fs", "all" if redo is None else len(redo), time.time() - t)
+    keep_files = [f for f in files if redo is not None and not (f["block"] in redo or (f["block"] is None and redo_small))]
+    keep_blocks = [b for b in blocks if redo is not None and b["block"] not in redo]
+    return keep_files + files2, keep_blocks + blocks2
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -361,6 +470,69 @@ def _read(config: PreprocessConfig):
     return ingest.read_series(config.inputs, catalog=catalog, **kwargs)
 
 
+_STARTUP_SHIM = False
+
+
+def ray_data_startup_shim() -> None:
+    """Ray 2.60 workaround: Ray Data learns the CPUs it may use from its autoscaling-coordinator
+    actor (a detached singleton created by the first execution on a cluster), polled once a
+    second; until it answers, the executor believes the cluster has 0 CPUs and runs ONE task
+    (its liveness rule). Measured here: 2-3.5 s of every run at 100M points on a fresh
+    cluster, ~2 s even with the actor already up (two polls). While the coordinator's answer is
+    still empty, this shim reports the cluster's resources instead (what Ray Data used before
+    the coordinator existed); once it answers, its figures apply. Idempotent; a no-op if the
+    Ray internals it wraps are not there."""
+    global _STARTUP_SHIM
+    if _STARTUP_SHIM:
+        return
+    _STARTUP_SHIM = True
+    try:
+        import ray
+        from ray.data._internal.cluster_autoscaler import default_cluster_autoscaler_v2, rate_based_cluster_autoscaler
+        from ray.data._internal.execution.interfaces import ExecutionResources
+    except ImportError:
+        return
+
+    def wrap(cls) -> None:
+        original = getattr(cls, "get_total_resources", None)
+        if original is None or getattr(original, "_timemoe_shim", False):
+            return
+
+        def get_total_resources(self):
+            total = original(self)
+            if total.cpu or total.gpu:
+                return total
+            cluster = ray.cluster_resources()
+            return ExecutionResources(cpu=cluster.get("CPU", 0.0), gpu=cluster.get("GPU", 0.0),
+                                      object_store_memory=cluster.get("object_store_memory", 0.0))
+
+        get_total_resources._timemoe_shim = True
+        cls.get_total_resources = get_total_resources
+
+    for mod, name in ((rate_based_cluster_autoscaler, "RateBasedClusterAutoscaler"),
+                      (default_cluster_autoscaler_v2, "DefaultClusterAutoscalerV2")):
+        if hasattr(mod, name):
+            wrap(getattr(mod, name))
+
+
+def configure_data_context(data_ctx) -> None:
+    """Ray Data settings the pipeline relies on, applied to the global context and to the
+    context of the dataset that is executed (a Dataset snapshots the context when created).
+
+    - ``preserve_order``: fixed row order -> byte-identical shards on a re-run.
+    - progress bars stay on (the user's view of the job).
+    - ``op_resource_reservation_enabled = False``: Ray Data 2.60 reserves at least one CPU for
+      EVERY operator; on a 2-CPU node the small downstream pack stage (idle for most of the
+      run) then holds a CPU and the main operator runs ONE task at a time (measured: one
+      worker did all the work). Without reservations the operators share the CPU budget; the
+      object store stays bounded (global limit, and the main operator's outputs are a few
+      metadata rows per block).
+    """
+    data_ctx.execution_options.preserve_order = True
+    data_ctx.enable_progress_bars = True
+    data_ctx.op_resource_reservation_enabled = False
+
+
 def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
     """Run the whole pipeline for ``config``; ``series`` (a Ray Dataset in the series format of
     ``preprocessing/series.py``) replaces reading ``config.inputs`` (tests, custom readers)."""
@@ -373,9 +545,11 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
     t0 = time.time()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
-    data_ctx = ray.data.DataContext.get_current()
-    data_ctx.execution_options.preserve_order = True  # fixed row order -> byte-identical shards
-    data_ctx.enable_progress_bars = True
+    configure_data_context(ray.data.DataContext.get_current())
+    ray_data_startup_shim()
+    # The HTML report needs matplotlib (~0.4 s to import); import it while the driver waits
+    # on Ray instead of after the last block.
+    threading.Thread(target=report_mod.preload, daemon=True).start()
     if series is None:
         series = _read(config)
 
@@ -384,53 +558,67 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
         ctx.contamination = ContaminationIndex.from_files(config.contamination.benchmarks, config.contamination.min_match)
         log.info("contamination guard: %d benchmark windows indexed", len(ctx.contamination.hashes))
     fingerprints = input_fingerprints(config.inputs) if config.inputs else []
-    if config.clean.dedup:
-        # Dedup needs a pass over all series before the main pass. Small inputs are read once
-        # and cached in the object store; big ones are read twice (RAM stays bounded either way,
-        # but caching a huge corpus would spill it all to local disk).
-        if sum(f["size"] for f in fingerprints) <= config.clean.dedup_cache_max_bytes:
-            series = series.materialize()
-        vh, kh = [], []
-        for b in series.map_batches(fingerprint_batch, batch_format="pyarrow", zero_copy_batch=True, **task_remote_args(config)).iter_batches(batch_format="numpy", batch_size=None):
-            vh.append(b["value_hash"].astype(np.uint64))
-            kh.append(b["key_hash"].astype(np.uint64))
-        ctx.drop_key_hashes = duplicate_losers(np.concatenate(vh) if vh else np.zeros(0, np.uint64),
-                                               np.concatenate(kh) if kh else np.zeros(0, np.uint64))
-        log.info("dedup: %d duplicate series to drop (%.1fs)", len(ctx.drop_key_hashes), time.time() - t0)
-    t_main = time.time()
-
-    def clean_udf(table: pa.Table) -> pa.Table:
-        chunks, acc = clean_batch(table, ctx)
-        return pa.concat_tables([chunks, accounting_row(acc)])
-
     window_length = config.pack.window_length
-
     fs, out_path = resolve(config.output)
     tmp_name = f"_tmp-{uuid.uuid4().hex[:12]}"
     tmp = join(out_path, tmp_name)
-    files_meta = (
-        series.map_batches(clean_udf, batch_format="pyarrow", zero_copy_batch=True, **task_remote_args(config))
-        # A streaming re-block into pack batches: with ``batch_size`` on the pack map instead,
-        # Ray fuses read->clean->pack and bundles that many INPUT rows (series) into one task,
-        # which ran a whole 100M-point corpus in a single task on one core.
-        .repartition(target_num_rows_per_block=config.pack.pack_batch_chunks, strict=True)
-        .map_batches(pack_and_write, batch_format="pyarrow", batch_size=None,
-                     fn_kwargs={"window_length": window_length, "output": config.output, "tmp_name": tmp_name,
-                                "options": config.output_options, "seed": config.seed},
-                     **task_remote_args(config))
-    )
-    acc = Accounting()
-    written_by_dataset: dict[str, int] = {}
-    entries: dict[str, list[dict[str, Any]]] = {TRAIN_DIR: [], VAL_DIR: []}
-    try:
+
+    def main_pass(fingerprint: bool, only_blocks: frozenset[str] | None) -> "ray.data.Dataset":
+        """read -> [fingerprint + clean + pack + write per block] -> small blocks' chunks
+        re-blocked and packed together -> file metadata rows (in order)."""
+        return (
+            series.map_batches(process_block, batch_format="pyarrow", zero_copy_batch=True, batch_size=None,
+                               fn_kwargs={"ctx": ctx, "tmp_name": tmp_name, "fingerprint": fingerprint,
+                                          "only_blocks": only_blocks},
+                               **task_remote_args(config))
+            # A streaming re-block of what the blocks did not pack themselves (chunks of small
+            # blocks + carrier rows) into pack batches: with ``batch_size`` on the pack map
+            # instead, Ray fuses the maps and bundles that many INPUT rows into one task.
+            .repartition(target_num_rows_per_block=config.pack.pack_batch_chunks, strict=True)
+            .map_batches(pack_and_write, batch_format="pyarrow", batch_size=None,
+                         fn_kwargs={"window_length": window_length, "output": config.output, "tmp_name": tmp_name,
+                                    "options": config.output_options, "seed": config.seed},
+                         **task_remote_args(config))
+        )
+
+    def collect(files_meta) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(file entries in stream order, block infos in stream order). A file written by the
+        downstream pack stage belongs to no single block (``block`` None)."""
+        files, blocks = [], []
+        # A Dataset keeps the DataContext of its creation: a ``series`` built by the caller
+        # before this function ran would otherwise run without our settings (preserve_order!).
+        configure_data_context(files_meta.context)
         for batch in files_meta.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
                 if row["split"] == ACCOUNTING_SPLIT:
-                    acc.merge(decode_accounting(row["path"]))
-                    continue
-                entries[row["split"]].append(row)
-                for k, v in json.loads(row["dataset_points"]).items():
-                    written_by_dataset[k] = written_by_dataset.get(k, 0) + v
+                    blocks.append(decode_carrier(row["path"]))
+                elif row["split"] == FILE_SPLIT:
+                    files.append(json.loads(row["path"]))
+                else:
+                    files.append({**row, "block": None})
+        return files, blocks
+
+    try:
+        t_main = time.time()
+        # Speculative single read: fingerprints are taken in the same task that cleans, with no
+        # duplicate known yet. Corpora without exact duplicates (the common case) are done
+        # after this pass; otherwise the blocks that hold a dropped copy are redone below.
+        files_meta = main_pass(config.clean.dedup, None)
+        files, blocks = collect(files_meta)
+        log.info("clean/pack/write pass: %.1fs", time.time() - t_main)
+        if os.environ.get("TIMEMOE_DATA_STATS"):
+            log.warning("Ray Data stats:\n%s", files_meta.stats())
+        if config.clean.dedup:
+            files, blocks = dedup_fixup(files, blocks, ctx, main_pass, collect)
+        acc = Accounting()
+        written_by_dataset: dict[str, int] = {}
+        entries: dict[str, list[dict[str, Any]]] = {TRAIN_DIR: [], VAL_DIR: []}
+        for info in blocks:
+            acc.merge(info["acc"])
+        for row in files:
+            entries[row["split"]].append(row)
+            for k, v in json.loads(row["dataset_points"]).items():
+                written_by_dataset[k] = written_by_dataset.get(k, 0) + v
         # Shard order: a seeded permutation of the (deterministically ordered) files, so that
         # consecutive shards come from different parts of the corpus.
         for k, split in enumerate((TRAIN_DIR, VAL_DIR)):
@@ -442,9 +630,6 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
         points = {s: sum(e["points"] for e in entries[s]) for s in entries}
         slots = {s: sum(e["rows"] for e in entries[s]) * width for s in entries}
 
-        log.info("clean/pack/write pass: %.1fs", time.time() - t_main)
-        if os.environ.get("TIMEMOE_DATA_STATS"):
-            log.warning("Ray Data stats:\n%s", files_meta.stats())
         t_publish = time.time()
         check_invariant(acc)
         expected = {k: t.points_kept + t.points_repeated for k, t in acc.datasets.items()}

@@ -50,6 +50,17 @@ def build_report(acc: Accounting, config: PreprocessConfig, efficiency: dict[str
 # ------------------------------------------------------------------------------------- HTML
 
 
+def preload() -> None:
+    """Import the plotting stack ahead of :func:`render_html` (e.g. in a background thread)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except Exception:  # noqa: BLE001 - render_html reports the real error later
+        pass
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
