@@ -35,12 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
-
 from pipeline.scaling import report as R
 from pipeline.scaling.grid import format_grid
 from pipeline.scaling.sweep import (SweepConfig, TrainFn, TrialPlan, build_sweep_report, create_trial_run,
-                                    open_sweep, plan_trials, run_trial, trial_param_values, trial_runs)
+                                    open_sweep, plan_trials, run_trial, steady_speed, trial_param_values,
+                                    trial_runs)
 
 RECORD_VERSION = 1
 SOURCE_TAG = "scaling.source"  # on imported child runs: "offline:<records file name>"
@@ -179,12 +178,7 @@ def train_local(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     if metrics_file.exists():
         lines = metrics_file.read_text().splitlines()[seen_lines:]
         steps = [json.loads(line) for line in lines if line.strip()]
-    steps = [s for s in steps if "points_per_s" in s]
-    steady = steps[1:] or steps  # the first step pays for compilation and warm-up
-    for key in ("points_per_s", "mfu"):
-        vals = [s[key] for s in steady if key in s]
-        if vals:
-            info[key] = float(np.median(vals))
+    info.update(steady_speed(steps))
     return TimeMoeModel.from_pretrained(str(out / "final_model")), info
 
 

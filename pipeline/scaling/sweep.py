@@ -236,12 +236,21 @@ def train_trial(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     metrics_file = out / "metrics.jsonl"
     if metrics_file.exists():
         steps = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    steady = steps[1:] or steps  # the first step pays for compilation and warm-up
+    info.update(steady_speed(steps))
+    return TimeMoeModel.from_pretrained(str(out / "final_model")), info
+
+
+def steady_speed(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """Median ``points_per_s`` and ``mfu`` of a trial's step metrics, without the first step
+    (it pays for compilation and warm-up)."""
+    steps = [s for s in steps if "points_per_s" in s]
+    steady = steps[1:] or steps
+    out = {}
     for key in ("points_per_s", "mfu"):
         vals = [s[key] for s in steady if key in s]
         if vals:
-            info[key] = float(np.median(vals))
-    return TimeMoeModel.from_pretrained(str(out / "final_model")), info
+            out[key] = float(np.median(vals))
+    return out
 
 
 def run_trial(plan: TrialPlan, ev: EvalSection, *, train_fn: TrainFn | None = None) -> R.TrialRecord:
