@@ -122,6 +122,12 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-200m", [0, 1, 2, 3], 2, 16)],
         [_r("timemoe-200m", ALL8, 4, 16)],
     ],
+    # what the budget of the "multi" call left out
+    "rest": [
+        [_r("timemoe-200m", [0, 1, 2, 3], 2, 16, steps=10)],
+        [_r("timemoe-200m", ALL8, 2, 16, steps=10)],
+        [_r("timemoe-200m", ALL8, 4, 16, steps=10)],
+    ],
     "smoke": [[_r("timemoe-50m", [0, 1], 2, 4, steps=4)]],
     "cpu": [[_r("tiny", [0], 1, 4, steps=6), _r("tiny", [1, 2], 2, 4, steps=6)]],
 }
