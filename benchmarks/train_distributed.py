@@ -128,6 +128,10 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-200m", ALL8, 2, 16, steps=10)],
         [_r("timemoe-200m", ALL8, 4, 16, steps=10)],
     ],
+    "rest4": [  # on a 4-GPU machine: ep = 2 against ep = 1 measured in the same call
+        [_r("timemoe-200m", [0, 1, 2, 3], 2, 16, steps=10)],
+        [_r("timemoe-200m", [0, 1, 2, 3], 1, 16, steps=10)],
+    ],
     "smoke": [[_r("timemoe-50m", [0, 1], 2, 4, steps=4)]],
     "cpu": [[_r("tiny", [0], 1, 4, steps=6), _r("tiny", [1, 2], 2, 4, steps=6)]],
 }
