@@ -142,5 +142,10 @@ def publish(
             fs.move(src, join(final_dir, SHARD_PATTERN.format(index=index)))
     for name, data in files.items():
         write_bytes(fs, join(output, name), data)
-    write_bytes(fs, manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    # written beside the shards, then moved: a rename on a local disk, one object PUT on S3, so a
+    # kill mid-write never leaves a truncated manifest.json that a reader would take for complete
+    staged = join(tmp, MANIFEST_FILE)
+    fs.create_dir(tmp, recursive=True)  # a run that wrote no shard has no tmp folder yet
+    write_bytes(fs, staged, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    fs.move(staged, manifest_path)
     delete_dir(fs, tmp)
