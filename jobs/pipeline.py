@@ -4,6 +4,7 @@
     python -m jobs.pipeline                                   # ~3 min on 2 CPU cores
     python -m jobs.pipeline --benchmarks /data/benchmarks --output-dir outputs/qs train.max_steps=20
     python -m jobs.pipeline --input /data/time300b --scale 1 --output-dir outputs/mine
+    python -m jobs.pipeline --resume outputs/quickstart/run-20261122-101500   # after a stop or crash
 
 On a cluster::
 
@@ -13,6 +14,12 @@ Without ``--input`` the embedded synthetic corpus is generated into ``RUN/corpus
 over through durable locations only (``RUN/packed/manifest.json``, ``RUN/train/final_model``, the
 MLflow run id, ``RUN/eval/``, where RUN = ``OUTPUT/run-<timestamp>``). MLflow goes to ``$MLFLOW_TRACKING_URI`` or
 ``sqlite:///OUTPUT/mlflow.db``. Trailing ``key=value`` arguments override the training config.
+
+``--resume RUN`` continues a stopped, killed or failed run in its own folder: preprocessing is
+skipped when its manifest was published (a run publishes it last, so it is whole), training
+restarts from its latest checkpoint (same MLflow run), and evaluation and registration run again.
+Pass the same arguments as the first time (trailing overrides may change step counts, not the
+model or the batch geometry: the checkpoint's config fingerprint is checked).
 """
 from __future__ import annotations
 
@@ -44,8 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=None, help="benchmark datasets (default: all in the folder)")
     p.add_argument("--output-dir", default="outputs/quickstart")
     p.add_argument("--scale", type=float, default=None, help="size of the embedded corpus (1.0 = ~1.3M points)")
+    p.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue the run in this folder (OUTPUT/run-*): skip published stages, resume training")
     p.add_argument("overrides", nargs="*", help="training config overrides, e.g. train.max_steps=20")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def stage(name: str) -> float:
@@ -57,13 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.time()
     qs = yaml.safe_load(Path(args.config).read_text()) or {}
-    out = Path(args.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        if not (run_dir / "resolved_config.yaml").exists():
+            raise SystemExit(f"--resume {args.resume}: not a pipeline run folder (no resolved_config.yaml)")
+        out = run_dir.parent
+    else:
+        out = Path(args.output_dir).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        # Derived data of this run goes to its own folder (a re-run never collides with an earlier
+        # run's shards or Ray Train state); the MLflow store is shared, so champions compete.
+        run_dir = out / time.strftime("run-%Y%m%d-%H%M%S")
+        run_dir.mkdir(parents=True, exist_ok=False)
     uri = resolve_tracking_uri(out)
-    # Derived data of this run goes to its own folder (a re-run never collides with an earlier
-    # run's shards or Ray Train state); the MLflow store is shared, so champions compete.
-    run_dir = out / time.strftime("run-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=False)
 
     # ---- resolve every stage's config up front, print it, keep a copy next to the outputs
     pre = preprocess_config_from_dict(dict(qs.get("preprocess", {})))
@@ -87,34 +102,49 @@ def main(argv: list[str] | None = None) -> int:
                          "baselines": eq.get("baselines", ["naive", "seasonal_naive"])},
                 "register": {"name": reg_name}}
     text = yaml.safe_dump(resolved, sort_keys=False)
-    (run_dir / "resolved_config.yaml").write_text(text)
+    # a resumed run keeps the first resolution and adds its own next to it
+    name = f"resolved_config-resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml" if args.resume else "resolved_config.yaml"
+    (run_dir / name).write_text(text)
     print("# resolved config\n" + text, flush=True)
 
     # ---- 1. corpus
+    published = (Path(pre.output) / "manifest.json").exists()
+    if args.resume:
+        print(f"[pipeline] resuming {run_dir}: preprocessing {'published, skipped' if published else 'to redo'}",
+              flush=True)
     if args.input:
         pre.inputs = list(args.input)
+    elif published:
+        pre.inputs = [str(run_dir / "corpus")]
     else:
         t = stage("1/5 corpus: embedded synthetic")
+        import shutil
+
         from preprocessing.synthetic import generate_default_corpus
 
+        shutil.rmtree(run_dir / "corpus", ignore_errors=True)  # a stopped run may have left part of it
         summary = generate_default_corpus(str(run_dir / "corpus"), seed=int(corpus.get("seed", 0)), scale=scale)
         pre.inputs = [str(run_dir / "corpus")]
         print(f"[pipeline] {summary['series']} series, {summary['points']:,} points in {time.time() - t:.1f}s", flush=True)
 
     # ---- 2. preprocessing (Ray Data) -> RUN/packed
     t = stage("2/5 preprocess (Ray Data)")
-    from preprocessing.job import run_preprocess
+    if published:
+        print(f"[pipeline] {pre.output} was published by the run being resumed: not redone", flush=True)
+    else:
+        from preprocessing.job import run_preprocess
 
-    prep = run_preprocess(pre)
-    print(f"[pipeline] packed {prep.manifest['rows']} rows (window {pre.pack.window_length}), "
-          f"efficiency {prep.efficiency:.3f}, {time.time() - t:.1f}s -> {pre.output}", flush=True)
+        prep = run_preprocess(pre)
+        print(f"[pipeline] packed {prep.manifest['rows']} rows (window {pre.pack.window_length}), "
+              f"efficiency {prep.efficiency:.3f}, {time.time() - t:.1f}s -> {pre.output}", flush=True)
 
     # ---- 3. pretraining (Ray Train + DeepSpeed) -> RUN/train/final_model + MLflow run
     t = stage("3/5 pretrain (Ray Train + DeepSpeed)")
     ensure_experiment(uri, train_cfg.tracking.experiment, out / "mlartifacts")
-    from pipeline.trainer import run_ray
+    from pipeline.trainer import RUN_NAME, run_ray
 
-    result = run_ray(train_cfg)
+    resume = bool(args.resume) and (Path(train_cfg.train.output_dir) / "ray" / RUN_NAME).exists()
+    result = run_ray(train_cfg, resume=resume)
     if getattr(result, "error", None):
         print(f"training failed: {result.error}", file=sys.stderr)
         return 1

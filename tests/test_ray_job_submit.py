@@ -330,6 +330,43 @@ def test_submitted_pipeline_succeeds_with_logs_and_outputs(rerun, head, out):
     assert mlrun.data.params["train.max_steps"] == "4"
 
 
+@pytest.fixture(scope="module")
+def resumed(head, out, stopped, rerun):
+    """The stopped run, continued in its own folder with ``--resume`` (after the other tests
+    have looked at what the stop left), training to 2 steps past where it stopped."""
+    sid = f"qs-resumed-{uuid.uuid4().hex[:6]}"
+    target = stopped["steps_at_stop"] + 2
+    proc = submit(head, sid, out, LONG + ["--resume", str(stopped["run"]), f"train.max_steps={target}"],
+                  wait=True, timeout=300)
+    client = head.client()
+    return {"proc": proc, "status": client.get_job_status(sid), "logs": client.get_job_logs(sid), "target": target}
+
+
+@pytest.mark.timeout(600)
+def test_stopped_job_resumes_from_its_checkpoint(stopped, resumed):
+    import yaml
+
+    run, logs = stopped["run"], resumed["logs"]
+    assert resumed["status"] == "SUCCEEDED", logs[-6000:]
+    # the published data was kept, not redone; training restarted from the newest complete checkpoint
+    assert f"resuming {run}: preprocessing published, skipped" in logs
+    assert "was published by the run being resumed: not redone" in logs and "===== 1/5 corpus" not in logs
+    resumed_at = int(logs.split("[train] resumed from ", 1)[1].split(" at step ", 1)[1].split(",", 1)[0])
+    assert 2 <= resumed_at <= stopped["steps_at_stop"] and resumed_at % 2 == 0  # checkpoint_every=2
+    steps = [json.loads(line)["step"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    # the steps after the checkpoint that the stopped job had done are done again, once
+    redone = 2 if resumed_at < stopped["steps_at_stop"] else 1
+    assert steps[-1] == resumed["target"] and steps.count(resumed_at + 1) == redone, steps
+    # the run folder now holds what a finished run has, in the same place
+    assert (run / "train" / "final_model" / "model.safetensors").exists()
+    assert (run / "eval" / "summary.json").exists()
+    # the first resolution is kept; the resume wrote its own next to it
+    first = yaml.safe_load((run / "resolved_config.yaml").read_text())
+    assert first["train"]["train"]["max_steps"] == 2000
+    again = list(run.glob("resolved_config-resume-*.yaml"))
+    assert len(again) == 1 and yaml.safe_load(again[0].read_text())["train"]["train"]["max_steps"] == resumed["target"]
+
+
 def test_final_model_export_is_all_or_nothing(tmp_path, monkeypatch):
     """The export publishes ``final_model`` by rename: a writer dying mid-way (a stopped job)
     leaves the previous complete model, or none, never a partial directory."""
