@@ -149,3 +149,10 @@ def publish(
     write_bytes(fs, staged, json.dumps(manifest, indent=2, sort_keys=True).encode())
     fs.move(staged, manifest_path)
     delete_dir(fs, tmp)
+    # temp folders of earlier runs that were killed before publishing: this output is now whole
+    leftovers = [i.path for i in fs.get_file_info(pafs.FileSelector(output, allow_not_found=True))
+                 if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("_tmp-")]
+    for path in leftovers:
+        delete_dir(fs, path)
+    if leftovers:
+        log.info("removed %d temporary folder(s) of interrupted runs: %s", len(leftovers), leftovers)

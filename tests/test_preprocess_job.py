@@ -260,3 +260,24 @@ def test_blocks_pack_in_task_and_dedup_fixup_redoes_only_affected_blocks(ray_loc
     assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.parquet"))
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_publish_is_manifest_last_and_clears_temp_folders_of_killed_runs(tmp_path):
+    import json as _json
+
+    import pyarrow.fs as pafs
+
+    from preprocessing.writer import publish
+
+    out = tmp_path / "packed"
+    killed = out / "_tmp-killedrun000"  # what a run killed before publishing leaves behind
+    (killed / "train").mkdir(parents=True)
+    (killed / "train" / "part-x.parquet").write_bytes(b"half")
+    tmp = out / "_tmp-thisrun0000"
+    (tmp / "train").mkdir(parents=True)
+    (tmp / "train" / "part-a.parquet").write_bytes(b"shard")
+    publish(pafs.LocalFileSystem(), str(out), str(tmp), {"train": [str(tmp / "train" / "part-a.parquet")]},
+            {"report.json": b"{}"}, {"rows": {"train": 1}})
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "report.json", "train"]
+    assert (out / "train" / "shard-00000.parquet").read_bytes() == b"shard"
+    assert _json.loads((out / "manifest.json").read_text()) == {"rows": {"train": 1}}
