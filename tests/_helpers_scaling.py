@@ -6,7 +6,10 @@ sparse one), so dense needs more FLOPs for the same loss, as the Time-MoE paper 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import yaml
 
 from pipeline.scaling.report import TrialRecord
 
@@ -107,3 +110,19 @@ def plain_torch_train(train_config: dict):
         out.loss.backward()
         opt.step()
     return model, {"train_seconds": time.perf_counter() - t0}
+
+
+TINY_WINDOW = 32  # window of the tiny CPU sweeps in the tests
+
+
+def tiny_sweep_raw(tmp_path: Path, data: Path, name: str) -> dict:
+    """``configs/sweep-tiny-cpu.yaml`` shrunk for a test: its own sweep name and experiment,
+    2 budgets of 2 and 4 steps (4 windows x 32 points), the given shards, a quick report."""
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "configs" / "sweep-tiny-cpu.yaml").read_text())
+    raw["sweep"].update(name=name, experiment=f"exp-{name}", output_dir=str(tmp_path / "runs"))
+    raw["grid"]["window_length"] = TINY_WINDOW
+    raw["grid"]["budgets"] = [256, 512]
+    raw["training"]["data"]["path"] = str(data)
+    raw["evaluation"].update(heldout_windows=16, report_n_boot=10)
+    return raw

@@ -25,7 +25,7 @@ from pipeline.scaling import sweep as S  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_BENCH = Path(os.environ.get("TIMEMOE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "benchmarks"
-WINDOW = 32
+WINDOW = H.TINY_WINDOW
 
 # One shard of the offline sweep through the CLI, in a fresh interpreter where ray and mlflow cannot
 # be imported (as on an air-gapped GPU node; DeepSpeed's optional `import mlflow` copes), then the
@@ -46,12 +46,7 @@ print(json.dumps({"rc": rc, "loaded": sorted(m for m in sys.modules if m.split("
 
 
 def _raw_config(tmp_path: Path, data: Path, name: str) -> dict:
-    raw = yaml.safe_load((ROOT / "configs" / "sweep-tiny-cpu.yaml").read_text())
-    raw["sweep"].update(name=name, experiment=f"exp-{name}", output_dir=str(tmp_path / "runs"))
-    raw["grid"]["window_length"] = WINDOW
-    raw["grid"]["budgets"] = [256, 512]  # 2 and 4 steps of 4 windows x 32 points
-    raw["training"]["data"]["path"] = str(data)
-    raw["evaluation"].update(heldout_windows=16, report_n_boot=10)
+    raw = H.tiny_sweep_raw(tmp_path, data, name)
     if (SHARED_BENCH / "ETTh1.csv.gz").exists():  # exercise the zero-shot metrics through the records too
         raw["evaluation"].update(zero_shot_datasets=["ETTh1"], zero_shot_stride=400,
                                  zero_shot_data_dir=str(SHARED_BENCH))

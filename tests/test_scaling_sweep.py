@@ -23,17 +23,11 @@ from pipeline.scaling import report as R  # noqa: E402
 from pipeline.scaling import sweep as S  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WINDOW = 32
+WINDOW = H.TINY_WINDOW
 
 
 def _config(tmp_path: Path, data: Path, name: str) -> S.SweepConfig:
-    raw = yaml.safe_load((ROOT / "configs" / "sweep-tiny-cpu.yaml").read_text())
-    raw["sweep"].update(name=name, experiment=f"exp-{name}", output_dir=str(tmp_path / "runs"))
-    raw["grid"]["window_length"] = WINDOW
-    raw["grid"]["budgets"] = [256, 512]  # 2 and 4 steps of 4 windows x 32 points
-    raw["training"]["data"]["path"] = str(data)
-    raw["evaluation"].update(heldout_windows=16, report_n_boot=10)
-    return S.SweepConfig.from_dict(raw)
+    return S.SweepConfig.from_dict(H.tiny_sweep_raw(tmp_path, data, name))
 
 
 def test_sweep_config_shipped_yaml_plans(tmp_path):
