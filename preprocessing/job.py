@@ -304,8 +304,8 @@ def pack_and_write(table: pa.Table, window_length: int, output: str, tmp_name: s
 def accounting_row(acc: Accounting, block: dict[str, Any] | None = None) -> pa.Table:
     """A clean block's tally as one carrier row of CHUNK_SCHEMA (split ACCOUNTING_SPLIT).
     ``block``: what the driver needs besides the tally (block id, whether its chunks were
-    packed in the task, dedup fingerprints); :func:`decode_carrier` returns it."""
-    payload = acc if block is None else {"acc": acc, **block}
+    packed in the task, dedup fingerprints); :func:`decode_carrier` returns both."""
+    payload = {"acc": acc, **(block or {})}
     return carrier_row(ACCOUNTING_SPLIT, base64.b64encode(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii"))
 
 
@@ -317,12 +317,8 @@ def carrier_row(split: str, key: str) -> pa.Table:
 
 
 def decode_carrier(blob: str) -> dict[str, Any]:
-    payload = pickle.loads(base64.b64decode(blob))
-    return payload if isinstance(payload, dict) else {"acc": payload}
-
-
-def decode_accounting(blob: str) -> Accounting:
-    return decode_carrier(blob)["acc"]
+    """``{"acc": Accounting, ...block info}`` of an ACCOUNTING_SPLIT carrier row."""
+    return pickle.loads(base64.b64decode(blob))
 
 
 def block_id(table: pa.Table) -> str:

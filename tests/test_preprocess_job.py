@@ -206,7 +206,7 @@ def test_accounting_travels_through_pack_and_write(tmp_path):
     import pyarrow as pa
 
     from preprocessing.config import OutputConfig
-    from preprocessing.job import ACCOUNTING_SPLIT, accounting_row, decode_accounting, pack_and_write
+    from preprocessing.job import ACCOUNTING_SPLIT, accounting_row, decode_carrier, pack_and_write
     from preprocessing.schema import TRAIN_DIR
 
     acc = Accounting()
@@ -219,7 +219,7 @@ def test_accounting_travels_through_pack_and_write(tmp_path):
     carried = [m for m in meta if m["split"] == ACCOUNTING_SPLIT]
     written = [m for m in meta if m["split"] == TRAIN_DIR]
     assert len(carried) == 1 and sum(m["points"] for m in written) == 490
-    back = decode_accounting(carried[0]["path"])
+    back = decode_carrier(carried[0]["path"])["acc"]
     assert back.datasets.keys() == acc.datasets.keys()
     t = back.tally("d", "ds")
     assert (t.points_in, t.points_kept, t.points_dropped) == (500, 490, {"short_tail": 10})
