@@ -130,8 +130,7 @@ def evaluate(engine: Any, batches: Iterator[dict[str, torch.Tensor]] | None, max
         err = ((pred_BL - b["labels"].float()) ** 2)[mask_BL]
         sums += torch.tensor([float(out.loss), 1.0, float(err.sum()), float(mask_BL.sum())], dtype=torch.float64)
     engine.train()
-    if world > 1:
-        sums = all_reduce_sum(sums, world, device)
+    sums = all_reduce_sum(sums, world, device)
     if sums[1] == 0:
         return {}
     return {"eval_loss": float(sums[0] / sums[1]), "eval_mse": float(sums[2] / sums[3].clamp_min(1))}

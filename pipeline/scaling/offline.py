@@ -160,8 +160,7 @@ def train_local(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     tc["data"] = dict(tc.get("data") or {}, loader="plain")
     tc["tracking"] = {"enabled": False}
     cfg = config_from_dict(tc)
-    if cfg.scaling.num_workers != 1:
-        cfg.scaling.num_workers = 1  # one process per trial here; the global batch is unchanged
+    cfg.scaling.num_workers = 1  # one process per trial here; the global batch is unchanged
     out = Path(cfg.train.output_dir).resolve()
     metrics_file = out / "metrics.jsonl"
     seen_lines = len(metrics_file.read_text().splitlines()) if metrics_file.exists() else 0
