@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent multi-GPU machine (the device tool's `run`), from the repo root:
 #   bash benchmarks/lent_gpu.sh BUDGET_S PLAN [PLAN ...]
+# EP_LAYER="timemoe-200m:16 timemoe-ultra:4" first runs benchmarks/ep_layer.py on every GPU
+# (one MoE layer, ep = 1 vs 2/4/8, balanced vs collapsed routing) into $OUT/ep_layer.json.
 # Installs the wheels carried in .whl/ (deepspeed and what the image lacks; see docs/benchmarks.md),
 # writes synthetic packed 4096-point shards, runs benchmarks/train_distributed.py plans, and leaves
 # the JSON and the tails of every run's log in $OUT.
@@ -11,6 +13,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
 python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name())" || exit 1
+if [ -n "${EP_LAYER:-}" ]; then
+    # shellcheck disable=SC2086
+    timeout 300 python3 -m torch.distributed.run --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/ep_layer.py \
+        --presets $EP_LAYER --out "$OUT/ep_layer.json" 2>&1 | grep -v -i warn | tee "$OUT/ep_layer.txt"
+fi
+[ "$#" -gt 0 ] || exit 0
 python3 benchmarks/train_distributed.py data --out /tmp/packed4k --rows 512 || exit 1
 python3 benchmarks/train_distributed.py run --data /tmp/packed4k --plan "$@" --out /tmp/td \
     --json "$OUT/train_distributed.json" --budget "$budget"

@@ -97,6 +97,7 @@ def _r(preset: str, gpus: list[int], ep: int, micro: int, **kw) -> RunSpec:
 
 
 ALL8 = list(range(8))
+REAL_DATA = "data.path=.gpudata/sweep-1024"
 PLANS: dict[str, list[list[RunSpec]]] = {
     # waves: runs inside a wave use disjoint GPUs and run at the same time
     "scaling": [
@@ -132,6 +133,19 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-200m", [0, 1, 2, 3], 2, 16, steps=10)],
         [_r("timemoe-200m", [0, 1, 2, 3], 1, 16, steps=10)],
     ],
+    # a 4-GPU machine: every ep degree it allows, both presets, the overlapped dispatcher
+    "ep4": [
+        [_r("timemoe-200m", [0, 1, 2, 3], 1, 16, steps=10)],
+        [_r("timemoe-200m", [0, 1, 2, 3], 4, 16, steps=10)],
+        [_r("timemoe-ultra", [0, 1, 2, 3], 1, 4, steps=10)],
+        [_r("timemoe-ultra", [0, 1, 2, 3], 4, 4, steps=10)],
+        [_r("timemoe-200m", [0, 1, 2, 3], 2, 16, steps=10)],
+    ],
+    # does per-layer routing balance during training? (the spec's aux loss pools all layers)
+    # Real series: the packed window-1024 shards of benchmarks/prepare_sweep_data.sh (.gpudata/).
+    "routing": [[_r("timemoe-200m", [0], 1, 16, steps=400, overrides=[REAL_DATA]),
+                 _r("timemoe-50m", [1], 1, 16, steps=400, overrides=[REAL_DATA]),
+                 _r("timemoe-ultra", [2, 3], 1, 8, steps=200, overrides=[REAL_DATA])]],
     "smoke": [[_r("timemoe-50m", [0, 1], 2, 4, steps=4)]],
     "cpu": [[_r("tiny", [0], 1, 4, steps=6), _r("tiny", [1, 2], 2, 4, steps=6)]],
 }
@@ -188,6 +202,13 @@ def summarize_run(spec: RunSpec, out_dir: Path, rc: int, seconds: float, log_tai
         peak_mem_gb=max(m.get("peak_mem_gb", 0.0) for m in metrics), final_loss=metrics[-1]["loss"],
         params_total=count_parameters(TimeMoeConfig.preset(spec.preset)).total,
     )
+    layer_keys = sorted((k for k in metrics[-1] if k.startswith("expert_imbalance/layer")), key=lambda k: int(k[22:]))
+    if layer_keys:  # max/mean tokens per expert (rank 0's tokens): the hot-rank factor at ep = E
+        every = max(1, len(metrics) // 20)
+        row["expert_imbalance_by_step"] = [
+            {"step": m["step"], "mean": statistics.mean(m[k] for k in layer_keys), "max": max(m[k] for k in layer_keys)}
+            for m in metrics[::every] + metrics[-1:]]
+        row["expert_imbalance_final"] = [metrics[-1][k] for k in layer_keys]
     if profiles:
         row["all_to_all_share"] = statistics.mean(p["all_to_all_share"] for p in profiles)
         cats = sorted({k for p in profiles for k in p["kernel_ms_per_step"]})

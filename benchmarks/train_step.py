@@ -45,7 +45,7 @@ from model.moe import MoeFeedForward  # noqa: E402
 class ExpertLoopDispatcher:
     """The released code's MoE: a Python loop over experts, ``torch.where`` per expert."""
 
-    def __call__(self, x_TD, topk_idx_TK, topk_weight_TK, experts):
+    def __call__(self, x_TD, topk_idx_TK, topk_weight_TK, experts, concurrent_branch=None):
         y_TD = torch.zeros_like(x_TD)
         for e in range(experts.gate_proj.shape[0]):
             tok, slot = torch.where(topk_idx_TK == e)
@@ -55,7 +55,7 @@ class ExpertLoopDispatcher:
             h = F.silu(x @ experts.gate_proj[e].T) * (x @ experts.up_proj[e].T)
             out = (h @ experts.down_proj[e].T) * topk_weight_TK[tok, slot, None].to(x.dtype)
             y_TD.index_add_(0, tok, out)
-        return y_TD
+        return y_TD if concurrent_branch is None else y_TD + concurrent_branch()
 
 
 class MasterWeightAdamW:

@@ -10,11 +10,14 @@ Dropless: every routed copy is computed (no capacity factor).
 
 Contract with ``pipeline/`` (expert parallelism): ``MoeFeedForward`` owns ``.router``,
 ``.experts`` (``GroupedExperts``), ``.shared_expert``, ``.shared_expert_gate`` and
-``.dispatcher``, called as ``dispatcher(x_TD, topk_idx_TK, topk_weight_TK, experts) -> y_TD``.
-An expert-parallel dispatcher replaces ``.dispatcher`` and slices ``.experts``; nothing else in
-the model knows about it.
+``.dispatcher``, called as ``dispatcher(x_TD, topk_idx_TK, topk_weight_TK, experts, shared) -> y_TD``
+= routed output + ``shared()``. The shared expert is handed over as a thunk so that an
+expert-parallel dispatcher can run it while tokens are in flight. An expert-parallel dispatcher
+replaces ``.dispatcher`` and slices ``.experts``; nothing else in the model knows about it.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -122,14 +125,15 @@ class LocalDispatcher:
         return "LocalDispatcher()"
 
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                 experts: GroupedExperts) -> torch.Tensor:
+                 experts: GroupedExperts, concurrent_branch: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         T, K = topk_idx_TK.shape
         order_N, inverse_N, counts_E = sort_by_expert(topk_idx_TK, experts.gate_proj.shape[0])
         copies_ND = x_TD[:, None, :].expand(T, K, x_TD.shape[1]).reshape(T * K, -1)
         y_sorted_ND = experts(permute_rows(copies_ND, order_N, inverse_N), counts_E)
         y_TKD = permute_rows(y_sorted_ND, inverse_N, order_N).view(T, K, -1)
         # weight in the router's dtype (fp32), return in the activations' dtype
-        return (y_TKD.to(topk_weight_TK.dtype) * topk_weight_TK[..., None]).sum(dim=1).to(y_sorted_ND.dtype)
+        y_TD = (y_TKD.to(topk_weight_TK.dtype) * topk_weight_TK[..., None]).sum(dim=1).to(y_sorted_ND.dtype)
+        return y_TD if concurrent_branch is None else y_TD + concurrent_branch()
 
 
 def naive_routed_experts(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
@@ -175,6 +179,9 @@ class MoeFeedForward(nn.Module):
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(-1, D)
         logits_TE, topk_weight_TK, topk_idx_TK = self.route(x_TD)
-        routed_TD = self.dispatcher(x_TD, topk_idx_TK, topk_weight_TK, self.experts)
-        shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
-        return (routed_TD + shared_TD).view(B, L, D), logits_TE, topk_idx_TK
+
+        def shared_TD() -> torch.Tensor:
+            return torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+
+        y_TD = self.dispatcher(x_TD, topk_idx_TK, topk_weight_TK, self.experts, shared_TD)
+        return y_TD.view(B, L, D), logits_TE, topk_idx_TK

@@ -1,7 +1,8 @@
 """All-to-all token dispatcher for expert parallelism (EP), dropless, variable splits.
 
 The MoE layer (``model.moe.MoeFeedForward``) owns a dispatcher object and calls it as
-``dispatcher(x_TD, topk_idx_TK, topk_weight_TK, experts) -> y_TD``. With EP = 1 that is
+``dispatcher(x_TD, topk_idx_TK, topk_weight_TK, experts, concurrent_branch) -> y_TD`` (the routed
+output plus ``concurrent_branch()``, the gated shared expert). With EP = 1 that is
 ``model.moe.LocalDispatcher``; ``pipeline.expert_parallel.apply_expert_parallel`` swaps in
 :class:`AllToAllDispatcher` when EP > 1. Nothing here knows about DeepSpeed: the dispatcher
 only receives the expert-parallel process group.
@@ -10,10 +11,11 @@ Legend: T tokens on this rank, K = top-k, D hidden, E global experts, El = E / e
 S = ep_size (source/destination ranks of the EP group), N rows after top-k expansion (T*K),
 R rows received by this rank.
 
-Data flow of one layer (one host sync, see ``_exchange_counts``)::
+Data flow of one layer (one host wait, see ``_exchange_counts``)::
 
-    K copies per token, sorted by global expert  --all_to_all(counts)-->  counts_recv_SE  (the sync: .tolist())
+    K copies per token, sorted by global expert  --all_to_all(counts)-->  counts_recv_SE  (host waits for these)
     x_sorted_ND                   --all_to_all(rows)--->   x_recv_RD  [by (source rank, local expert)]
+                                  (shared expert runs meanwhile on the compute stream)
     regroup by local expert -> experts(x_local_RD, tokens_per_local_expert) -> y_local_RD -> undo regroup
     y_recv_RD                     --all_to_all(rows)--->   y_sorted_ND
     unsort -> y_TKD; y_TD = sum_k w_k * y_TKD[:, k]
@@ -23,19 +25,22 @@ indexing's backward would be a scatter-add, which was 30% of a step on an H100.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
 from model.moe import permute_rows, sort_by_expert
 
 
-def regroup_by_local_expert(counts_recv_SE: torch.Tensor) -> torch.Tensor:
+def regroup_by_local_expert(counts_recv_SE: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """Permutation taking received rows from (source rank, local expert) blocks to
     (local expert, source rank) blocks, i.e. contiguous per local expert as the grouped
-    experts expect. ``x_local = x_recv[perm]``; ``y_recv[perm] = y_local`` undoes it."""
+    experts expect. ``x_local = x_recv[perm]``; ``y_recv[perm] = y_local`` undoes it.
+    ``rows`` (the total, known on the host) spares ``repeat_interleave`` a device sync."""
     s, el = counts_recv_SE.shape
     expert_of_row_R = torch.repeat_interleave(
-        torch.arange(el, device=counts_recv_SE.device).repeat(s), counts_recv_SE.reshape(-1)
+        torch.arange(el, device=counts_recv_SE.device).repeat(s), counts_recv_SE.reshape(-1), output_size=rows
     )
     return torch.argsort(expert_of_row_R, stable=True)
 
@@ -43,25 +48,54 @@ def regroup_by_local_expert(counts_recv_SE: torch.Tensor) -> torch.Tensor:
 class _AllToAll(torch.autograd.Function):
     """Differentiable ``all_to_all_single`` with unequal splits: the backward pass is the same
     exchange with the splits swapped. Written out (rather than torch.distributed.nn) so that
-    empty splits and the group handling are explicit and tested."""
+    empty splits, the group and the asynchronous forward are explicit and tested.
+
+    With ``pending`` (a list) the forward exchange is only *started*: its work handle is appended
+    to ``pending`` and the caller must ``wait()`` on it before reading the output. Work queued on
+    the compute stream in between (the shared expert) then runs while the rows are in flight."""
 
     @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    def forward(ctx, x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group, pending) -> torch.Tensor:
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
         out = x_ND.new_empty((sum(out_splits),) + tuple(x_ND.shape[1:]))
-        dist.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group)
+        work = dist.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group,
+                                      async_op=pending is not None)
+        if pending is not None:
+            pending.append(work)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_in = grad_out.new_empty((sum(ctx.in_splits),) + tuple(grad_out.shape[1:]))
         dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return grad_in, None, None, None
+        return grad_in, None, None, None, None
 
 
-def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """Send ``in_splits[r]`` rows to rank r of ``group``, receive ``out_splits[r]`` from it."""
-    return _AllToAll.apply(x_ND, out_splits, in_splits, group)
+def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group, pending: list | None = None) -> torch.Tensor:
+    """Send ``in_splits[r]`` rows to rank r of ``group``, receive ``out_splits[r]`` from it.
+    With ``pending``, start the exchange and leave its handle there (see :class:`_AllToAll`)."""
+    return _AllToAll.apply(x_ND, out_splits, in_splits, group, pending)
+
+
+class _SplitsOnHost:
+    """The split sizes on their way to the host. On CUDA the copy is asynchronous into pinned
+    memory and ``get()`` waits for an event recorded right after it, i.e. for the count exchange
+    only, not for the work queued behind it (``.tolist()`` would wait for the whole stream)."""
+
+    def __init__(self, splits_2S: torch.Tensor) -> None:
+        self._event = None
+        if splits_2S.is_cuda:
+            self._host = torch.empty(splits_2S.shape, dtype=splits_2S.dtype, pin_memory=True)
+            self._host.copy_(splits_2S, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = splits_2S
+
+    def get(self) -> list[list[int]]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
 
 
 def _run_experts(experts, x_RD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -82,47 +116,66 @@ def _run_experts(experts, x_RD: torch.Tensor, tokens_per_expert: torch.Tensor) -
 class AllToAllDispatcher:
     """Dropless expert-parallel dispatch: every routed copy of a token travels to the rank
     owning its expert and back. Rank r of the EP group owns global experts
-    ``[r * El, (r + 1) * El)``. Not an nn.Module: it holds no parameters, only the group."""
+    ``[r * El, (r + 1) * El)``. Not an nn.Module: it holds no parameters, only the group.
 
-    def __init__(self, group, ep_size: int, num_experts: int) -> None:
+    ``concurrent_branch`` (the shared expert) is queued on the compute stream right after the
+    row exchange is started, so it runs while the rows are in flight; ``overlap=False`` queues
+    it after the combine instead (the previous behaviour, kept for A/B benchmarks)."""
+
+    def __init__(self, group, ep_size: int, num_experts: int, overlap: bool = True) -> None:
         if num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}")
         self.group = group
         self.ep_size = ep_size
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ep_size
+        self.overlap = overlap
+        self.last_rows_received = 0  # rows this rank's experts got in the last call (load probes)
 
     def __repr__(self) -> str:
-        return f"AllToAllDispatcher(ep_size={self.ep_size}, num_experts={self.num_experts})"
+        return f"AllToAllDispatcher(ep_size={self.ep_size}, num_experts={self.num_experts}, overlap={self.overlap})"
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
-        """Tell every rank how many rows it gets from us per local expert. This is the one
-        host-device sync per layer: the split sizes must reach the host (``.tolist()`` in
-        ``__call__``) before the row exchange can be issued. Removing it needs fixed-capacity
-        splits (pad each (rank, expert) block to a capacity known in advance) or a device-side
-        all-to-all-v (e.g. NVSHMEM/DeepEP kernels)."""
+        """Tell every rank how many rows it gets from us per local expert. The split sizes must
+        then reach the host before the row exchange can be issued (``_SplitsOnHost``): one
+        host wait per layer, for the count exchange only. Removing it entirely needs
+        fixed-capacity splits or a device-side all-to-all-v (NVSHMEM/DeepEP kernels)."""
         counts_recv = torch.empty_like(counts_E)
         dist.all_to_all_single(counts_recv, counts_E, group=self.group)  # counts carry no gradient
         return counts_recv.view(self.ep_size, self.num_local_experts)
 
     @torch.compiler.disable  # dynamic split sizes + collectives: eager, one graph break per layer
-    def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, experts) -> torch.Tensor:
+    def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, experts,
+                 concurrent_branch: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         # the data movement of model.moe.LocalDispatcher (gathers only, no scatter-add in
         # forward or backward), with the two exchanges inserted around the experts
         T, K = topk_idx_TK.shape
         order_N, inverse_N, counts_E = sort_by_expert(topk_idx_TK, self.num_experts)
+        counts_recv_SE = self._exchange_counts(counts_E)
+        splits = _SplitsOnHost(torch.stack([counts_E.view(self.ep_size, -1).sum(1), counts_recv_SE.sum(1)]))
         copies_ND = x_TD[:, None, :].expand(T, K, x_TD.shape[1]).reshape(T * K, -1)
         x_sorted_ND = permute_rows(copies_ND, order_N, inverse_N)
-        counts_recv_SE = self._exchange_counts(counts_E)
-        splits = torch.stack([counts_E.view(self.ep_size, -1).sum(1), counts_recv_SE.sum(1)])
-        in_splits, out_splits = splits.tolist()  # host sync (see _exchange_counts)
+        in_splits, out_splits = splits.get()
+        rows = sum(out_splits)
+        self.last_rows_received = rows
 
-        x_recv_RD = all_to_all(x_sorted_ND, out_splits, in_splits, self.group)
-        perm_R = regroup_by_local_expert(counts_recv_SE)
-        inverse_R = torch.argsort(perm_R)
-        y_local_RD = _run_experts(experts, permute_rows(x_recv_RD, perm_R, inverse_R), counts_recv_SE.sum(0))
-        y_recv_RD = permute_rows(y_local_RD, inverse_R, perm_R)
+        pending: list = []
+        x_recv_RD = all_to_all(x_sorted_ND, out_splits, in_splits, self.group, pending if self.overlap else None)
+        side_TD = concurrent_branch() if concurrent_branch is not None and self.overlap else None
+        for work in pending:
+            work.wait()
+        if self.num_local_experts == 1:  # rows already contiguous for the one local expert
+            y_local_RD = _run_experts(experts, x_recv_RD, counts_recv_SE.sum(0))
+            y_recv_RD = y_local_RD
+        else:
+            perm_R = regroup_by_local_expert(counts_recv_SE, rows)
+            inverse_R = torch.argsort(perm_R)
+            y_local_RD = _run_experts(experts, permute_rows(x_recv_RD, perm_R, inverse_R), counts_recv_SE.sum(0))
+            y_recv_RD = permute_rows(y_local_RD, inverse_R, perm_R)
         y_sorted_ND = all_to_all(y_recv_RD, in_splits, out_splits, self.group)
         y_TKD = permute_rows(y_sorted_ND, inverse_N, order_N).view(T, K, -1)
         # weight in the router's dtype (fp32), return in the activations' dtype
-        return (y_TKD.to(topk_weight_TK.dtype) * topk_weight_TK[..., None]).sum(dim=1).to(y_sorted_ND.dtype)
+        y_TD = (y_TKD.to(topk_weight_TK.dtype) * topk_weight_TK[..., None]).sum(dim=1).to(y_sorted_ND.dtype)
+        if concurrent_branch is None:
+            return y_TD
+        return y_TD + (side_TD if side_TD is not None else concurrent_branch())

@@ -89,14 +89,18 @@ def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     half, k = num_experts // 2, 2
     out = {}
-    for scenario in ("mixed", "starve0"):
+    # "+shared": the layer's shared expert handed over as the concurrent branch, overlapped with
+    # the row exchange (overlap=True) or run after it (overlap=False)
+    for scenario, overlap, with_shared in (("mixed", True, False), ("starve0", True, False),
+                                           ("mixed+shared", True, True), ("mixed+shared-serial", False, True)):
         torch.manual_seed(0)
         experts_full = GroupedExperts(num_experts, dim, ffn)
+        shared_proj = torch.nn.Linear(dim, dim, bias=False)
         with torch.no_grad():
             for p in experts_full.parameters():
                 p.normal_(0, 0.5)
         x_all = torch.randn(world * tokens, dim)
-        if scenario == "mixed":
+        if scenario.startswith("mixed"):
             idx_all = torch.stack([torch.randperm(num_experts - 1)[:k] + 1 for _ in range(world * tokens)])
             idx_all[tokens:] = torch.stack([torch.randperm(half)[:k] + half for _ in range(tokens)])
         else:
@@ -104,10 +108,15 @@ def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim:
         w_all = torch.rand(world * tokens, k)
         probe = torch.arange(x_all.numel()).view_as(x_all).sin()  # a non-uniform upstream gradient
 
+        def branch_of(x):
+            return (lambda: torch.tanh(shared_proj(x))) if with_shared else None
+
         x_ref = x_all.clone().requires_grad_()
         w_ref = w_all.clone().requires_grad_()
-        y_ref = LocalDispatcher()(x_ref, idx_all, w_ref, experts_full)
+        y_ref = LocalDispatcher()(x_ref, idx_all, w_ref, experts_full, branch_of(x_ref))
         (y_ref * probe).sum().backward()
+        g_shared_ref = shared_proj.weight.grad.clone() if with_shared else None
+        shared_proj.weight.grad = None
 
         sl = slice(rank * tokens, (rank + 1) * tokens)
         local = slice(rank * half, (rank + 1) * half)
@@ -117,13 +126,21 @@ def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim:
                 p.copy_(getattr(experts_full, name)[local])
         x = x_all[sl].clone().requires_grad_()
         w = w_all[sl].clone().requires_grad_()
-        y = AllToAllDispatcher(dist.group.WORLD, world, num_experts)(x, idx_all[sl], w, experts_local)
+        dispatcher = AllToAllDispatcher(dist.group.WORLD, world, num_experts, overlap=overlap)
+        y = dispatcher(x, idx_all[sl], w, experts_local, branch_of(x))
         (y * probe[sl]).sum().backward()
+        g_shared = None
+        if with_shared:  # the reference's gradient sums over both ranks' tokens
+            g_shared = shared_proj.weight.grad.clone()
+            dist.all_reduce(g_shared)
         out[scenario] = {
             "y": y.detach(), "y_ref": y_ref[sl].detach(),
             "gx": x.grad, "gx_ref": x_ref.grad[sl], "gw": w.grad, "gw_ref": w_ref.grad[sl],
             "gexp": {n: p.grad for n, p in experts_local.named_parameters()},
             "gexp_ref": {n: p.grad[local] for n, p in experts_full.named_parameters()},
+            "g_shared": g_shared, "g_shared_ref": g_shared_ref,
+            "rows_received": dispatcher.last_rows_received,
+            "rows_expected": int(((idx_all >= rank * half) & (idx_all < (rank + 1) * half)).sum()),
         }
     dist.barrier()
     dist.destroy_process_group()

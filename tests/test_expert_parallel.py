@@ -78,9 +78,12 @@ def test_simulated_two_rank_dispatch_matches_local_dispatcher_with_empty_splits(
 
 def test_all_to_all_dispatcher_on_two_gloo_ranks_matches_local_forward_and_backward(tmp_path):
     results = run_two_ranks(dispatcher_worker, tmp_path, 8, 12, 16, 12)
-    for scenario in ("mixed", "starve0"):
+    for scenario in ("mixed", "starve0", "mixed+shared", "mixed+shared-serial"):
         for r, by_scenario in enumerate(results):
             res, where = by_scenario[scenario], f"{scenario} rank {r}"
+            assert res["rows_received"] == res["rows_expected"], where
+            if res["g_shared"] is not None:  # the concurrent branch is added and gets its gradient
+                torch.testing.assert_close(res["g_shared"], res["g_shared_ref"], rtol=1e-5, atol=1e-6, msg=f"{where} d/dshared")
             torch.testing.assert_close(res["y"], res["y_ref"], rtol=1e-5, atol=1e-6, msg=f"{where} output")
             torch.testing.assert_close(res["gx"], res["gx_ref"], rtol=1e-5, atol=1e-6, msg=f"{where} d/dx")
             torch.testing.assert_close(res["gw"], res["gw_ref"], rtol=1e-5, atol=1e-6, msg=f"{where} d/dweights")
@@ -92,6 +95,9 @@ def test_all_to_all_dispatcher_on_two_gloo_ranks_matches_local_forward_and_backw
     assert torch.count_nonzero(results[0]["mixed"]["gexp"]["gate_proj"][0]) == 0
     assert torch.count_nonzero(results[0]["starve0"]["gexp"]["gate_proj"]) == 0
     assert torch.count_nonzero(results[1]["starve0"]["gexp"]["gate_proj"]) > 0
+    assert results[0]["starve0"]["rows_received"] == 0
+    # the branch really contributes (otherwise the "+shared" comparison would be vacuous)
+    assert not torch.allclose(results[0]["mixed+shared"]["y"], results[0]["mixed"]["y"])
 
 
 STEPS = 5
