@@ -91,13 +91,20 @@ class RunSpec:
     overrides: list[str] = field(default_factory=list)
 
 
-def _r(preset: str, gpus: list[int], ep: int, micro: int, **kw) -> RunSpec:
+def _r(preset: str, gpus: list[int], ep: int, micro: int, tag: str = "", **kw) -> RunSpec:
     short = {"timemoe-50m": "50m", "timemoe-200m": "200m", "timemoe-ultra": "ultra", "tiny": "tiny"}[preset]
-    return RunSpec(f"{short}-g{len(gpus)}-ep{ep}", preset, gpus, ep, micro=micro, **kw)
+    return RunSpec(f"{short}-g{len(gpus)}-ep{ep}{tag}", preset, gpus, ep, micro=micro, **kw)
 
 
 ALL8 = list(range(8))
 REAL_DATA = "data.path=.gpudata/sweep-1024"
+PER_LAYER = "model.overrides.router_aux_loss_scope=per_layer"
+GENTLE = ["optim.warmup_steps=50"]  # the 2-step warm-up of the throughput runs spikes the loss
+RUNS_DIR = "/tmp/td/runs"  # where benchmarks/lent_gpu.sh has `run --out /tmp/td` put each run
+
+
+def _init(run_name: str) -> str:
+    return f"model.init_from={RUNS_DIR}/{run_name}/final_model"
 PLANS: dict[str, list[list[RunSpec]]] = {
     # waves: runs inside a wave use disjoint GPUs and run at the same time
     "scaling": [
@@ -146,6 +153,17 @@ PLANS: dict[str, list[list[RunSpec]]] = {
     "routing": [[_r("timemoe-200m", [0], 1, 16, steps=400, overrides=[REAL_DATA]),
                  _r("timemoe-50m", [1], 1, 16, steps=400, overrides=[REAL_DATA]),
                  _r("timemoe-ultra", [2, 3], 1, 8, steps=200, overrides=[REAL_DATA])]],
+    # EP on routers trained to balance per layer: train with the per-layer aux loss on real
+    # series (exported), then ep = 1 vs 4 starting from those weights (model.init_from)
+    "balanced": [
+        [_r("timemoe-200m", [0], 1, 16, "-pl", steps=400, overrides=[REAL_DATA, PER_LAYER, "train.export=true"] + GENTLE),
+         _r("timemoe-50m", [1], 1, 16, "-pl", steps=400, overrides=[REAL_DATA, PER_LAYER] + GENTLE),
+         _r("timemoe-ultra", [2, 3], 1, 8, "-pl", steps=200, overrides=[REAL_DATA, PER_LAYER, "train.export=true"] + GENTLE)],
+        [_r("timemoe-200m", [0, 1, 2, 3], 1, 64, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"])],
+        [_r("timemoe-200m", [0, 1, 2, 3], 4, 64, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"])],
+        [_r("timemoe-ultra", [0, 1, 2, 3], 1, 16, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("ultra-g2-ep1-pl"), "optim.lr=1e-4"])],
+        [_r("timemoe-ultra", [0, 1, 2, 3], 4, 16, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("ultra-g2-ep1-pl"), "optim.lr=1e-4"])],
+    ],
     "smoke": [[_r("timemoe-50m", [0, 1], 2, 4, steps=4)]],
     "cpu": [[_r("tiny", [0], 1, 4, steps=6), _r("tiny", [1, 2], 2, 4, steps=6)]],
 }
@@ -258,9 +276,9 @@ def format_row(r: dict) -> str:
 
 
 def add_scaling(rows: list[dict]) -> None:
-    base = {r["preset"]: r["points_per_s"] for r in rows if "error" not in r and r["world"] == 1}
+    base = {r["preset"]: r["points_per_s"] for r in rows if "points_per_s" in r and r["world"] == 1}
     for r in rows:
-        if "error" not in r and r["preset"] in base:
+        if "points_per_s" in r and r["preset"] in base:
             r["speedup_vs_1gpu"] = r["points_per_s"] / base[r["preset"]]
             r["scaling_efficiency"] = r["speedup_vs_1gpu"] / r["world"]
 

@@ -45,6 +45,8 @@ class TimeMoeConfig:
     router_aux_loss_factor: float = 0.02
     # Not a published field: which attention kernel runs (see model/attention.py, docs/model.md).
     attn_implementation: str = "auto"
+    # Not a published field: "pooled" (the spec) or "per_layer" aux loss (model/loss.py, router_aux_loss).
+    router_aux_loss_scope: str = "pooled"
 
     def __post_init__(self) -> None:
         self.horizon_lengths = tuple(int(h) for h in self.horizon_lengths)
@@ -67,6 +69,8 @@ class TimeMoeConfig:
             errors.append(f"hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is implemented")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             errors.append(f"attn_implementation={self.attn_implementation!r} not in {ATTN_IMPLEMENTATIONS}")
+        if self.router_aux_loss_scope not in ("pooled", "per_layer"):
+            errors.append(f"router_aux_loss_scope={self.router_aux_loss_scope!r} not in ('pooled', 'per_layer')")
         if errors:
             raise ValueError("invalid TimeMoeConfig: " + "; ".join(errors))
 

@@ -24,7 +24,7 @@ from model import checkpoint as ckpt
 from model.attention import Attention, flex_block_mask, resolve_backend, rope_cos_sin, segment_positions
 from model.config import TimeMoeConfig
 from model.forecast import horizon_schedule, prepare_contexts
-from model.loss import head_loss, load_balancing_loss
+from model.loss import head_loss, router_aux_loss
 from model.moe import MoeFeedForward, SwiGLU
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -195,8 +195,7 @@ class TimeMoeModel(nn.Module):
         keep_T = None if seg_BL is None else (seg_BL > 0).reshape(-1)
         aux, counts = None, None
         if not cfg.use_dense:
-            aux = load_balancing_loss(torch.cat(logits), cfg.num_experts_per_tok,
-                                      None if keep_T is None else keep_T.repeat(len(logits)))
+            aux = router_aux_loss(list(logits), cfg.num_experts_per_tok, keep_T, cfg.router_aux_loss_scope)
             counts = torch.stack([self._expert_counts(ix, keep_T) for ix in idxs])
 
         loss, head_losses = None, {}

@@ -33,6 +33,9 @@ import yaml
 class ModelSection:
     preset: str = "tiny"  # a name known to model.TimeMoeConfig.preset
     overrides: dict[str, Any] = field(default_factory=dict)  # TimeMoeConfig field -> value
+    # start from these weights (a save_pretrained directory: a published checkpoint, a previous
+    # run's final_model) instead of a fresh init; preset + overrides must describe the same shape
+    init_from: str = ""
 
 
 @dataclass

@@ -56,12 +56,31 @@ def model_config(section: ModelSection) -> Any:
     return cfg
 
 
+# TimeMoeConfig fields that change how a model trains or runs, not the shape of its weights:
+# taken from the run's config even when the weights come from a checkpoint (model.init_from)
+RUNTIME_FIELDS = ("attn_implementation", "router_aux_loss_scope", "router_aux_loss_factor", "apply_aux_loss", "use_cache")
+
+
 def build_model(section: ModelSection, seed: int) -> nn.Module:
-    """Same seed on every rank -> identical initial weights everywhere."""
+    """Same seed on every rank -> identical initial weights everywhere. With ``init_from``, every
+    rank loads the same checkpoint instead; its shape must match the preset + overrides."""
     from model import TimeMoeModel
 
     torch.manual_seed(seed)
-    return TimeMoeModel(model_config(section))
+    cfg = model_config(section)
+    if not section.init_from:
+        return TimeMoeModel(cfg)
+    loaded = TimeMoeModel.from_pretrained(section.init_from)
+    have, want = loaded.config.to_dict(), cfg.to_dict()
+    differ = sorted(k for k in want if k not in RUNTIME_FIELDS and have.get(k) != want[k])
+    if differ:
+        raise ValueError(f"model.init_from={section.init_from}: the checkpoint's "
+                         + ", ".join(f"{k}={have.get(k)!r}" for k in differ)
+                         + f" differ from model.preset={section.preset!r} + overrides ("
+                         + ", ".join(f"{k}={want[k]!r}" for k in differ) + ")")
+    model = TimeMoeModel(cfg)  # built from the run's config, so the runtime fields take effect
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    return model
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -216,6 +216,39 @@ def test_aux_loss_pools_all_layers_and_balanced_router_gives_k():
     assert pooled_aux == pytest.approx(K, rel=1e-6) and mean_aux > 3.9  # per layer: collapsed (~E)
 
 
+def test_per_layer_aux_loss_sees_collapsed_layers_that_pooling_hides():
+    from model.loss import load_balancing_loss, router_aux_loss
+
+    K = 2
+    # two layers, each sending every token to its own two experts: balanced when pooled
+    l1 = torch.tensor([[5.0, 4.0, 0.0, 0.0]]).repeat(6, 1).requires_grad_()
+    l2 = torch.tensor([[0.0, 0.0, 5.0, 4.0]]).repeat(6, 1).requires_grad_()
+    pooled = router_aux_loss([l1, l2], K, scope="pooled")
+    per_layer = router_aux_loss([l1, l2], K, scope="per_layer")
+    assert float(pooled) == pytest.approx(K, rel=1e-6)
+    assert float(per_layer) == pytest.approx(float(load_balancing_loss(l1, K) + load_balancing_loss(l2, K)) / 2)
+    # pooled: the hot experts' logits get (almost) no push; per layer: they are pushed down
+    g_pooled = torch.autograd.grad(pooled, l1)[0][0]
+    g_layer = torch.autograd.grad(per_layer, l1)[0][0]
+    assert g_pooled.abs().max() < 1e-6
+    assert g_layer[0] > 5e-4 and g_layer[1] > 5e-4 and g_layer[2] < 0 and g_layer[3] < 0
+    with pytest.raises(ValueError, match="scope"):
+        router_aux_loss([l1], K, scope="global")
+
+
+def test_model_per_layer_aux_scope_is_the_mean_over_layers_with_the_padding_mask():
+    from model.loss import load_balancing_loss
+
+    m = make_model(router_aux_loss_scope="per_layer")
+    seg = torch.tensor([[1] * 10 + [2] * 12 + [0] * 8])
+    out = m(torch.randn(1, 30), segment_ids=seg)
+    keep = (seg > 0).reshape(-1)
+    want = torch.stack([load_balancing_loss(l, 2, keep) for l in out.router_logits]).mean()
+    torch.testing.assert_close(out.aux_loss, want)
+    with pytest.raises(ValueError, match="router_aux_loss_scope"):
+        make_model(router_aux_loss_scope="global")
+
+
 def test_dense_twin_has_no_router_and_no_aux():
     m = TimeMoeModel(tiny(use_dense=True, intermediate_size=259))
     out = m(torch.randn(1, 20), labels=torch.randn(1, 20))

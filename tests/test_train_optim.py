@@ -106,3 +106,23 @@ def test_deepspeed_config_batch_geometry_and_precision():
     assert deepspeed_config(cfg.parallel, cfg.train, cfg.optim, 4, accum, use_gpu=True)["bf16"]["enabled"]
     with pytest.raises(ValueError, match="not a multiple"):
         cfg.grad_accum_steps(world_size=3)
+
+
+def test_init_from_loads_checkpoint_weights_and_checks_the_shape(tmp_path):
+    from model import TimeMoeConfig, TimeMoeModel
+    from pipeline.config import ModelSection
+    from pipeline.parallelize import build_model
+
+    torch.manual_seed(5)
+    saved = TimeMoeModel(TimeMoeConfig.preset("tiny"))
+    saved.save_pretrained(tmp_path / "ckpt")
+    fresh = build_model(ModelSection(preset="tiny"), seed=0)
+    started = build_model(ModelSection(preset="tiny", init_from=str(tmp_path / "ckpt"),
+                                       overrides={"router_aux_loss_scope": "per_layer"}), seed=0)
+    assert started.config.router_aux_loss_scope == "per_layer"  # run-time fields come from the run
+    for name, w in saved.state_dict().items():
+        torch.testing.assert_close(started.state_dict()[name], w, msg=name)
+    name = "model.layers.0.ffn_layer.router.weight"
+    assert not torch.equal(fresh.state_dict()[name], saved.state_dict()[name])  # not vacuous
+    with pytest.raises(ValueError, match=r"hidden_size=64.*differ from model.preset='tiny'.*hidden_size=32"):
+        build_model(ModelSection(preset="tiny", init_from=str(tmp_path / "ckpt"), overrides={"hidden_size": 32}), seed=0)
