@@ -156,13 +156,11 @@ PLANS: dict[str, list[list[RunSpec]]] = {
     # EP on routers trained to balance per layer: train with the per-layer aux loss on real
     # series (exported), then ep = 1 vs 4 starting from those weights (model.init_from)
     "balanced": [
-        [_r("timemoe-200m", [0], 1, 16, "-pl", steps=400, overrides=[REAL_DATA, PER_LAYER, "train.export=true"] + GENTLE),
-         _r("timemoe-50m", [1], 1, 16, "-pl", steps=400, overrides=[REAL_DATA, PER_LAYER] + GENTLE),
-         _r("timemoe-ultra", [2, 3], 1, 8, "-pl", steps=200, overrides=[REAL_DATA, PER_LAYER, "train.export=true"] + GENTLE)],
+        [_r("timemoe-200m", [0], 1, 16, "-pl", steps=600, overrides=[REAL_DATA, PER_LAYER, "train.export=true"] + GENTLE),
+         _r("timemoe-ultra", [1, 2, 3], 1, 8, "-pl", steps=300, overrides=[REAL_DATA, PER_LAYER] + GENTLE)],
         [_r("timemoe-200m", [0, 1, 2, 3], 1, 64, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"])],
         [_r("timemoe-200m", [0, 1, 2, 3], 4, 64, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"])],
-        [_r("timemoe-ultra", [0, 1, 2, 3], 1, 16, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("ultra-g2-ep1-pl"), "optim.lr=1e-4"])],
-        [_r("timemoe-ultra", [0, 1, 2, 3], 4, 16, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("ultra-g2-ep1-pl"), "optim.lr=1e-4"])],
+        [_r("timemoe-200m", [0, 1, 2, 3], 2, 64, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"])],
     ],
     "smoke": [[_r("timemoe-50m", [0, 1], 2, 4, steps=4)]],
     "cpu": [[_r("tiny", [0], 1, 4, steps=6), _r("tiny", [1, 2], 2, 4, steps=6)]],

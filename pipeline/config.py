@@ -201,6 +201,12 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             kwargs[key] = _build(type(default), value or {}, f"{where}.{key}" if where else key)
         elif isinstance(default, tuple):
             kwargs[key] = tuple(value)
+        elif isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            # YAML 1.1 reads "1e-4" (no dot) as a string: it would reach the optimizer as one
+            try:
+                kwargs[key] = float(value)
+            except ValueError:
+                raise ValueError(f"config key '{where}.{key}': {value!r} is not a number") from None
         else:
             kwargs[key] = value
     return cls(**kwargs)

@@ -126,3 +126,14 @@ def test_init_from_loads_checkpoint_weights_and_checks_the_shape(tmp_path):
     assert not torch.equal(fresh.state_dict()[name], saved.state_dict()[name])  # not vacuous
     with pytest.raises(ValueError, match=r"hidden_size=64.*differ from model.preset='tiny'.*hidden_size=32"):
         build_model(ModelSection(preset="tiny", init_from=str(tmp_path / "ckpt"), overrides={"hidden_size": 32}), seed=0)
+
+
+def test_float_keys_accept_exponents_without_a_dot_and_reject_words(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; it used to reach torch.optim.AdamW as one
+    cfg = load_config(None, ["optim.lr=1e-4", "optim.weight_decay=0"])
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 3e-4\n")
+    assert load_config(tmp_path / "c.yaml").optim.lr == 3e-4
+    with pytest.raises(ValueError, match="optim.lr.*'fast' is not a number"):
+        load_config(None, ["optim.lr=fast"])
