@@ -116,6 +116,26 @@ def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.T
     return order_N, inverse_N, counts_E
 
 
+def copies_by_expert(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K routed copies of every token, grouped by expert: ``x_sorted_ND`` plus the order,
+    its inverse and the copies per expert (what :func:`combine_copies` and the experts need)."""
+    T, K = topk_idx_TK.shape
+    order_N, inverse_N, counts_E = sort_by_expert(topk_idx_TK, num_experts)
+    copies_ND = x_TD[:, None, :].expand(T, K, x_TD.shape[1]).reshape(T * K, -1)
+    return permute_rows(copies_ND, order_N, inverse_N), order_N, inverse_N, counts_E
+
+
+def combine_copies(y_sorted_ND: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor,
+                   topk_weight_TK: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`copies_by_expert` on the experts' outputs and sum each token's K outputs
+    weighted by its router probabilities: in the router's dtype (fp32), returned in the
+    activations' dtype."""
+    T, K = topk_weight_TK.shape
+    y_TKD = permute_rows(y_sorted_ND, inverse_N, order_N).view(T, K, -1)
+    return (y_TKD.to(topk_weight_TK.dtype) * topk_weight_TK[..., None]).sum(dim=1).to(y_sorted_ND.dtype)
+
+
 class LocalDispatcher:
     """Expert parallel size 1: copy each token to its K slots, sort the copies by expert, run the
     grouped experts, unsort, and sum the K outputs weighted by the router probabilities. Only
@@ -126,13 +146,8 @@ class LocalDispatcher:
 
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                  experts: GroupedExperts, concurrent_branch: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-        T, K = topk_idx_TK.shape
-        order_N, inverse_N, counts_E = sort_by_expert(topk_idx_TK, experts.gate_proj.shape[0])
-        copies_ND = x_TD[:, None, :].expand(T, K, x_TD.shape[1]).reshape(T * K, -1)
-        y_sorted_ND = experts(permute_rows(copies_ND, order_N, inverse_N), counts_E)
-        y_TKD = permute_rows(y_sorted_ND, inverse_N, order_N).view(T, K, -1)
-        # weight in the router's dtype (fp32), return in the activations' dtype
-        y_TD = (y_TKD.to(topk_weight_TK.dtype) * topk_weight_TK[..., None]).sum(dim=1).to(y_sorted_ND.dtype)
+        x_sorted_ND, order_N, inverse_N, counts_E = copies_by_expert(x_TD, topk_idx_TK, experts.gate_proj.shape[0])
+        y_TD = combine_copies(experts(x_sorted_ND, counts_E), order_N, inverse_N, topk_weight_TK)
         return y_TD if concurrent_branch is None else y_TD + concurrent_branch()
 
 

@@ -30,7 +30,21 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from model.moe import permute_rows, sort_by_expert
+from model.moe import combine_copies, copies_by_expert, permute_rows
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _static_part(fn: Callable, x: torch.Tensor) -> Callable:
+    """The parts before and after the exchange have static shapes (T tokens, N = T*K copies), so
+    on CUDA they run compiled (fused, as inside ep = 1's compiled layer) although the
+    dispatcher itself is kept out of torch.compile. Eager elsewhere: CPU/gloo runs need no C++
+    toolchain and tests stay fast."""
+    if not x.is_cuda:
+        return fn
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn.__name__]
 
 
 def regroup_by_local_expert(counts_recv_SE: torch.Tensor, rows: int | None = None) -> torch.Tensor:
@@ -149,12 +163,9 @@ class AllToAllDispatcher:
                  concurrent_branch: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         # the data movement of model.moe.LocalDispatcher (gathers only, no scatter-add in
         # forward or backward), with the two exchanges inserted around the experts
-        T, K = topk_idx_TK.shape
-        order_N, inverse_N, counts_E = sort_by_expert(topk_idx_TK, self.num_experts)
+        x_sorted_ND, order_N, inverse_N, counts_E = _static_part(copies_by_expert, x_TD)(x_TD, topk_idx_TK, self.num_experts)
         counts_recv_SE = self._exchange_counts(counts_E)
         splits = _SplitsOnHost(torch.stack([counts_E.view(self.ep_size, -1).sum(1), counts_recv_SE.sum(1)]))
-        copies_ND = x_TD[:, None, :].expand(T, K, x_TD.shape[1]).reshape(T * K, -1)
-        x_sorted_ND = permute_rows(copies_ND, order_N, inverse_N)
         in_splits, out_splits = splits.get()
         rows = sum(out_splits)
         self.last_rows_received = rows
@@ -173,9 +184,7 @@ class AllToAllDispatcher:
             y_local_RD = _run_experts(experts, permute_rows(x_recv_RD, perm_R, inverse_R), counts_recv_SE.sum(0))
             y_recv_RD = permute_rows(y_local_RD, inverse_R, perm_R)
         y_sorted_ND = all_to_all(y_recv_RD, in_splits, out_splits, self.group)
-        y_TKD = permute_rows(y_sorted_ND, inverse_N, order_N).view(T, K, -1)
-        # weight in the router's dtype (fp32), return in the activations' dtype
-        y_TD = (y_TKD.to(topk_weight_TK.dtype) * topk_weight_TK[..., None]).sum(dim=1).to(y_sorted_ND.dtype)
+        y_TD = _static_part(combine_copies, y_sorted_ND)(y_sorted_ND, order_N, inverse_N, topk_weight_TK)
         if concurrent_branch is None:
             return y_TD
         return y_TD + (side_TD if side_TD is not None else concurrent_branch())

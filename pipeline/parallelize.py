@@ -101,11 +101,17 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = functools.partial(checkpoint, inner, use_reentrant=False)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, expert_parallel: bool = False) -> None:
     """Compile per layer: the layers are identical, so one graph is reused and a graph break
-    in the dispatcher stays local."""
+    in the dispatcher stays local. With expert parallelism the dispatcher runs outside the
+    layer's graph and calls the shared expert from there (to overlap it with the exchange), so
+    the shared experts are compiled on their own too."""
     for layer in decoder_layers(model):
         layer.compile()
+    if expert_parallel:
+        for module in model.modules():
+            if hasattr(module, "dispatcher") and isinstance(getattr(module, "shared_expert", None), nn.Module):
+                module.shared_expert.compile()
 
 
 def moe_leaf_classes() -> list[type]:
@@ -127,7 +133,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, world_size: int, use_gpu: bo
     if par.activation_checkpointing:  # 2.
         apply_activation_checkpointing(model)
     if par.compile:  # 3.
-        apply_compile(model)
+        apply_compile(model, expert_parallel=ep_info is not None)
     if par.zero_stage == 3:  # 4.
         from deepspeed.utils import set_z3_leaf_modules
 
