@@ -158,3 +158,33 @@ def test_apply_expert_parallel_rejects_bad_sizes_and_dense_models():
     info = apply_expert_parallel(model, ep_size=1)  # EP = 1 leaves the model untouched
     assert info.num_local_experts == n_experts and isinstance(info.moe_layers, list) and info.moe_layers
     assert all(type(m.dispatcher).__name__ == "LocalDispatcher" for m in model.modules() if hasattr(m, "dispatcher"))
+
+
+def test_ep_layer_benchmark_on_two_gloo_ranks_counts_the_hot_rank_and_matches_ep1(tmp_path):
+    """benchmarks/ep_layer.py --cpu: the routing regimes load the ranks as documented, and the EP
+    layer (serial and overlapped shared expert) reproduces ep = 1 on the same tokens."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests._train_helpers import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ep_layer.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+         str(repo / "benchmarks/ep_layer.py"), "--cpu", "--presets", "tiny:1", "--window", "48", "--iters", "1",
+         "--out", str(out)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["regime"] != "all_to_all_bandwidth"]
+    copies = 48 * 2  # tokens per rank x top-2
+    by = {(r["regime"], r["ep"], r["dispatcher"]): r for r in rows}
+    assert set(by) == {(g, 1, "local") for g in ("balanced", "collapsed")} | {
+        (g, 2, d) for g in ("balanced", "collapsed") for d in ("serial", "overlap")}
+    for (regime, ep, _), r in by.items():
+        assert r["max_rel_err"] < 1e-5, r
+        if ep == 2:  # balanced: every rank gets its share; collapsed: experts 0, 1 = rank 0 gets all
+            assert r["rows_received_max"] == (copies if regime == "balanced" else 2 * copies), r
