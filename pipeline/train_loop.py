@@ -105,10 +105,13 @@ def all_reduce_sum(vec: torch.Tensor, world: int, device: torch.device) -> torch
     return vec
 
 
-def expert_imbalance(counts_LE: torch.Tensor) -> list[float]:
-    """Per layer max/mean of tokens per expert: 1.0 is perfectly balanced."""
-    counts_LE = counts_LE.float()
-    return (counts_LE.max(dim=1).values / counts_LE.mean(dim=1).clamp_min(1e-9)).tolist()
+def expert_imbalance(counts_LE: torch.Tensor, experts_per_group: int = 1) -> list[float]:
+    """Per layer max/mean of tokens per expert: 1.0 is perfectly balanced. With
+    ``experts_per_group`` = E / ep the groups are the EP ranks' expert blocks: how much more
+    expert work the busiest GPU of an EP group does than the average (what EP waits for)."""
+    counts = counts_LE.float()
+    counts = counts.view(counts.shape[0], -1, experts_per_group).sum(dim=-1)
+    return (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)).tolist()
 
 
 @torch.no_grad()
@@ -298,8 +301,13 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             if peak:
                 m["mfu"] = flops_pp * points / dt / (peak * rt.world_size)
         if counts_LE is not None:
-            for i, r in enumerate(expert_imbalance(counts_LE)):
+            per_layer = expert_imbalance(counts_LE)
+            for i, r in enumerate(per_layer):
                 m[f"expert_imbalance/layer{i}"] = r
+            m["expert_imbalance/mean"] = sum(per_layer) / len(per_layer)
+            if cfg.parallel.ep_size > 1:
+                ranks = expert_imbalance(counts_LE, counts_LE.shape[1] // cfg.parallel.ep_size)
+                m["expert_imbalance/ep_rank_mean"] = sum(ranks) / len(ranks)
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
             m.update(evaluate(engine, rt.val_batches(), cfg.train.eval_batches, device, rt.world_size))
         history.append({"step": state.step, **m})

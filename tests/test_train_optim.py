@@ -137,3 +137,15 @@ def test_float_keys_accept_exponents_without_a_dot_and_reject_words(tmp_path):
     assert load_config(tmp_path / "c.yaml").optim.lr == 3e-4
     with pytest.raises(ValueError, match="optim.lr.*'fast' is not a number"):
         load_config(None, ["optim.lr=fast"])
+
+
+def test_expert_imbalance_per_expert_and_per_ep_rank():
+    from pipeline.train_loop import expert_imbalance
+
+    # layer 0: all tokens on experts 0 and 1; layer 1: perfectly balanced (4 experts)
+    counts = torch.tensor([[5, 5, 0, 0], [3, 3, 3, 3]])
+    assert expert_imbalance(counts) == pytest.approx([2.0, 1.0])
+    # ep = 2: experts {0,1} on rank 0 -> rank 0 does all of layer 0's expert work
+    assert expert_imbalance(counts, experts_per_group=2) == pytest.approx([2.0, 1.0])
+    # experts 0 and 2 hot: per expert still 2.0, but spread over the two EP ranks
+    assert expert_imbalance(torch.tensor([[5, 0, 5, 0]]), experts_per_group=2) == pytest.approx([1.0])
