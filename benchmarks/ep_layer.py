@@ -12,6 +12,10 @@ Routing regimes (the router is bypassed; the expert ids are prescribed):
   initialisation (measured: every layer of an untrained 200M model sends all tokens to the same
   two experts), and what the pooled aux loss of the spec allows to persist per layer.
 
+Dispatchers: ``serial`` runs the shared expert after the combine, ``overlap-fwd`` during the
+forward row exchange, ``overlap`` (the default) also runs its backward during the backward
+exchange of the row gradients.
+
 Per (preset, regime, ep, dispatcher) it prints the slowest rank's median ms per layer step and
 the slowdown against ep = 1, checks the EP output and input gradient against ep = 1 on the same
 tokens (bf16 tolerance), and measures the plain all-to-all bandwidth for the same row count.
@@ -31,6 +35,8 @@ import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
+# (name, overlap, overlap_backward): where the shared expert runs relative to the row exchange
+DISPATCHERS = (("serial", False, False), ("overlap-fwd", True, False), ("overlap", True, True))
 sys.path.insert(0, str(REPO))
 
 from model import TimeMoeConfig  # noqa: E402
@@ -164,10 +170,10 @@ def main() -> None:
             for ep in ep_sizes:
                 group = groups[ep]
                 ep_rank = dist.get_rank(group)
-                for overlap in (False, True):
+                for name, overlap, overlap_bwd in DISPATCHERS:
                     layer = make_layer(preset, dtype, device)
                     shard_experts(layer, ep_rank, ep)
-                    disp = AllToAllDispatcher(group, ep, E, overlap=overlap)
+                    disp = AllToAllDispatcher(group, ep, E, overlap=overlap, overlap_backward=overlap_bwd)
                     x.grad = None
                     y = step_fn(layer, disp, x, idx_all[mine], w, probe_all[mine]).detach()
                     scale_y = ref_y.float().abs().max().clamp_min(1e-6)
@@ -183,7 +189,6 @@ def main() -> None:
                     dist.all_reduce(hot, op=dist.ReduceOp.MAX)
                     errt = torch.tensor([err], device=device, dtype=torch.float64)
                     dist.all_reduce(errt, op=dist.ReduceOp.MAX)
-                    name = "overlap" if overlap else "serial"
                     row = dict(preset=preset, tokens_per_rank=tokens, regime=regime, ep=ep, dispatcher=name, ms=ms,
                                slowdown=ms / base_ms, rows_received_max=int(hot.item()), max_rel_err=float(errt.item()))
                     rows_out.append(row)

@@ -15,7 +15,8 @@ Data flow of one layer (one host wait, see ``_exchange_counts``)::
 
     K copies per token, sorted by global expert  --all_to_all(counts)-->  counts_recv_SE  (host waits for these)
     x_sorted_ND                   --all_to_all(rows)--->   x_recv_RD  [by (source rank, local expert)]
-                                  (shared expert runs meanwhile on the compute stream)
+                                  (shared expert runs meanwhile on the compute stream; in the
+                                   backward pass the same exchange overlaps the shared expert's backward)
     regroup by local expert -> experts(x_local_RD, tokens_per_local_expert) -> y_local_RD -> undo regroup
     y_recv_RD                     --all_to_all(rows)--->   y_sorted_ND
     unsort -> y_TKD; y_TD = sum_k w_k * y_TKD[:, k]
@@ -85,6 +86,77 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None, None
 
 
+class _Exchange:
+    """State shared by the two halves of an overlapped exchange (:func:`start_all_to_all` and
+    :func:`finish_all_to_all`): the forward work handle, then the backward one with its buffers."""
+
+    def __init__(self, out_splits: list[int], in_splits: list[int], group) -> None:
+        self.out_splits, self.in_splits, self.group = out_splits, in_splits, group
+        self.work = None
+        self.grad_work = None
+        self.grad_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # (sent, received), alive until the wait
+
+
+class _StartAllToAll(torch.autograd.Function):
+    """Forward: start the exchange. Backward: wait for the gradient exchange that
+    :class:`_FinishAllToAll`'s backward started, and hand its result on."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
+        ctx.exchange = exchange
+        out = x_ND.new_empty((sum(exchange.out_splits),) + tuple(x_ND.shape[1:]))
+        exchange.work = dist.all_to_all_single(out, x_ND.contiguous(), exchange.out_splits, exchange.in_splits,
+                                               group=exchange.group, async_op=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, _placeholder: torch.Tensor):
+        exchange = ctx.exchange
+        exchange.grad_work.wait()
+        grad_in = exchange.grad_buffers[1]
+        exchange.grad_work, exchange.grad_buffers = None, None
+        return grad_in, None
+
+
+class _FinishAllToAll(torch.autograd.Function):
+    """Forward: wait for the exchange. Backward: *start* the gradient's exchange and return at once.
+
+    Autograd runs ready nodes latest-created first. The nodes created between the start and the
+    finish (the shared expert) are therefore run after this backward and before
+    ``_StartAllToAll``'s, i.e. while the gradient rows are in flight: the backward mirror of the
+    forward overlap."""
+
+    @staticmethod
+    def forward(ctx, out_ND: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
+        ctx.exchange = exchange
+        exchange.work.wait()
+        exchange.work = None
+        return out_ND.view_as(out_ND)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        exchange = ctx.exchange
+        send = grad_out.contiguous()
+        grad_in = send.new_empty((sum(exchange.in_splits),) + tuple(send.shape[1:]))
+        exchange.grad_work = dist.all_to_all_single(grad_in, send, exchange.in_splits, exchange.out_splits,
+                                                    group=exchange.group, async_op=True)
+        exchange.grad_buffers = (send, grad_in)
+        # what _StartAllToAll.backward receives and ignores: it takes the exchanged gradient instead
+        return grad_out, None
+
+
+def start_all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> tuple[torch.Tensor, _Exchange]:
+    """Start the exchange :func:`all_to_all` does; work queued before :func:`finish_all_to_all`
+    overlaps it, in the forward and (mirrored) in the backward pass. Read the rows only through
+    ``finish_all_to_all``'s result."""
+    exchange = _Exchange(out_splits, in_splits, group)
+    return _StartAllToAll.apply(x_ND, exchange), exchange
+
+
+def finish_all_to_all(started_ND: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
+    return _FinishAllToAll.apply(started_ND, exchange)
+
+
 def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group, pending: list | None = None) -> torch.Tensor:
     """Send ``in_splits[r]`` rows to rank r of ``group``, receive ``out_splits[r]`` from it.
     With ``pending``, start the exchange and leave its handle there (see :class:`_AllToAll`)."""
@@ -133,10 +205,12 @@ class AllToAllDispatcher:
     ``[r * El, (r + 1) * El)``. Not an nn.Module: it holds no parameters, only the group.
 
     ``concurrent_branch`` (the shared expert) is queued on the compute stream right after the
-    row exchange is started, so it runs while the rows are in flight; ``overlap=False`` queues
-    it after the combine instead (the previous behaviour, kept for A/B benchmarks)."""
+    row exchange is started, so it runs while the rows are in flight; with ``overlap_backward``
+    its backward likewise runs while the gradient of those rows travels back. ``overlap=False``
+    queues it after the combine instead (the first behaviour, kept for A/B benchmarks), and
+    ``overlap_backward=False`` keeps only the forward overlap."""
 
-    def __init__(self, group, ep_size: int, num_experts: int, overlap: bool = True) -> None:
+    def __init__(self, group, ep_size: int, num_experts: int, overlap: bool = True, overlap_backward: bool = True) -> None:
         if num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}")
         self.group = group
@@ -144,10 +218,12 @@ class AllToAllDispatcher:
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ep_size
         self.overlap = overlap
+        self.overlap_backward = overlap and overlap_backward
         self.last_rows_received = 0  # rows this rank's experts got in the last call (load probes)
 
     def __repr__(self) -> str:
-        return f"AllToAllDispatcher(ep_size={self.ep_size}, num_experts={self.num_experts}, overlap={self.overlap})"
+        return (f"AllToAllDispatcher(ep_size={self.ep_size}, num_experts={self.num_experts}, overlap={self.overlap}, "
+                f"overlap_backward={self.overlap_backward})")
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
         """Tell every rank how many rows it gets from us per local expert. The split sizes must
@@ -170,11 +246,17 @@ class AllToAllDispatcher:
         rows = sum(out_splits)
         self.last_rows_received = rows
 
-        pending: list = []
-        x_recv_RD = all_to_all(x_sorted_ND, out_splits, in_splits, self.group, pending if self.overlap else None)
-        side_TD = concurrent_branch() if concurrent_branch is not None and self.overlap else None
-        for work in pending:
-            work.wait()
+        side_TD = None
+        if self.overlap_backward:
+            started_RD, exchange = start_all_to_all(x_sorted_ND, out_splits, in_splits, self.group)
+            side_TD = concurrent_branch() if concurrent_branch is not None else None
+            x_recv_RD = finish_all_to_all(started_RD, exchange)
+        else:
+            pending: list = []
+            x_recv_RD = all_to_all(x_sorted_ND, out_splits, in_splits, self.group, pending if self.overlap else None)
+            side_TD = concurrent_branch() if concurrent_branch is not None and self.overlap else None
+            for work in pending:
+                work.wait()
         if self.num_local_experts == 1:  # rows already contiguous for the one local expert
             y_local_RD = _run_experts(experts, x_recv_RD, counts_recv_SE.sum(0))
             y_recv_RD = y_local_RD

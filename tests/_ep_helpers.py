@@ -5,6 +5,7 @@ module level here. Results come back through torch.save files written by each ra
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -75,6 +76,35 @@ def make_batches(rank: int, steps: int, batch: int, length: int) -> list[dict]:
 # ---------------------------------------------------------------------------- workers
 
 
+class _LoggedWork:
+    def __init__(self, work, events: list[str]) -> None:
+        self._work, self._events = work, events
+
+    def wait(self, *args, **kwargs):
+        self._events.append("a2a_wait")
+        return self._work.wait(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _logged_all_to_all(events: list[str]):
+    """Record every all_to_all_single issued inside (``a2a`` blocking, ``a2a_start`` asynchronous,
+    ``a2a_wait`` when its handle is waited on), passing the calls through to the real collective."""
+    import torch.distributed as dist
+
+    real = dist.all_to_all_single
+
+    def logged(*args, async_op: bool = False, **kwargs):
+        work = real(*args, async_op=async_op, **kwargs)
+        events.append("a2a_start" if async_op else "a2a")
+        return _LoggedWork(work, events) if async_op else work
+
+    dist.all_to_all_single = logged
+    try:
+        yield
+    finally:
+        dist.all_to_all_single = real
+
+
 def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim: int, ffn: int) -> dict:
     """Real AllToAllDispatcher on 2 gloo ranks vs LocalDispatcher on the concatenated tokens.
 
@@ -90,9 +120,10 @@ def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim:
     half, k = num_experts // 2, 2
     out = {}
     # "+shared": the layer's shared expert handed over as the concurrent branch, overlapped with
-    # the row exchange (overlap=True) or run after it (overlap=False)
-    for scenario, overlap, with_shared in (("mixed", True, False), ("starve0", True, False),
-                                           ("mixed+shared", True, True), ("mixed+shared-serial", False, True)):
+    # the row exchange in both passes (default), in the forward only ("-fwd"), or run after it ("-serial")
+    for scenario, overlap, overlap_bwd, with_shared in (
+            ("mixed", True, True, False), ("starve0", True, True, False), ("mixed+shared", True, True, True),
+            ("mixed+shared-fwd", True, False, True), ("mixed+shared-serial", False, False, True)):
         torch.manual_seed(0)
         experts_full = GroupedExperts(num_experts, dim, ffn)
         shared_proj = torch.nn.Linear(dim, dim, bias=False)
@@ -126,9 +157,13 @@ def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim:
                 p.copy_(getattr(experts_full, name)[local])
         x = x_all[sl].clone().requires_grad_()
         w = w_all[sl].clone().requires_grad_()
-        dispatcher = AllToAllDispatcher(dist.group.WORLD, world, num_experts, overlap=overlap)
+        dispatcher = AllToAllDispatcher(dist.group.WORLD, world, num_experts, overlap=overlap, overlap_backward=overlap_bwd)
         y = dispatcher(x, idx_all[sl], w, experts_local, branch_of(x))
-        (y * probe[sl]).sum().backward()
+        backward_events: list[str] = []  # the order the exchanges and the shared expert's backward were issued in
+        if with_shared:
+            shared_proj.weight.register_hook(lambda g: backward_events.append("shared_bwd"))
+        with _logged_all_to_all(backward_events):
+            (y * probe[sl]).sum().backward()
         g_shared = None
         if with_shared:  # the reference's gradient sums over both ranks' tokens
             g_shared = shared_proj.weight.grad.clone()
@@ -139,7 +174,7 @@ def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim:
             "gexp": {n: p.grad for n, p in experts_local.named_parameters()},
             "gexp_ref": {n: p.grad[local] for n, p in experts_full.named_parameters()},
             "g_shared": g_shared, "g_shared_ref": g_shared_ref,
-            "rows_received": dispatcher.last_rows_received,
+            "rows_received": dispatcher.last_rows_received, "backward_events": backward_events,
             "rows_expected": int(((idx_all >= rank * half) & (idx_all < (rank + 1) * half)).sum()),
         }
     dist.barrier()
