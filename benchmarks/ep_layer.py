@@ -14,7 +14,8 @@ Routing regimes (the router is bypassed; the expert ids are prescribed):
 
 Dispatchers: ``serial`` runs the shared expert after the combine, ``overlap-fwd`` during the
 forward row exchange, ``overlap`` (the default) also runs its backward during the backward
-exchange of the row gradients.
+exchange of the row gradients, ``overlap-cN`` additionally pipelines the layer in N chunks of
+tokens (``parallel.ep_chunks``).
 
 Per (preset, regime, ep, dispatcher) it prints the slowest rank's median ms per layer step and
 the slowdown against ep = 1, checks the EP output and input gradient against ep = 1 on the same
@@ -35,8 +36,10 @@ import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
-# (name, overlap, overlap_backward): where the shared expert runs relative to the row exchange
-DISPATCHERS = (("serial", False, False), ("overlap-fwd", True, False), ("overlap", True, True))
+# (name, overlap, overlap_backward, chunks): where the shared expert runs relative to the row
+# exchange, and how many token chunks the layer is pipelined in
+DISPATCHERS = (("serial", False, False, 1), ("overlap-fwd", True, False, 1), ("overlap", True, True, 1),
+               ("overlap-c2", True, True, 2), ("overlap-c4", True, True, 4))
 sys.path.insert(0, str(REPO))
 
 from model import TimeMoeConfig  # noqa: E402
@@ -170,10 +173,11 @@ def main() -> None:
             for ep in ep_sizes:
                 group = groups[ep]
                 ep_rank = dist.get_rank(group)
-                for name, overlap, overlap_bwd in DISPATCHERS:
+                for name, overlap, overlap_bwd, chunks in DISPATCHERS:
                     layer = make_layer(preset, dtype, device)
                     shard_experts(layer, ep_rank, ep)
-                    disp = AllToAllDispatcher(group, ep, E, overlap=overlap, overlap_backward=overlap_bwd)
+                    disp = AllToAllDispatcher(group, ep, E, overlap=overlap, overlap_backward=overlap_bwd,
+                                              chunks=chunks)
                     x.grad = None
                     y = step_fn(layer, disp, x, idx_all[mine], w, probe_all[mine]).detach()
                     scale_y = ref_y.float().abs().max().clamp_min(1e-6)

@@ -89,6 +89,7 @@ class RunSpec:
     steps: int = 14
     activation_checkpointing: bool = False
     overrides: list[str] = field(default_factory=list)
+    reuse_export: bool = False  # skip the run if an earlier call on this machine left its final_model
 
 
 def _r(preset: str, gpus: list[int], ep: int, micro: int, tag: str = "", **kw) -> RunSpec:
@@ -105,6 +106,10 @@ RUNS_DIR = "/tmp/td/runs"  # where benchmarks/lent_gpu.sh has `run --out /tmp/td
 
 def _init(run_name: str) -> str:
     return f"model.init_from={RUNS_DIR}/{run_name}/final_model"
+
+
+BAL_200M = [REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"]
+BAL_ULTRA = [REAL_DATA, PER_LAYER, _init("ultra-g1-ep1-pl"), "optim.lr=1e-4"]
 PLANS: dict[str, list[list[RunSpec]]] = {
     # waves: runs inside a wave use disjoint GPUs and run at the same time
     "scaling": [
@@ -169,8 +174,27 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-200m", [0, 1, 2, 3], 1, 64, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"])],
         [_r("timemoe-200m", [0, 1, 2, 3], 2, 64, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"])],
     ],
+    # a 2-GPU machine (nvidia-h200-x2): EP on balanced routers, ep = 1 vs 2, and the dispatcher
+    # pipelined in 2 chunks (parallel.ep_chunks). Two calls, each under the 600 s limit; the first
+    # also trains ultra's per-layer weights, which the second reuses if the machine is still warm.
+    "x2_200m": [
+        [_r("timemoe-200m", [0], 1, 16, "-pl", steps=600, overrides=[REAL_DATA, PER_LAYER, "train.export=true"] + GENTLE),
+         _r("timemoe-ultra", [1], 1, 8, "-pl", steps=300, reuse_export=True,
+            overrides=[REAL_DATA, PER_LAYER, "train.export=true"] + GENTLE)],
+        [_r("timemoe-200m", [0, 1], 2, 64, "-bal", steps=10, overrides=BAL_200M)],
+        [_r("timemoe-200m", [0, 1], 1, 64, "-bal", steps=10, overrides=BAL_200M)],
+        [_r("timemoe-200m", [0, 1], 2, 64, "-bal-c2", steps=10, overrides=BAL_200M + ["parallel.ep_chunks=2"])],
+    ],
+    "x2_ultra": [
+        [_r("timemoe-ultra", [1], 1, 8, "-pl", steps=300, reuse_export=True,
+            overrides=[REAL_DATA, PER_LAYER, "train.export=true"] + GENTLE)],
+        [_r("timemoe-ultra", [0, 1], 2, 32, "-bal", steps=10, overrides=BAL_ULTRA)],
+        [_r("timemoe-ultra", [0, 1], 1, 32, "-bal", steps=10, overrides=BAL_ULTRA)],
+        [_r("timemoe-ultra", [0, 1], 2, 32, "-bal-c2", steps=10, overrides=BAL_ULTRA + ["parallel.ep_chunks=2"])],
+    ],
     "smoke": [[_r("timemoe-50m", [0, 1], 2, 4, steps=4)]],
-    "cpu": [[_r("tiny", [0], 1, 4, steps=6), _r("tiny", [1, 2], 2, 4, steps=6)]],
+    "cpu": [[_r("tiny", [0], 1, 4, steps=6), _r("tiny", [1, 2], 2, 4, steps=6)],
+            [_r("tiny", [1, 2], 2, 4, "-c2", steps=6, overrides=["parallel.ep_chunks=2"])]],
 }
 
 
@@ -241,9 +265,13 @@ def summarize_run(spec: RunSpec, out_dir: Path, rc: int, seconds: float, log_tai
 
 
 def run_wave(wave: list[RunSpec], data: str, out: Path, cpu: bool, timeout: float, log) -> list[dict]:
-    procs = []
+    procs, rows = [], []
     for i, spec in enumerate(wave):
         run_dir = out / "runs" / spec.name
+        if spec.reuse_export and (run_dir / "final_model").is_dir():
+            rows.append({**asdict(spec), "world": len(spec.gpus), "skipped": "reused the final_model of an earlier call"})
+            log(f"{spec.name:18s} reused {run_dir / 'final_model'}")
+            continue
         run_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="4", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts
@@ -256,7 +284,6 @@ def run_wave(wave: list[RunSpec], data: str, out: Path, cpu: bool, timeout: floa
         cmd = _command(spec, data, run_dir, 29600 + 10 * i, cpu)
         procs.append((spec, run_dir, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                                       cwd=REPO, start_new_session=True), time.time(), logf))
-    rows = []
     for spec, run_dir, proc, t0, logf in procs:
         try:
             rc = proc.wait(timeout=max(1.0, timeout - (time.time() - t0)))

@@ -61,6 +61,9 @@ class OptimSection:
 class ParallelSection:
     zero_stage: int = 1  # 1, 2 (expert parallel allowed) or 3 (no EP; MoE blocks are Z3 leaves)
     ep_size: int = 1
+    # EP only: pipeline each MoE layer in this many chunks of tokens (pipeline.ep_dispatch), so
+    # the exchanges of one chunk overlap the experts of the next. 1 = no pipelining.
+    ep_chunks: int = 1
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
     activation_checkpointing: bool = False
     compile: bool = False
@@ -153,6 +156,8 @@ class TrainConfig:
             raise ValueError(f"parallel.zero_stage must be 0..3, got {p.zero_stage}")
         if p.zero_stage == 3 and p.ep_size > 1:
             raise ValueError("parallel.ep_size > 1 needs ZeRO stage 1 or 2 (DeepSpeed refuses MoE groups under ZeRO-3)")
+        if p.ep_chunks < 1:
+            raise ValueError(f"parallel.ep_chunks must be >= 1, got {p.ep_chunks}")
         if p.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"parallel.precision must be auto, fp32 or bf16, got {p.precision!r}")
         if self.data.loader not in ("ray", "plain"):

@@ -11,7 +11,8 @@ Legend: T tokens on this rank, K = top-k, D hidden, E global experts, El = E / e
 S = ep_size (source/destination ranks of the EP group), N rows after top-k expansion (T*K),
 R rows received by this rank.
 
-Data flow of one layer (one host wait, see ``_exchange_counts``)::
+Data flow of one layer (one host wait, see ``_exchange_counts``); with ``chunks`` > 1 the same per
+chunk of tokens, pipelined (see :class:`AllToAllDispatcher`)::
 
     K copies per token, sorted by global expert  --all_to_all(counts)-->  counts_recv_SE  (host waits for these)
     x_sorted_ND                   --all_to_all(rows)--->   x_recv_RD  [by (source rank, local expert)]
@@ -208,63 +209,97 @@ class AllToAllDispatcher:
     row exchange is started, so it runs while the rows are in flight; with ``overlap_backward``
     its backward likewise runs while the gradient of those rows travels back. ``overlap=False``
     queues it after the combine instead (the first behaviour, kept for A/B benchmarks), and
-    ``overlap_backward=False`` keeps only the forward overlap."""
+    ``overlap_backward=False`` keeps only the forward overlap.
 
-    def __init__(self, group, ep_size: int, num_experts: int, overlap: bool = True, overlap_backward: bool = True) -> None:
+    ``chunks = C > 1`` pipelines the layer: the tokens are split into C chunks, each exchanged
+    on its own, so chunk c's experts run while chunk c+1's rows arrive and chunk c-1's outputs
+    leave; the backward pass mirrors it (see :class:`_FinishAllToAll`). Only the last chunk's
+    return trip stays exposed. Costs: C smaller grouped GEMMs per layer, C exchanges each way."""
+
+    def __init__(self, group, ep_size: int, num_experts: int, overlap: bool = True, overlap_backward: bool = True,
+                 chunks: int = 1) -> None:
         if num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}")
+        if chunks < 1 or (chunks > 1 and not (overlap and overlap_backward)):
+            raise ValueError(f"chunks={chunks}: must be >= 1, and > 1 only with overlap and overlap_backward")
         self.group = group
         self.ep_size = ep_size
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ep_size
         self.overlap = overlap
         self.overlap_backward = overlap and overlap_backward
+        self.chunks = chunks
         self.last_rows_received = 0  # rows this rank's experts got in the last call (load probes)
 
     def __repr__(self) -> str:
         return (f"AllToAllDispatcher(ep_size={self.ep_size}, num_experts={self.num_experts}, overlap={self.overlap}, "
-                f"overlap_backward={self.overlap_backward})")
+                f"overlap_backward={self.overlap_backward}, chunks={self.chunks})")
 
-    def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
-        """Tell every rank how many rows it gets from us per local expert. The split sizes must
-        then reach the host before the row exchange can be issued (``_SplitsOnHost``): one
-        host wait per layer, for the count exchange only. Removing it entirely needs
-        fixed-capacity splits or a device-side all-to-all-v (NVSHMEM/DeepEP kernels)."""
-        counts_recv = torch.empty_like(counts_E)
-        dist.all_to_all_single(counts_recv, counts_E, group=self.group)  # counts carry no gradient
-        return counts_recv.view(self.ep_size, self.num_local_experts)
+    def _exchange_counts(self, counts_CE: torch.Tensor) -> torch.Tensor:
+        """Tell every rank how many rows it gets from us per chunk and local expert; returns
+        ``counts_recv_CSE``. The split sizes must then reach the host before the row exchanges
+        can be issued (``_SplitsOnHost``): one host wait per layer, for this exchange only.
+        Removing it entirely needs fixed-capacity splits or a device-side all-to-all-v
+        (NVSHMEM/DeepEP kernels)."""
+        c, s, el = counts_CE.shape[0], self.ep_size, self.num_local_experts
+        send_SCEl = counts_CE.view(c, s, el).transpose(0, 1).contiguous()  # blocks by destination rank
+        recv_SCEl = torch.empty_like(send_SCEl)
+        dist.all_to_all_single(recv_SCEl, send_SCEl, group=self.group)  # counts carry no gradient
+        return recv_SCEl.transpose(0, 1)
+
+    def _local_experts(self, experts, x_recv_RD: torch.Tensor, counts_recv_SE: torch.Tensor, rows: int) -> torch.Tensor:
+        """The received rows through this rank's experts, returned in the order received."""
+        if self.num_local_experts == 1:  # rows already contiguous for the one local expert
+            return _run_experts(experts, x_recv_RD, counts_recv_SE.sum(0))
+        perm_R = regroup_by_local_expert(counts_recv_SE, rows)
+        inverse_R = torch.argsort(perm_R)
+        y_local_RD = _run_experts(experts, permute_rows(x_recv_RD, perm_R, inverse_R), counts_recv_SE.sum(0))
+        return permute_rows(y_local_RD, inverse_R, perm_R)
 
     @torch.compiler.disable  # dynamic split sizes + collectives: eager, one graph break per layer
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, experts,
                  concurrent_branch: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         # the data movement of model.moe.LocalDispatcher (gathers only, no scatter-add in
-        # forward or backward), with the two exchanges inserted around the experts
-        x_sorted_ND, order_N, inverse_N, counts_E = _static_part(copies_by_expert, x_TD)(x_TD, topk_idx_TK, self.num_experts)
-        counts_recv_SE = self._exchange_counts(counts_E)
-        splits = _SplitsOnHost(torch.stack([counts_E.view(self.ep_size, -1).sum(1), counts_recv_SE.sum(1)]))
-        in_splits, out_splits = splits.get()
-        rows = sum(out_splits)
-        self.last_rows_received = rows
+        # forward or backward), with the two exchanges inserted around the experts, per chunk.
+        # Every rank issues the same collectives in the same order (chunks is fixed, not data
+        # dependent; an empty chunk still exchanges), which NCCL requires.
+        copies = [_static_part(copies_by_expert, x_TD)(x_c, idx_c, self.num_experts) for x_c, idx_c in
+                  zip(torch.tensor_split(x_TD, self.chunks), torch.tensor_split(topk_idx_TK, self.chunks))]
+        counts_CE = torch.stack([counts_E for *_, counts_E in copies])
+        counts_recv_CSE = self._exchange_counts(counts_CE)
+        splits_2CS = torch.stack([counts_CE.view(self.chunks, self.ep_size, -1).sum(2), counts_recv_CSE.sum(2)])
+        in_splits_CS, out_splits_CS = _SplitsOnHost(splits_2CS).get()
+        self.last_rows_received = sum(map(sum, out_splits_CS))
+        if not self.overlap_backward:
+            return self._call_unpipelined(copies[0], counts_recv_CSE[0], in_splits_CS[0], out_splits_CS[0],
+                                          topk_weight_TK, experts, concurrent_branch)
 
-        side_TD = None
-        if self.overlap_backward:
-            started_RD, exchange = start_all_to_all(x_sorted_ND, out_splits, in_splits, self.group)
-            side_TD = concurrent_branch() if concurrent_branch is not None else None
-            x_recv_RD = finish_all_to_all(started_RD, exchange)
-        else:
-            pending: list = []
-            x_recv_RD = all_to_all(x_sorted_ND, out_splits, in_splits, self.group, pending if self.overlap else None)
-            side_TD = concurrent_branch() if concurrent_branch is not None and self.overlap else None
-            for work in pending:
-                work.wait()
-        if self.num_local_experts == 1:  # rows already contiguous for the one local expert
-            y_local_RD = _run_experts(experts, x_recv_RD, counts_recv_SE.sum(0))
-            y_recv_RD = y_local_RD
-        else:
-            perm_R = regroup_by_local_expert(counts_recv_SE, rows)
-            inverse_R = torch.argsort(perm_R)
-            y_local_RD = _run_experts(experts, permute_rows(x_recv_RD, perm_R, inverse_R), counts_recv_SE.sum(0))
-            y_recv_RD = permute_rows(y_local_RD, inverse_R, perm_R)
+        arriving = [start_all_to_all(x_sorted_ND, out_splits, in_splits, self.group)
+                    for (x_sorted_ND, *_), in_splits, out_splits in zip(copies, in_splits_CS, out_splits_CS)]
+        side_TD = concurrent_branch() if concurrent_branch is not None else None
+        leaving = []
+        for (started_RD, exchange), counts_recv_SE, in_splits, out_splits in zip(
+                arriving, counts_recv_CSE, in_splits_CS, out_splits_CS):
+            y_recv_RD = self._local_experts(experts, finish_all_to_all(started_RD, exchange), counts_recv_SE,
+                                            sum(out_splits))
+            leaving.append(start_all_to_all(y_recv_RD, in_splits, out_splits, self.group))
+        y_sorted = [finish_all_to_all(started_ND, exchange) for started_ND, exchange in leaving]
+        y_parts = [_static_part(combine_copies, y_ND)(y_ND, order_N, inverse_N, w_c)
+                   for y_ND, (_, order_N, inverse_N, _), w_c in
+                   zip(y_sorted, copies, torch.tensor_split(topk_weight_TK, self.chunks))]
+        y_TD = y_parts[0] if len(y_parts) == 1 else torch.cat(y_parts)
+        return y_TD if side_TD is None else y_TD + side_TD
+
+    def _call_unpipelined(self, copies, counts_recv_SE, in_splits, out_splits, topk_weight_TK, experts, concurrent_branch):
+        """The blocking exchanges of the first versions (``overlap_backward=False``), for A/B runs:
+        the shared expert overlaps the forward row exchange (``overlap``) or runs after the combine."""
+        x_sorted_ND, order_N, inverse_N, _ = copies
+        pending: list = []
+        x_recv_RD = all_to_all(x_sorted_ND, out_splits, in_splits, self.group, pending if self.overlap else None)
+        side_TD = concurrent_branch() if concurrent_branch is not None and self.overlap else None
+        for work in pending:
+            work.wait()
+        y_recv_RD = self._local_experts(experts, x_recv_RD, counts_recv_SE, sum(out_splits))
         y_sorted_ND = all_to_all(y_recv_RD, in_splits, out_splits, self.group)
         y_TD = _static_part(combine_copies, y_sorted_ND)(y_sorted_ND, order_N, inverse_N, topk_weight_TK)
         if concurrent_branch is None:

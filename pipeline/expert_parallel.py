@@ -128,14 +128,15 @@ def _create_deepspeed_groups(ep_size: int) -> tuple[str, Any, Any]:
     return name, groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
 
 
-def apply_expert_parallel(model: nn.Module, ep_size: int, ep_group=None) -> ExpertParallelInfo:
+def apply_expert_parallel(model: nn.Module, ep_size: int, ep_group=None, ep_chunks: int = 1) -> ExpertParallelInfo:
     """Shard every MoE layer's experts over ``ep_size`` ranks and swap in the all-to-all dispatcher.
 
     Call on the full, identically initialised model on every rank, after
     ``deepspeed.init_distributed`` and before ``deepspeed.initialize``. ``ep_group=None``
     (the training path) creates DeepSpeed's EP/EDP groups and marks the model for ZeRO;
     an explicit ``ep_group`` (a torch process group of ``ep_size`` ranks) is for use without
-    DeepSpeed (inference, dispatcher tests): no DeepSpeed groups, no marker.
+    DeepSpeed (inference, dispatcher tests): no DeepSpeed groups, no marker. ``ep_chunks``: the
+    dispatcher's pipelining depth (:class:`pipeline.ep_dispatch.AllToAllDispatcher`).
     """
     layers = find_moe_layers(model)
     if not layers:
@@ -178,7 +179,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, ep_group=None) -> Expe
         for attr in ("num_experts", "num_local_experts"):  # keep the experts' own count consistent
             if isinstance(getattr(experts, attr, None), int):
                 setattr(experts, attr, n_local)
-        moe.dispatcher = AllToAllDispatcher(ep_group, ep_size, num_experts)
+        moe.dispatcher = AllToAllDispatcher(ep_group, ep_size, num_experts, chunks=ep_chunks)
         if marker_cls is not None:
             moe.ep_marker = marker_cls(num_experts, ep_size)
 

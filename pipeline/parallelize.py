@@ -129,7 +129,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, world_size: int, use_gpu: bo
     if par.ep_size > 1:  # 1.
         from pipeline.expert_parallel import apply_expert_parallel
 
-        ep_info = apply_expert_parallel(model, ep_size=par.ep_size)
+        ep_info = apply_expert_parallel(model, ep_size=par.ep_size, ep_chunks=par.ep_chunks)
     if par.activation_checkpointing:  # 2.
         apply_activation_checkpointing(model)
     if par.compile:  # 3.

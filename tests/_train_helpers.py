@@ -137,7 +137,8 @@ def torchrun_worker(rank: int, world: int, cfg_dicts: list[dict], resume: bool =
             with torch.no_grad():
                 result.engine.module.eval()
                 pred = result.engine.module(probe_inputs()).predictions[1].float()
-        out.append({"history": result.history, "pred": pred, "run_id": result.run_id})
+        dispatchers = [repr(m.dispatcher) for m in result.engine.module.modules() if hasattr(m, "dispatcher")]
+        out.append({"history": result.history, "pred": pred, "run_id": result.run_id, "dispatchers": dispatchers})
     return out
 
 

@@ -102,7 +102,8 @@ def test_exported_model_loads_without_ray_or_deepspeed(zero_runs, tmp_path):
 
 def test_expert_parallel_resume_restores_every_ranks_experts(tmp_path):
     """With ep=2 each rank holds different experts; a resumed run must get its OWN experts back
-    (not rank 0's), so its losses after resume equal the unbroken run's."""
+    (not rank 0's), so its losses after resume equal the unbroken run's. The resumed run pipelines
+    its MoE layers in 2 chunks (parallel.ep_chunks): same losses, chunking only reorders sums."""
     data = write_shards(tmp_path / "data")
     cfg = tiny_config(data, tmp_path / "ep2", parallel={"zero_stage": 1, "ep_size": 2},
                       train={"max_steps": STEPS, "checkpoint_every": 3, "export": False})
@@ -113,7 +114,10 @@ def test_expert_parallel_resume_restores_every_ranks_experts(tmp_path):
     assert 1.0 <= first["expert_imbalance/ep_rank_mean"] <= first["expert_imbalance/mean"] + 1e-9
     ckpts = Path(cfg["train"]["output_dir"]) / "checkpoints"
     shutil.rmtree(ckpts / f"step{STEPS:08d}")
-    resumed = run_ranks(torchrun_worker, tmp_path / "resumed", 2, [cfg], True)[0][0]["history"]
+    cfg["parallel"]["ep_chunks"] = 2
+    resumed_out = run_ranks(torchrun_worker, tmp_path / "resumed", 2, [cfg], True)[0][0]
+    assert resumed_out["dispatchers"] and all("chunks=2" in d for d in resumed_out["dispatchers"]), resumed_out["dispatchers"]
+    resumed = resumed_out["history"]
     steps = [h["step"] for h in resumed if "loss" in h]
     assert steps == [4, 5]
     for h in resumed:
