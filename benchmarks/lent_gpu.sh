@@ -2,8 +2,9 @@
 # One call on a lent multi-GPU machine (the device tool's `run`), from the repo root:
 #   bash benchmarks/lent_gpu.sh BUDGET_S PLAN [PLAN ...]
 # EP_LAYER="timemoe-200m:16 timemoe-ultra:4" first runs benchmarks/ep_layer.py on every GPU
-# (one MoE layer, ep = 1 vs 2/4/8, balanced vs collapsed routing) into $OUT/ep_layer.json.
-# Installs the wheels carried in .whl/ (deepspeed and what the image lacks; see docs/benchmarks.md),
+# (one MoE layer, ep = 1 vs 2/4/8, balanced vs collapsed routing) into $OUT/ep_layer.json;
+# EP_LAYER_ARGS passes more options to it (e.g. "--regimes balanced --iters 30 --gpu-work").
+# Installs the wheels carried in .whl/ (deepspeed and what the image lacks; benchmarks/gpu_wheels.sh makes them),
 # writes synthetic packed 4096-point shards, runs benchmarks/train_distributed.py plans, and leaves
 # the JSON and the tails of every run's log in $OUT.
 set -u
@@ -16,7 +17,7 @@ python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspee
 if [ -n "${EP_LAYER:-}" ]; then
     # shellcheck disable=SC2086
     timeout 300 python3 -m torch.distributed.run --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/ep_layer.py \
-        --presets $EP_LAYER --out "$OUT/ep_layer.json" 2>&1 | grep -v -i warn | tee "$OUT/ep_layer.txt"
+        --presets $EP_LAYER ${EP_LAYER_ARGS:-} --out "$OUT/ep_layer.json" 2>&1 | grep -v -i warn | tee "$OUT/ep_layer.txt"
 fi
 [ "$#" -gt 0 ] || exit 0
 python3 benchmarks/train_distributed.py data --out /tmp/packed4k --rows 512 || exit 1

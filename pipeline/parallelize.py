@@ -101,17 +101,27 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = functools.partial(checkpoint, inner, use_reentrant=False)
 
 
+def compile_expert_parallel_parts(moe: nn.Module, routed_experts: bool = True) -> None:
+    """With expert parallelism the dispatcher runs outside the layer's graph (its split sizes
+    change every step), and so would everything it calls: the shared expert (called from the
+    dispatcher to overlap the exchange) and the routed experts. Compile them on their own, the
+    routed experts with a dynamic row count (the rows a rank receives vary per step and chunk),
+    so that their SwiGLU is fused as in the ep = 1 layer's graph."""
+    moe.shared_expert.compile()
+    if routed_experts:
+        moe.experts.compile(dynamic=True)
+
+
 def apply_compile(model: nn.Module, expert_parallel: bool = False) -> None:
     """Compile per layer: the layers are identical, so one graph is reused and a graph break
-    in the dispatcher stays local. With expert parallelism the dispatcher runs outside the
-    layer's graph and calls the shared expert from there (to overlap it with the exchange), so
-    the shared experts are compiled on their own too."""
+    in the dispatcher stays local. With expert parallelism the parts the dispatcher calls are
+    compiled on their own (:func:`compile_expert_parallel_parts`)."""
     for layer in decoder_layers(model):
         layer.compile()
     if expert_parallel:
         for module in model.modules():
             if hasattr(module, "dispatcher") and isinstance(getattr(module, "shared_expert", None), nn.Module):
-                module.shared_expert.compile()
+                compile_expert_parallel_parts(module)
 
 
 def moe_leaf_classes() -> list[type]:

@@ -179,7 +179,8 @@ def test_apply_expert_parallel_rejects_bad_sizes_and_dense_models():
 
 def test_ep_layer_benchmark_on_two_gloo_ranks_counts_the_hot_rank_and_matches_ep1(tmp_path):
     """benchmarks/ep_layer.py --cpu: the routing regimes load the ranks as documented, and the EP
-    layer (serial, forward-overlapped and fully overlapped shared expert) reproduces ep = 1 on the same tokens."""
+    layer (serial, forward-overlapped and fully overlapped shared expert, pipelined in chunks)
+    reproduces ep = 1 on the same tokens. (The compiled-experts rows are CUDA only.)"""
     import json
     import os
     import subprocess
@@ -200,7 +201,7 @@ def test_ep_layer_benchmark_on_two_gloo_ranks_counts_the_hot_rank_and_matches_ep
     copies = 48 * 2  # tokens per rank x top-2
     by = {(r["regime"], r["ep"], r["dispatcher"]): r for r in rows}
     assert set(by) == {(g, 1, "local") for g in ("balanced", "collapsed")} | {
-        (g, 2, d) for g in ("balanced", "collapsed") for d in ("serial", "overlap-fwd", "overlap", "overlap-c2", "overlap-c4")}
+        (g, 2, d) for g in ("balanced", "collapsed") for d in ("serial", "overlap-fwd", "overlap", "overlap-c2")}
     for (regime, ep, _), r in by.items():
         assert r["max_rel_err"] < 1e-5, r
         if ep == 2:  # balanced: every rank gets its share; collapsed: experts 0, 1 = rank 0 gets all

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Wheels the lent GPU image (Python 3.12, torch, no DeepSpeed) lacks for the real train loop
+# (pipeline.torchrun_entry): DeepSpeed and what it needs beyond the image. Run here, in the repo
+# root; .whl/ is git-ignored and travels with the device tool's `carry: [".whl"]`.
+# Versions: those the CPU venv resolved (pydantic needs the typing-inspection it was released with).
+# Ray and MLflow are not carried: torchrun_entry needs neither (metrics go to files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+PY=${PY:-.venv/bin/python}
+# DeepSpeed is an sdist; its wheel is pure Python, so building it here serves any platform
+$PY -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8
+$PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+ls -la .whl
