@@ -15,8 +15,7 @@ Routing regimes (the router is bypassed; the expert ids are prescribed):
 Dispatchers: ``serial`` runs the shared expert after the combine, ``overlap-fwd`` during the
 forward row exchange, ``overlap`` (the default) also runs its backward during the backward
 exchange of the row gradients, ``overlap-cN`` additionally pipelines the layer in N chunks of
-tokens (``parallel.ep_chunks``); ``-ce`` runs the routed experts compiled with dynamic rows, ``-ss`` the shared
-expert first on a second CUDA stream (before the host waits for the split sizes).
+tokens (``parallel.ep_chunks``); ``-ce`` runs the routed experts compiled with dynamic rows.
 On CUDA the EP rows compile the shared expert on its own, as the train loop does under EP
 (``pipeline.parallelize.compile_expert_parallel_parts``); ``local`` (the reference of the
 ``vs ep1`` column) is the eager ep = 1 layer, ``local-compiled`` the compiled one.
@@ -44,15 +43,15 @@ import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
-# (name, overlap, overlap_backward, chunks, compiled routed experts, shared stream): where the shared
-# expert runs relative to the row exchange, how many token chunks the layer is pipelined in, whether
-# the routed experts run compiled (dynamic rows), and whether the shared expert goes first on a
-# second CUDA stream (``shared_stream``)
-DISPATCHERS = (("serial", False, False, 1, False, False), ("overlap-fwd", True, False, 1, False, False),
-               ("overlap", True, True, 1, False, False), ("overlap-ce", True, True, 1, True, False),
-               ("overlap-ss", True, True, 1, False, True), ("overlap-ce-ss", True, True, 1, True, True),
-               ("overlap-c2", True, True, 2, False, False), ("overlap-c2-ce-ss", True, True, 2, True, True),
-               ("overlap-c4-ce", True, True, 4, True, False))
+# (name, overlap, overlap_backward, chunks, compiled routed experts): where the shared expert runs
+# relative to the row exchange, how many token chunks the layer is pipelined in, and whether the
+# routed experts run compiled with dynamic rows (as the train loop runs them under EP). The
+# "-ss" rows of benchmarks/results/ep_layer_h200x1_self_{stream,rep*}.json (shared expert first
+# on a second stream) were measured with commit 12610bb; the option was dropped (no stable gain).
+DISPATCHERS = (("serial", False, False, 1, False), ("overlap-fwd", True, False, 1, False),
+               ("overlap", True, True, 1, False), ("overlap-ce", True, True, 1, True),
+               ("overlap-c2", True, True, 2, False), ("overlap-c2-ce", True, True, 2, True),
+               ("overlap-c4-ce", True, True, 4, True))
 sys.path.insert(0, str(REPO))
 
 from model import TimeMoeConfig  # noqa: E402
@@ -257,15 +256,15 @@ def main() -> None:
             for ep in ep_sizes:
                 group = groups[ep]
                 ep_rank = dist.get_rank(group)
-                for name, overlap, overlap_bwd, chunks, compiled_experts, shared_stream in DISPATCHERS:
-                    if (compiled_experts or shared_stream) and not cuda or a.dispatchers and name not in a.dispatchers:
+                for name, overlap, overlap_bwd, chunks, compiled_experts in DISPATCHERS:
+                    if compiled_experts and not cuda or a.dispatchers and name not in a.dispatchers:
                         continue
                     layer = make_layer(preset, dtype, device)
                     shard_experts(layer, ep_rank, ep)
                     if cuda:
                         compile_expert_parallel_parts(layer, routed_experts=compiled_experts)
                     disp = AllToAllDispatcher(group, ep, E, overlap=overlap, overlap_backward=overlap_bwd,
-                                              chunks=chunks, shared_stream=shared_stream)
+                                              chunks=chunks)
                     x.grad = None
                     y = step_fn(layer, disp, x, idx_all[mine], w, probe_all[mine]).detach()
                     err = max_rel_err(y, ref_y, x.grad, ref_gx)

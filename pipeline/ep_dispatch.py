@@ -185,26 +185,6 @@ class _SplitsOnHost:
         return self._host.tolist()
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _start_on_side_stream(branch: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.cuda.Stream]:
-    """Queue ``branch()`` on a second CUDA stream of ``device``, ordered after the work queued so
-    far on the current stream (its inputs). Join with :func:`_join_side_stream` before use."""
-    side = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device=device))
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        out = branch()
-    return out, side
-
-
-def _join_side_stream(out: torch.Tensor, side: torch.cuda.Stream) -> torch.Tensor:
-    current = torch.cuda.current_stream(out.device)
-    current.wait_stream(side)
-    out.record_stream(current)  # allocated on the side stream, read on this one
-    return out
-
-
 def _run_experts(experts, x_RD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
     """Run the grouped experts; a rank that receives no row at all (every token routed
     elsewhere) runs one zero row instead, because grouped_mm's backward rejects empty inputs.
@@ -231,19 +211,13 @@ class AllToAllDispatcher:
     queues it after the combine instead (the first behaviour, kept for A/B benchmarks), and
     ``overlap_backward=False`` keeps only the forward overlap.
 
-    ``shared_stream`` (CUDA) queues the shared expert first, on a second stream, before the host
-    waits for the split sizes: the GPU then has that work during the wait and while the host
-    launches the exchange and the routed experts (measured: the eager dispatcher leaves the GPU
-    idle 40-48% of a layer at 16k tokens per GPU, docs/expert_parallel.md). Autograd runs its
-    backward on that stream too.
-
     ``chunks = C > 1`` pipelines the layer: the tokens are split into C chunks, each exchanged
     on its own, so chunk c's experts run while chunk c+1's rows arrive and chunk c-1's outputs
     leave; the backward pass mirrors it (see :class:`_FinishAllToAll`). Only the last chunk's
     return trip stays exposed. Costs: C smaller grouped GEMMs per layer, C exchanges each way."""
 
     def __init__(self, group, ep_size: int, num_experts: int, overlap: bool = True, overlap_backward: bool = True,
-                 chunks: int = 1, shared_stream: bool = False) -> None:
+                 chunks: int = 1) -> None:
         if num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}")
         if chunks < 1 or (chunks > 1 and not (overlap and overlap_backward)):
@@ -255,12 +229,11 @@ class AllToAllDispatcher:
         self.overlap = overlap
         self.overlap_backward = overlap and overlap_backward
         self.chunks = chunks
-        self.shared_stream = shared_stream and self.overlap_backward
         self.last_rows_received = 0  # rows this rank's experts got in the last call (load probes)
 
     def __repr__(self) -> str:
         return (f"AllToAllDispatcher(ep_size={self.ep_size}, num_experts={self.num_experts}, overlap={self.overlap}, "
-                f"overlap_backward={self.overlap_backward}, chunks={self.chunks}, shared_stream={self.shared_stream})")
+                f"overlap_backward={self.overlap_backward}, chunks={self.chunks})")
 
     def _exchange_counts(self, counts_CE: torch.Tensor) -> torch.Tensor:
         """Tell every rank how many rows it gets from us per chunk and local expert; returns
@@ -290,9 +263,6 @@ class AllToAllDispatcher:
         # forward or backward), with the two exchanges inserted around the experts, per chunk.
         # Every rank issues the same collectives in the same order (chunks is fixed, not data
         # dependent; an empty chunk still exchanges), which NCCL requires.
-        side = None
-        if self.shared_stream and concurrent_branch is not None and x_TD.is_cuda:
-            side_TD, side = _start_on_side_stream(concurrent_branch, x_TD.device)
         copies = [_static_part(copies_by_expert, x_TD)(x_c, idx_c, self.num_experts) for x_c, idx_c in
                   zip(torch.tensor_split(x_TD, self.chunks), torch.tensor_split(topk_idx_TK, self.chunks))]
         counts_CE = torch.stack([counts_E for *_, counts_E in copies])
@@ -306,8 +276,7 @@ class AllToAllDispatcher:
 
         arriving = [start_all_to_all(x_sorted_ND, out_splits, in_splits, self.group)
                     for (x_sorted_ND, *_), in_splits, out_splits in zip(copies, in_splits_CS, out_splits_CS)]
-        if side is None:
-            side_TD = concurrent_branch() if concurrent_branch is not None else None
+        side_TD = concurrent_branch() if concurrent_branch is not None else None
         leaving = []
         for (started_RD, exchange), counts_recv_SE, in_splits, out_splits in zip(
                 arriving, counts_recv_CSE, in_splits_CS, out_splits_CS):
@@ -319,8 +288,6 @@ class AllToAllDispatcher:
                    for y_ND, (_, order_N, inverse_N, _), w_c in
                    zip(y_sorted, copies, torch.tensor_split(topk_weight_TK, self.chunks))]
         y_TD = y_parts[0] if len(y_parts) == 1 else torch.cat(y_parts)
-        if side is not None:
-            side_TD = _join_side_stream(side_TD, side)
         return y_TD if side_TD is None else y_TD + side_TD
 
     def _call_unpipelined(self, copies, counts_recv_SE, in_splits, out_splits, topk_weight_TK, experts, concurrent_branch):

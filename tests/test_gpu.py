@@ -72,11 +72,11 @@ def test_grouped_experts_on_cuda_match_the_per_expert_loop():
     assert _rel(y, ref) < 2e-2
 
 
-@pytest.mark.parametrize("chunks,shared_stream", [(1, False), (2, False), (3, False), (1, True), (2, True)])
-def test_all_to_all_dispatcher_on_a_group_of_one_equals_the_local_dispatcher(chunks, shared_stream):
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_all_to_all_dispatcher_on_a_group_of_one_equals_the_local_dispatcher(chunks):
     """The EP dispatcher over a one-rank NCCL group (every exchange a local copy) with its CUDA
-    parts compiled, the shared expert on the compute stream or a second one: outputs and input,
-    expert and shared-expert gradients equal LocalDispatcher's on the same layer."""
+    parts compiled (static parts, shared and routed experts): outputs and input, expert and
+    shared-expert gradients equal LocalDispatcher's on the same layer."""
     import torch.distributed as dist
 
     from pipeline.ep_dispatch import AllToAllDispatcher
@@ -108,6 +108,6 @@ def test_all_to_all_dispatcher_on_a_group_of_one_equals_the_local_dispatcher(chu
 
     ref = run(LocalDispatcher())
     compile_expert_parallel_parts(layer)
-    got = run(AllToAllDispatcher(dist.group.WORLD, 1, E, chunks=chunks, shared_stream=shared_stream))
+    got = run(AllToAllDispatcher(dist.group.WORLD, 1, E, chunks=chunks))
     for a, b in zip(got, ref):
         assert _rel(a, b) < 2e-2
