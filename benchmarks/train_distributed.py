@@ -174,8 +174,9 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-200m", [0, 1, 2, 3], 1, 64, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"])],
         [_r("timemoe-200m", [0, 1, 2, 3], 2, 64, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"])],
     ],
-    # a 2-GPU machine (nvidia-h200-x2): EP on balanced routers, ep = 1 vs 2, and the dispatcher
-    # pipelined in 2 chunks (parallel.ep_chunks). Two calls, each under the 600 s limit; the first
+    # a 2-GPU machine (nvidia-h200-x2): EP on balanced routers, ep = 1 vs 2, the dispatcher
+    # pipelined in 2 chunks (parallel.ep_chunks), and eager routed experts ("-ee", the A/B of
+    # parallel.ep_compile_experts). Two calls, each under the 600 s limit; the first
     # also trains ultra's per-layer weights, which the second reuses if the machine is still warm.
     "x2_200m": [
         [_r("timemoe-200m", [0], 1, 16, "-pl", steps=600, overrides=[REAL_DATA, PER_LAYER, "train.export=true"] + GENTLE),
@@ -184,6 +185,7 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-200m", [0, 1], 2, 64, "-bal", steps=10, overrides=BAL_200M)],
         [_r("timemoe-200m", [0, 1], 1, 64, "-bal", steps=10, overrides=BAL_200M)],
         [_r("timemoe-200m", [0, 1], 2, 64, "-bal-c2", steps=10, overrides=BAL_200M + ["parallel.ep_chunks=2"])],
+        [_r("timemoe-200m", [0, 1], 2, 64, "-bal-ee", steps=10, overrides=BAL_200M + ["parallel.ep_compile_experts=false"])],
     ],
     "x2_ultra": [
         [_r("timemoe-ultra", [1], 1, 8, "-pl", steps=300, reuse_export=True,

@@ -206,3 +206,24 @@ def test_ep_layer_benchmark_on_two_gloo_ranks_counts_the_hot_rank_and_matches_ep
         assert r["max_rel_err"] < 1e-5, r
         if ep == 2:  # balanced: every rank gets its share; collapsed: experts 0, 1 = rank 0 gets all
             assert r["rows_received_max"] == (copies if regime == "balanced" else 2 * copies), r
+
+
+@pytest.mark.parametrize("routed", [True, False])
+def test_compile_under_ep_wraps_the_parts_the_dispatcher_calls(routed):
+    """With EP the dispatcher runs outside the layer's graph, so apply_compile must compile the
+    shared expert always and the routed experts as parallel.ep_compile_experts says; without EP
+    neither is compiled on its own (they are inside the compiled layer)."""
+    from model import TimeMoeConfig, TimeMoeModel
+    from pipeline.parallelize import apply_compile
+
+    def compiled(module) -> bool:
+        return getattr(module, "_compiled_call_impl", None) is not None
+
+    for expert_parallel in (True, False):
+        model = TimeMoeModel(TimeMoeConfig.preset("tiny"))
+        apply_compile(model, expert_parallel=expert_parallel, compile_routed_experts=routed)
+        moes = [m for m in model.modules() if hasattr(m, "dispatcher")]
+        assert moes
+        for moe in moes:
+            assert compiled(moe.shared_expert) is expert_parallel
+            assert compiled(moe.experts) is (expert_parallel and routed)
