@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from preprocessing.config import PreprocessConfig, load_config, validate
@@ -56,13 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build_config(parse_args(argv))
     print("resolved config:\n" + config.to_yaml(), flush=True)
-    import ray
-
     from preprocessing.job import run_preprocess
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS set -> connect to that cluster; otherwise start a local instance.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     result = run_preprocess(config)
     r = result.report
     print(f"points in {r['points_in']:,} kept {r['points_kept']:,} dropped {sum(r['points_dropped'].values()):,}; "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import TrackingSection
+from pipeline.console import say
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -39,7 +40,7 @@ class Tracker:
             self.active = False
             msg = f"MLflow {what} failed ({type(err).__name__}: {err}); tracking is OFF, training continues"
             log.warning(msg)
-            print(f"[tracking] {msg}", flush=True)
+            say(f"[tracking] {msg}")
             return None
 
     def start(self, run_id: str | None, params: dict[str, Any]) -> str | None:

@@ -8,11 +8,13 @@ whether to log, evaluate, checkpoint; at the end, export the model in the publis
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
 import os
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch.distributed as dist
 
 from pipeline import checkpoint
 from pipeline.checkpoint import ResumeState
+from pipeline.console import say
 from pipeline.config import TrainConfig, config_from_dict
 from pipeline.data import DataPosition
 from pipeline.deepspeed_config import resolve_precision
@@ -200,7 +203,28 @@ def _peak_flops(use_gpu: bool) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+class StepClock:
+    """Time left from the median of the last ``window`` intervals between step ends (eval,
+    logging and checkpoints included): with the mean since the start, the first steps
+    (compilation, allocator and data warm-up) made the ETA several times too long for the first
+    minutes of a run."""
+
+    def __init__(self, window: int = 20, start: float | None = None) -> None:
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+        self._last = time.perf_counter() if start is None else start
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        self.recent.append(now - self._last)
+        self._last = now
+
+    def eta_s(self, steps_left: int) -> float:
+        return statistics.median(self.recent) * steps_left if self.recent else float("nan")
+
+
 def _fmt_eta(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "?"
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
@@ -235,7 +259,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         if ckpt_dir is not None:
             state = checkpoint.load(engine, Path(ckpt_dir), fingerprint)
             if rt.rank == 0:
-                print(f"[train] resumed from {ckpt_dir} at step {state.step}, data {state.data}", flush=True)
+                say(f"[train] resumed from {ckpt_dir} at step {state.step}, data {state.data}")
     first_open = state.mlflow_run_id is None
     state.mlflow_run_id = tracker.start(state.mlflow_run_id, cfg.flat())
     if first_open:
@@ -253,7 +277,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     history: list[dict[str, float]] = []
     metrics_file = out_root / "metrics.jsonl"
     profiler = StepProfiler(cfg.train.profile_steps, out_root, rt.rank, rt.use_gpu)
-    start_step, t_start = state.step, time.perf_counter()
+    step_clock = StepClock()
 
     while state.step < cfg.train.max_steps:
         profiler.before_step(state.step + 1)
@@ -290,9 +314,9 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         if profile is not None:
             m["all_to_all_share"] = profile["all_to_all_share"]
             if rt.rank == 0:
-                print(f"[train] profile of steps {list(cfg.train.profile_steps)}: {profile['wall_ms_per_step']:.1f} ms/step, "
-                      f"all-to-all {100 * profile['all_to_all_share']:.1f}%, kernels (ms/step) "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in profile["kernel_ms_per_step"].items()), flush=True)
+                say(f"[train] profile of steps {list(cfg.train.profile_steps)}: {profile['wall_ms_per_step']:.1f} ms/step, "
+                    f"all-to-all {100 * profile['all_to_all_share']:.1f}%, kernels (ms/step) "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in profile["kernel_ms_per_step"].items()))
         gn = engine.get_global_grad_norm()
         if gn is not None:
             m["grad_norm"] = float(gn)
@@ -311,6 +335,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
             m.update(evaluate(engine, rt.val_batches(), cfg.train.eval_batches, device, rt.world_size))
         history.append({"step": state.step, **m})
+        step_clock.tick()
 
         if rt.rank == 0:
             with metrics_file.open("a") as f:
@@ -318,12 +343,11 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
             tracker.log_metrics(m, state.step)
             if rt.rank == 0:
-                done = state.step - start_step
-                eta = (time.perf_counter() - t_start) / done * (cfg.train.max_steps - state.step)
+                eta = step_clock.eta_s(cfg.train.max_steps - state.step)
                 ev = f" | eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""
-                print(f"[train] step {state.step}/{cfg.train.max_steps} | loss {m['loss']:.4f} | lr {lr:.2e} | "
-                      f"{m['points_per_s'] / 1e3:.1f}k pts/s | data-wait {m['data_wait_ms']:.1f} ms{ev} | "
-                      f"ETA {_fmt_eta(eta)}", flush=True)
+                say(f"[train] step {state.step}/{cfg.train.max_steps} | loss {m['loss']:.4f} | lr {lr:.2e} | "
+                    f"{m['points_per_s'] / 1e3:.1f}k pts/s | data-wait {m['data_wait_ms']:.1f} ms{ev} | "
+                    f"ETA {_fmt_eta(eta)}")
         every = cfg.train.checkpoint_every
         if (every and state.step % every == 0) or (state.step == cfg.train.max_steps and cfg.train.checkpoint_at_end):
             rt.save_and_report(engine, state, {"step": state.step, "loss": m["loss"]})
@@ -337,7 +361,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         exported = export_model(engine, ep_info, cfg, out_root / "final_model", rt.rank)
         if exported is not None:
             tracker.log_artifact(exported, "final_model")
-            print(f"[train] exported {exported}", flush=True)
+            say(f"[train] exported {exported}")
     tracker.finish()
     return TrainResult(history, engine, ep_info, state.mlflow_run_id)
 

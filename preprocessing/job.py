@@ -540,7 +540,11 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
         raise ValueError("config.output is empty: give --output")
     t0 = time.time()
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+        # RAY_ADDRESS set -> connect to that cluster; otherwise start a local instance, with its
+        # dashboard: the State API behind it is what `ray list`, the dashboard's progress views
+        # and Ray Train's placement-group cleaner query (without it the cleaner logs a warning
+        # every few seconds of a training run that reuses this instance).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
     configure_data_context(ray.data.DataContext.get_current())
     ray_data_startup_shim()
     # The HTML report needs matplotlib (~0.4 s to import); import it while the driver waits

@@ -149,3 +149,23 @@ def test_expert_imbalance_per_expert_and_per_ep_rank():
     assert expert_imbalance(counts, experts_per_group=2) == pytest.approx([2.0, 1.0])
     # experts 0 and 2 hot: per expert still 2.0, but spread over the two EP ranks
     assert expert_imbalance(torch.tensor([[5, 0, 5, 0]]), experts_per_group=2) == pytest.approx([1.0])
+
+
+def test_step_clock_eta_ignores_the_slow_first_steps():
+    """A run whose first step compiles for 60 s and then steps at 0.5 s: the ETA after 5 steps is
+    the steady pace times the steps left, not the mean since the start (~12.4 s per step)."""
+    from pipeline.train_loop import StepClock, _fmt_eta
+
+    clock = StepClock(window=20, start=0.0)
+    assert _fmt_eta(clock.eta_s(100)) == "?"  # nothing measured yet
+    t = 60.0
+    clock.tick(t)
+    for _ in range(4):
+        t += 0.5
+        clock.tick(t)
+    assert clock.eta_s(195) == pytest.approx(0.5 * 195)
+    assert _fmt_eta(clock.eta_s(195)) == "0:01:37"
+    for _ in range(30):  # the pace changes (say, a slower data source): the window follows it
+        t += 2.0
+        clock.tick(t)
+    assert clock.eta_s(10) == pytest.approx(20.0)
