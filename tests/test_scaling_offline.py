@@ -91,7 +91,7 @@ def test_offline_shards_then_import_then_online_skips(mlflow_server, tmp_path):
             assert r.record.heldout_loss > 0 and r.record.heldout_mse > 0 and r.record.wall_time_s > 0
             assert math.isnan(r.record.mfu)  # CPU: stored as null, read back as NaN
             assert (tmp_path / "runs" / p.config_hash / "final_model" / "model.safetensors").exists()
-            if "zero_shot_datasets" in raw["evaluation"]:
+            if raw["evaluation"].get("zero_shot_datasets"):  # only with the shared benchmarks present
                 assert r.record.zs_mse > 0 and "zs/ETTh1/96/mse" in r.record.zero_shot
 
     # A re-run of a shard finds every trial in its file: nothing trains.
