@@ -193,6 +193,7 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-ultra", [0, 1], 2, 32, "-bal", steps=10, overrides=BAL_ULTRA)],
         [_r("timemoe-ultra", [0, 1], 1, 32, "-bal", steps=10, overrides=BAL_ULTRA)],
         [_r("timemoe-ultra", [0, 1], 2, 32, "-bal-c2", steps=10, overrides=BAL_ULTRA + ["parallel.ep_chunks=2"])],
+        [_r("timemoe-ultra", [0, 1], 2, 32, "-bal-ee", steps=10, overrides=BAL_ULTRA + ["parallel.ep_compile_experts=false"])],
     ],
     # a 1-GPU machine (nvidia-h200): the 1-GPU baselines of the scaling table on a quiet host
     # (the 8-GPU call ran them next to other runs); two calls, each under the 600 s limit
