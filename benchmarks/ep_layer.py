@@ -38,6 +38,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -86,10 +87,7 @@ def shard_experts(layer: MoeFeedForward, ep_rank: int, ep: int) -> None:
 
 
 def step_fn(layer: MoeFeedForward, dispatcher, x_TD, idx_TK, w_TK, probe_TD):
-    def shared() -> torch.Tensor:
-        return torch.sigmoid(layer.shared_expert_gate(x_TD)) * layer.shared_expert(x_TD)
-
-    y = dispatcher(x_TD, idx_TK, w_TK, layer.experts, shared)
+    y = dispatcher(x_TD, idx_TK, w_TK, layer.experts, lambda: layer.shared_branch(x_TD))
     (y.float() * probe_TD).sum().backward()
     return y
 
@@ -100,15 +98,15 @@ def max_rel_err(y, ref_y, gx, ref_gx) -> float:
                float((gx.float() - ref_gx.float()).abs().max() / ref_gx.float().abs().max().clamp_min(1e-6)))
 
 
-def compiled_local(layer: MoeFeedForward, x, idx_TK, w_TK, probe_TD, ref_y, ref_gx, iters: int) -> tuple[float, float]:
+def compiled_local(layer: MoeFeedForward, x, idx_TK, w_TK, probe_TD, ref_y, ref_gx, iters: int
+                   ) -> tuple[float, float, Callable[[], torch.Tensor]]:
     """ep = 1 as the train loop runs it: the dispatcher and the shared expert under torch.compile
-    (the train loop compiles each decoder block whole). Returns (ms, max rel err vs eager)."""
+    (the train loop compiles each decoder block whole). Returns (ms, max rel err vs eager, the
+    timed step for profiling)."""
     dispatcher = LocalDispatcher()
 
     def forward(x_TD, idx, w):
-        def shared() -> torch.Tensor:
-            return torch.sigmoid(layer.shared_expert_gate(x_TD)) * layer.shared_expert(x_TD)
-        return dispatcher(x_TD, idx, w, layer.experts, shared)
+        return dispatcher(x_TD, idx, w, layer.experts, lambda: layer.shared_branch(x_TD))
 
     compiled = torch.compile(forward, dynamic=False)
 

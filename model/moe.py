@@ -189,14 +189,15 @@ class MoeFeedForward(nn.Module):
         topk_weight_TK = (onehot_TKE * probs_TE[:, None, :]).sum(dim=-1)
         return logits_TE, topk_weight_TK, topk_idx_TK
 
+    def shared_branch(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The gated shared expert; the dispatcher receives it as a thunk (see the module doc)."""
+        return torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+
     def forward(self, x_BLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``y_BLD``, router logits ``[T, E]`` and expert ids ``[T, K]``."""
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(-1, D)
         logits_TE, topk_weight_TK, topk_idx_TK = self.route(x_TD)
 
-        def shared_TD() -> torch.Tensor:
-            return torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
-
-        y_TD = self.dispatcher(x_TD, topk_idx_TK, topk_weight_TK, self.experts, shared_TD)
+        y_TD = self.dispatcher(x_TD, topk_idx_TK, topk_weight_TK, self.experts, lambda: self.shared_branch(x_TD))
         return y_TD.view(B, L, D), logits_TE, topk_idx_TK

@@ -101,8 +101,7 @@ def test_all_to_all_dispatcher_on_a_group_of_one_equals_the_local_dispatcher(chu
     def run(dispatcher):
         xr = x.clone().requires_grad_()
         layer.zero_grad()
-        shared = lambda: torch.sigmoid(layer.shared_expert_gate(xr)) * layer.shared_expert(xr)  # noqa: E731
-        y = dispatcher(xr, idx, w, layer.experts, shared)
+        y = dispatcher(xr, idx, w, layer.experts, lambda: layer.shared_branch(xr))
         (y.float() ** 2).sum().backward()
         return y.detach(), xr.grad, layer.experts.down_proj.grad.clone(), layer.shared_expert.up_proj.weight.grad.clone()
 
