@@ -4,6 +4,11 @@
     python -m jobs.evaluate --model models:/timemoe@champion --benchmarks DIR --datasets ETTh1 --horizons 96 --stride 16
     python -m jobs.evaluate --model baseline:seasonal_naive --benchmarks DIR --output out/ \\
         --tracking-uri http://mlflow:5000 --run-id RUN_ID
+    python -m jobs.evaluate --model DIR --benchmarks DIR --device cuda:1 --dtype fp32 --batch-size 128
+
+Runs on the first CUDA GPU in bf16 when there is one (``--device``/``--dtype``), and spreads the
+work over one Ray actor per GPU when Ray is running or several GPUs are visible
+(``--eval-workers``; ``pipeline.eval_workers``).
 
 Writes ``results.json``, ``results.csv``, ``results.txt`` and ``forecasts.png`` to ``--output``
 and, when a run id is given (or an MLflow run is active), logs metrics ``zeroshot/<ds>/<h>/mse``
@@ -16,7 +21,9 @@ import sys
 from pathlib import Path
 
 from pipeline.baselines import LastValue, SeasonalNaive
+from pipeline.eval_workers import evaluate_model
 from pipeline.evaluation import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
+from pipeline.inference import InferenceOptionError, add_cli_options, options_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--horizons", nargs="+", type=int, default=None, help="default: 96 192 336 720")
     p.add_argument("--context", type=int, default=None, help="one context for all horizons (default: the paper's)")
     p.add_argument("--stride", type=int, default=1, help="test window stride (1 = the paper's protocol)")
-    p.add_argument("--batch-size", type=int, default=256)
+    add_cli_options(p)
+    p.add_argument("--eval-workers", default="auto",
+                   help="Ray actors, one GPU each: auto (one per GPU under Ray or with several local GPUs), N, or 0")
     p.add_argument("--include-last-window", action="store_true",
                    help="count the last possible window too (the released code skips it)")
     p.add_argument("--output", default="eval_out")
@@ -37,24 +46,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _positive(name: str, values: list[int] | None) -> None:
+    for v in values or []:
+        if v < 1:
+            raise InferenceOptionError(f"{name} {v}: must be >= 1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = EvalConfig(context=args.context, stride=args.stride, batch_size=args.batch_size,
+    try:
+        _positive("--horizons", args.horizons)
+        _positive("--stride", [args.stride])
+        if args.context is not None:
+            _positive("--context", [args.context])
+        options = options_from_args(args)
+    except InferenceOptionError as e:
+        print(f"jobs.evaluate: {e}", file=sys.stderr)
+        return 2
+    cfg = EvalConfig(context=args.context, stride=args.stride, batch_size=options.batch_size,
                      include_last_window=args.include_last_window)
     if args.datasets:
         cfg.datasets = args.datasets
     if args.horizons:
         cfg.horizons = args.horizons
     print(f"[eval] {args.model} on {args.benchmarks}: {cfg.protocol_key()}", flush=True)
-    forecaster, name = load_forecaster(args.model, args.tracking_uri)
-    result = evaluate(forecaster, args.benchmarks, cfg, model_name=name)
+    if args.model.startswith("baseline:"):
+        forecaster, name = load_forecaster(args.model, args.tracking_uri)
+        result = evaluate(forecaster, args.benchmarks, cfg, model_name=name)
+    else:
+        result = evaluate_model(args.model, args.benchmarks, cfg, options, args.eval_workers, args.tracking_uri)
+        name = result.model
     files = result.write(args.output)
     if not args.no_plot:
         h = cfg.horizons[0]
         ctx = cfg.context_for(h)
-        shown = {name: forecaster, "naive": LastValue()}
-        if not args.model.startswith("baseline:"):
-            shown["seasonal_naive"] = SeasonalNaive()
+        if args.model.startswith("baseline:"):
+            shown = {name: forecaster, "naive": LastValue()}
+        else:
+            shown = {name: load_forecaster(args.model, args.tracking_uri, options)[0], "naive": LastValue(),
+                     "seasonal_naive": SeasonalNaive()}
         files.append(plot_forecasts(shown, args.benchmarks, result.rows[0].dataset, h,
                                     Path(args.output) / "forecasts.png", context=ctx))
     print(result.table(), flush=True)

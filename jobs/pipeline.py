@@ -33,10 +33,12 @@ import yaml
 
 from pipeline.baselines import make_baseline
 from pipeline.config import load_config
+from pipeline.eval_workers import evaluate_model
 from pipeline.evaluation import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
+from pipeline.inference import InferenceOptionError, add_cli_options, options_from_args
 from pipeline.quickstart import (alias_of, ensure_experiment, resolve_tracking_uri, training_run_id,
                                  write_heldout_benchmarks)
-from pipeline.registry import promote_if_better, register_checkpoint
+from pipeline.registry import promote_if_better, record_zero_shot_score, register_checkpoint
 from preprocessing.config import config_from_dict as preprocess_config_from_dict
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
@@ -53,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=None, help="size of the embedded corpus (1.0 = ~1.3M points)")
     p.add_argument("--resume", default=None, metavar="RUN",
                    help="continue the run in this folder (OUTPUT/run-*): skip published stages, resume training")
+    add_cli_options(p, from_config=True)  # evaluation and the promotion gate; default: the config's eval section
+    p.add_argument("--eval-workers", default=None, help="evaluation on Ray actors, one GPU each: auto (default), N, or 0")
     p.add_argument("overrides", nargs="*", help="training config overrides, e.g. train.max_steps=20")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
@@ -62,9 +66,26 @@ def stage(name: str) -> float:
     return time.time()
 
 
+def training_speed(metrics_file: Path, skip: int = 20) -> dict[str, float]:
+    """Median points/s and step time, and the longest data wait, after the first ``skip`` steps
+    (compilation and warm-up)."""
+    import statistics
+
+    if not metrics_file.exists():
+        return {}
+    steps = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    steady = [m for m in steps if "points_per_s" in m][skip:]
+    if not steady:
+        return {}
+    return {"steps_logged": len(steps), "points_per_s_median": statistics.median(m["points_per_s"] for m in steady),
+            "step_time_s_median": statistics.median(m["step_time_s"] for m in steady),
+            "data_wait_ms_max": max(m.get("data_wait_ms", 0.0) for m in steady)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.time()
+    timings: dict[str, float] = {}
     qs = yaml.safe_load(Path(args.config).read_text()) or {}
     if args.resume:
         run_dir = Path(args.resume).resolve()
@@ -89,8 +110,17 @@ def main(argv: list[str] | None = None) -> int:
                                                              f"train.output_dir={run_dir / 'train'}",
                                                              f"tracking.tracking_uri={uri}"] + list(args.overrides))
     eq = qs.get("eval", {})
+    for key in ("device", "dtype", "batch_size"):  # flags win over the config's eval section
+        if getattr(args, key) is None:
+            setattr(args, key, eq.get(key))
+    try:
+        inference = options_from_args(args)
+    except InferenceOptionError as e:
+        print(f"jobs.pipeline: {e}", file=sys.stderr)
+        return 2
+    eval_workers = args.eval_workers or eq.get("workers", "auto")
     eval_cfg = EvalConfig(horizons=list(eq.get("horizons", [96])), context=eq.get("context"),
-                          stride=int(eq.get("stride", 96)))
+                          stride=int(eq.get("stride", 96)), batch_size=inference.batch_size)
     corpus = qs.get("corpus", {})
     scale = args.scale if args.scale is not None else float(corpus.get("scale", 1.0))
     reg_name = qs.get("register", {}).get("name", "timemoe-quickstart")
@@ -99,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 "preprocess": pre.to_dict(), "train": yaml.safe_load(train_cfg.to_yaml()),
                 "eval": {"benchmarks": args.benchmarks or str(out / "heldout"), "horizons": eval_cfg.horizons,
                          "context": eval_cfg.context, "stride": eval_cfg.stride,
+                         "device": inference.device, "dtype": inference.dtype, "batch_size": inference.batch_size,
+                         "workers": eval_workers,
                          "baselines": eq.get("baselines", ["naive", "seasonal_naive"])},
                 "register": {"name": reg_name}}
     text = yaml.safe_dump(resolved, sort_keys=False)
@@ -126,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = generate_default_corpus(str(run_dir / "corpus"), seed=int(corpus.get("seed", 0)), scale=scale)
         pre.inputs = [str(run_dir / "corpus")]
         print(f"[pipeline] {summary['series']} series, {summary['points']:,} points in {time.time() - t:.1f}s", flush=True)
+        timings["corpus"] = time.time() - t
 
     # ---- 2. preprocessing (Ray Data) -> RUN/packed
     t = stage("2/5 preprocess (Ray Data)")
@@ -137,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         prep = run_preprocess(pre)
         print(f"[pipeline] packed {prep.manifest['rows']} rows (window {pre.pack.window_length}), "
               f"efficiency {prep.efficiency:.3f}, {time.time() - t:.1f}s -> {pre.output}", flush=True)
+    timings["preprocess"] = time.time() - t
 
     # ---- 3. pretraining (Ray Train + DeepSpeed) -> RUN/train/final_model + MLflow run
     t = stage("3/5 pretrain (Ray Train + DeepSpeed)")
@@ -152,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     final_model = Path(train_cfg.train.output_dir) / "final_model"
     print(f"[pipeline] trained {time.time() - t:.1f}s: metrics {result.metrics}; run {run_id}; model {final_model}",
           flush=True)
+    timings["pretrain"] = time.time() - t
 
     # ---- 4. zero-shot evaluation -> RUN/eval
     t = stage("4/5 zero-shot evaluation")
@@ -161,32 +196,51 @@ def main(argv: list[str] | None = None) -> int:
     elif args.datasets:
         eval_cfg.datasets = list(args.datasets)
     eval_dir = run_dir / "eval"
-    model, _ = load_forecaster(str(final_model))
+    model, _ = load_forecaster(str(final_model), options=inference)  # in this process: the plot
     forecasters = {"timemoe": model} | {b: make_baseline(b) for b in resolved["eval"]["baselines"]}
     results, tables = {}, []
     for name, fc in forecasters.items():
-        res = evaluate(fc, bench, eval_cfg, model_name=name)
+        if name == "timemoe":  # on the GPU workers (pipeline.eval_workers)
+            res = evaluate_model(str(final_model), bench, eval_cfg, inference, eval_workers, uri, model_name=name)
+        else:
+            res = evaluate(fc, bench, eval_cfg, model_name=name)
         files = res.write(eval_dir / name)
         if name == "timemoe":
+            model_result = res
             h = eval_cfg.horizons[0]
             png = plot_forecasts(forecasters, bench, res.rows[0].dataset, h, eval_dir / "forecasts.png",
                                  context=eval_cfg.context_for(h))
             files.append(png)
             if run_id:
                 log_to_mlflow(res, files, run_id=run_id, tracking_uri=uri)
-        results[name] = {"avg_mse": res.average_mse(), "rows": json.loads((eval_dir / name / "results.json").read_text())["rows"]}
+        results[name] = {"avg_mse": res.average_mse(), "inference": res.inference,
+                         "rows": json.loads((eval_dir / name / "results.json").read_text())["rows"]}
         tables.append(res.table())
     eval_json = eval_dir / "summary.json"
     eval_json.write_text(json.dumps({"protocol": eval_cfg.protocol_key(), "benchmarks": bench, "models": results},
                                     indent=2))
     print(f"[pipeline] evaluated in {time.time() - t:.1f}s", flush=True)
+    timings["evaluate"] = time.time() - t
 
     # ---- 5. registry: register (alias candidate), promote to champion if it beats the champion
     t = stage("5/5 register + promote")
     reg = register_checkpoint(final_model, reg_name, training_run_id=run_id,
                               manifest_path=str(Path(pre.output) / "manifest.json"), tracking_uri=uri)
-    decision = promote_if_better(reg_name, reg.version, bench, eval_cfg, tracking_uri=uri)
+    # the candidate's score is stage 4's evaluation of the same checkpoint on the same protocol
+    record_zero_shot_score(reg_name, reg.version, bench, model_result, tracking_uri=uri)
+    decision = promote_if_better(reg_name, reg.version, bench, eval_cfg, tracking_uri=uri, options=inference,
+                                 workers=eval_workers)
     aliases = alias_of(reg_name, reg.version, uri)
+    timings["register"] = time.time() - t
+    timings["total"] = time.time() - t_start
+    (run_dir / "summary.json").write_text(json.dumps({
+        "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "training": training_speed(Path(train_cfg.train.output_dir) / "metrics.jsonl") | {"final_metrics": result.metrics},
+        "evaluation": {"protocol": eval_cfg.protocol_key(), "inference": model_result.inference,
+                       "avg_mse": {k: v["avg_mse"] for k, v in results.items()}, "table": model_result.table()},
+        "registry": {"model_uri": reg.model_uri, "aliases": aliases, "promoted": decision.promoted,
+                     "reason": decision.reason},
+        "mlflow_run_id": run_id}, indent=2, default=str))
 
     # ---- summary
     print("\n# resolved config\n" + text, flush=True)
@@ -198,6 +252,7 @@ manifest        : {Path(pre.output) / 'manifest.json'}
 MLflow run id   : {run_id}
 model           : {final_model}
 registered      : {reg.model_uri} aliases {aliases} ({'promoted' if decision.promoted else 'not promoted'}: {decision.reason})
+run summary     : {run_dir / 'summary.json'} (stage times, training speed, evaluation, registry)
 eval table      : {eval_json} (avg MSE {', '.join(f'{k} {v["avg_mse"]:.4f}' for k, v in results.items())})
 forecast plot   : {eval_dir / 'forecasts.png'}
 MLflow UI       : mlflow ui --backend-store-uri {uri}

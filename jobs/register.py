@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 from pipeline.evaluation import EvalConfig
+from pipeline.inference import InferenceOptionError, add_cli_options, options_from_args
 from pipeline.registry import TRAIN_ARTIFACT_PATH, download_run_checkpoint, promote_if_better, register_checkpoint
 
 
@@ -32,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--horizons", nargs="+", type=int, default=None)
     p.add_argument("--context", type=int, default=None)
     p.add_argument("--stride", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=256)
+    add_cli_options(p)  # where the promotion gate's evaluation runs
+    p.add_argument("--eval-workers", default="auto", help="gate evaluation on Ray actors: auto, N, or 0")
     return p.parse_args(argv)
 
 
@@ -41,18 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.promote and not args.benchmarks:
         print("--promote needs --benchmarks DIR", file=sys.stderr)
         return 2
+    try:
+        options = options_from_args(args)
+    except InferenceOptionError as e:
+        print(f"jobs.register: {e}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint or download_run_checkpoint(args.run_id, tmp, args.artifact_path, args.tracking_uri)
         reg = register_checkpoint(ckpt, args.name, training_run_id=args.run_id, manifest_path=args.manifest,
                                   tracking_uri=args.tracking_uri)
     print(f"[register] {reg.model_uri} (alias candidate)", flush=True)
     if args.promote:
-        cfg = EvalConfig(context=args.context, stride=args.stride, batch_size=args.batch_size)
+        cfg = EvalConfig(context=args.context, stride=args.stride, batch_size=options.batch_size)
         if args.datasets:
             cfg.datasets = args.datasets
         if args.horizons:
             cfg.horizons = args.horizons
-        d = promote_if_better(args.name, reg.version, args.benchmarks, cfg, tracking_uri=args.tracking_uri)
+        d = promote_if_better(args.name, reg.version, args.benchmarks, cfg, tracking_uri=args.tracking_uri,
+                              options=options, workers=args.eval_workers)
         print(f"[register] promotion: {'granted' if d.promoted else 'refused'}: {d.reason}", flush=True)
     return 0
 

@@ -40,6 +40,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from pipeline.baselines import Forecaster, make_baseline
 from pipeline.benchmark_data import DEFAULT_DATASETS, BenchmarkDataset, load_benchmark, scaled_values, split_borders
+from pipeline.inference import InferenceOptions
+from pipeline.inference import load_forecaster as load_model_forecaster
 
 PAPER_HORIZONS = (96, 192, 336, 720)
 PAPER_CONTEXTS = {96: 512, 192: 1024, 336: 2048, 720: 3072}
@@ -51,7 +53,7 @@ class EvalConfig:
     horizons: list[int] = field(default_factory=lambda: list(PAPER_HORIZONS))
     context: int | None = None  # None: the paper's context for each horizon
     stride: int = 1
-    batch_size: int = 256
+    batch_size: int | None = None  # None: the forecaster's own (``batch_size_for``), else 256
     include_last_window: bool = False  # False = the released code's count (2784 for ETTh, H=96)
     progress: bool = True
 
@@ -100,27 +102,58 @@ def _check_forecast(pred: Any, batch: int, horizon: int, who: str) -> np.ndarray
     return pred_BH
 
 
-def evaluate_dataset(forecaster: Forecaster, ds: BenchmarkDataset, horizon: int, cfg: EvalConfig) -> EvalRow:
-    """MSE/MAE of one forecaster on one dataset at one horizon, batching windows across channels."""
+@dataclass
+class ErrorSums:
+    """Squared and absolute error sums of some windows: what shards of one (dataset, horizon)
+    return, so that merged shards give exactly the rows of one unsharded run (up to float
+    summation order)."""
+
+    sq: float = 0.0
+    abs: float = 0.0
+    points: int = 0
+    windows: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: "ErrorSums") -> "ErrorSums":
+        return ErrorSums(self.sq + other.sq, self.abs + other.abs, self.points + other.points,
+                         self.windows + other.windows, self.seconds + other.seconds)
+
+    def row(self, dataset: str, horizon: int, context: int) -> "EvalRow":
+        return EvalRow(dataset, horizon, context, self.sq / self.points, self.abs / self.points,
+                       self.windows, self.points, self.seconds)
+
+
+def batch_size_of(forecaster: Forecaster, cfg: EvalConfig, context: int, horizon: int) -> int:
+    if cfg.batch_size is not None:
+        return cfg.batch_size
+    pick = getattr(forecaster, "batch_size_for", None)
+    return int(pick(context, horizon)) if pick is not None else 256
+
+
+def error_sums(forecaster: Forecaster, ds: BenchmarkDataset, horizon: int, cfg: EvalConfig,
+               channels: Sequence[int] | None = None) -> ErrorSums:
+    """Error sums of one forecaster on one dataset at one horizon over ``channels`` (default
+    all), batching windows across channels."""
     context = cfg.context_for(horizon)
     scaled_TC, borders = scaled_values(ds)
     starts = window_starts(borders.test, horizon, cfg.stride, cfg.include_last_window)
     if len(starts) == 0:
         raise ValueError(f"{ds.path}: test split {borders.test} is shorter than horizon {horizon}")
     num_c = scaled_TC.shape[1]
+    chans = np.arange(num_c) if channels is None else np.asarray(list(channels), dtype=np.int64)
     # Left-pad with NaN so that every window is a fixed-width view; windows that reach before
     # row 0 are trimmed to their real part before they go to the forecaster.
     padded_CT = np.concatenate([np.full((num_c, context), np.nan), scaled_TC.T], axis=1)
     windows_CNW = sliding_window_view(padded_CT, context + horizon, axis=1)  # a view, no copy
-    chan_idx = np.repeat(np.arange(num_c), len(starts))
-    start_idx = np.tile(starts, num_c)  # original row t - context sits at padded column t
+    chan_idx = np.repeat(chans, len(starts))
+    start_idx = np.tile(starts, len(chans))  # original row t - context sits at padded column t
     who = getattr(forecaster, "name", type(forecaster).__name__)
-    sq_sum = abs_sum = 0.0
-    points = 0
+    batch = batch_size_of(forecaster, cfg, context, horizon)
+    sums = ErrorSums()
     t0 = last_print = time.perf_counter()
     total = len(chan_idx)
-    for b in range(0, total, cfg.batch_size):
-        win_BW = windows_CNW[chan_idx[b : b + cfg.batch_size], start_idx[b : b + cfg.batch_size]]
+    for b in range(0, total, batch):
+        win_BW = windows_CNW[chan_idx[b : b + batch], start_idx[b : b + batch]]
         ctx_BT, truth_BH = win_BW[:, :context], win_BW[:, context:]
         if np.isnan(ctx_BT).any():
             series: np.ndarray | list[np.ndarray] = [row[~np.isnan(row)] for row in ctx_BT]
@@ -128,22 +161,48 @@ def evaluate_dataset(forecaster: Forecaster, ds: BenchmarkDataset, horizon: int,
             series = np.ascontiguousarray(ctx_BT)
         pred_BH = _check_forecast(forecaster.forecast(series, horizon), len(ctx_BT), horizon, who)
         err_BH = pred_BH - truth_BH
-        sq_sum += float(np.square(err_BH).sum())
-        abs_sum += float(np.abs(err_BH).sum())
-        points += err_BH.size
+        sums.sq += float(np.square(err_BH).sum())
+        sums.abs += float(np.abs(err_BH).sum())
+        sums.points += err_BH.size
         now = time.perf_counter()
         if cfg.progress and now - last_print > 10:
-            done = min(b + cfg.batch_size, total)
+            done = min(b + batch, total)
             rate = done / (now - t0)
             print(f"[eval] {who} {ds.name} H={horizon}: {done}/{total} windows, {rate:.0f}/s, "
                   f"ETA {(total - done) / rate:.0f}s", flush=True)
             last_print = now
-    seconds = time.perf_counter() - t0
-    row = EvalRow(ds.name, horizon, context, sq_sum / points, abs_sum / points, total, points, seconds)
+    sums.windows = total
+    sums.seconds = time.perf_counter() - t0
+    return sums
+
+
+def evaluate_dataset(forecaster: Forecaster, ds: BenchmarkDataset, horizon: int, cfg: EvalConfig) -> EvalRow:
+    """MSE/MAE of one forecaster on one dataset at one horizon."""
+    row = error_sums(forecaster, ds, horizon, cfg).row(ds.name, horizon, cfg.context_for(horizon))
     if cfg.progress:
-        print(f"[eval] {who} {ds.name} H={horizon} ctx={context}: mse {row.mse:.4f} mae {row.mae:.4f} "
-              f"({total} windows, {seconds:.1f}s)", flush=True)
+        who = getattr(forecaster, "name", type(forecaster).__name__)
+        print(f"[eval] {who} {ds.name} H={horizon} ctx={row.context}: mse {row.mse:.4f} mae {row.mae:.4f} "
+              f"({row.windows} windows, {row.seconds:.1f}s)", flush=True)
     return row
+
+
+def protocol_plan(benchmarks_dir: str | Path, cfg: EvalConfig) -> list[tuple[BenchmarkDataset, list[int]]]:
+    """Each dataset of ``cfg`` with the horizons it can serve. Horizons that a short dataset
+    cannot serve (test split <= horizon) are skipped with a message, not silently."""
+    plan = []
+    for name in cfg.datasets:
+        ds = load_benchmark(benchmarks_dir, name)
+        test = split_borders(ds.name, ds.num_rows).test
+        horizons = []
+        for h in cfg.horizons:
+            if test[1] - test[0] <= h:
+                print(f"[eval] skip {name} H={h}: test split has only {test[1] - test[0]} rows", flush=True)
+                continue
+            horizons.append(h)
+        plan.append((ds, horizons))
+    if not any(hs for _, hs in plan):
+        raise ValueError(f"nothing evaluated: datasets {cfg.datasets} x horizons {cfg.horizons}")
+    return plan
 
 
 @dataclass
@@ -151,6 +210,7 @@ class EvalResult:
     model: str
     config: EvalConfig
     rows: list[EvalRow]
+    inference: dict[str, Any] = field(default_factory=dict)  # device, dtype, batch, workers
 
     def averages(self) -> dict[str, tuple[float, float]]:
         """Per dataset: (MSE, MAE) averaged over its horizons, as the paper's Table 3 reports."""
@@ -176,7 +236,8 @@ class EvalResult:
         return m
 
     def table(self) -> str:
-        lines = [f"zero-shot evaluation of {self.model} (stride {self.config.stride})",
+        where = "".join(f", {k} {v}" for k, v in self.inference.items())
+        lines = [f"zero-shot evaluation of {self.model} (stride {self.config.stride}{where})",
                  f"{'dataset':<18}{'horizon':>8}{'context':>8}{'MSE':>9}{'MAE':>9}{'windows':>9}{'sec':>8}"]
         avgs = self.averages()
         for name in avgs:
@@ -195,6 +256,7 @@ class EvalResult:
         js = out / "results.json"
         js.write_text(json.dumps({
             "model": self.model, "config": asdict(self.config), "protocol": self.config.protocol_key(),
+            "inference": self.inference,
             "rows": [asdict(r) for r in self.rows],
             "averages": {k: {"mse": v[0], "mae": v[1]} for k, v in self.averages().items()},
             "avg_mse": self.average_mse(),
@@ -211,23 +273,17 @@ class EvalResult:
 
 def evaluate(forecaster: Forecaster, benchmarks_dir: str | Path, cfg: EvalConfig | None = None,
              model_name: str | None = None) -> EvalResult:
-    """Run the protocol for every dataset x horizon of ``cfg``. Horizons that a short dataset
-    cannot serve (test split <= horizon) are skipped with a message, not silently."""
+    """Run the protocol in this process for every dataset x horizon of ``cfg``
+    (``pipeline.eval_workers.evaluate_model`` spreads the same work over GPU workers)."""
     cfg = cfg or EvalConfig()
     rows: list[EvalRow] = []
-    for name in cfg.datasets:
-        ds = load_benchmark(benchmarks_dir, name)
+    for ds, horizons in protocol_plan(benchmarks_dir, cfg):
         f = forecaster.for_dataset(ds) if hasattr(forecaster, "for_dataset") else forecaster
-        test = split_borders(ds.name, ds.num_rows).test
-        for h in cfg.horizons:
-            if test[1] - test[0] <= h:
-                print(f"[eval] skip {name} H={h}: test split has only {test[1] - test[0]} rows", flush=True)
-                continue
+        for h in horizons:
             rows.append(evaluate_dataset(f, ds, h, cfg))
-    if not rows:
-        raise ValueError(f"nothing evaluated: datasets {cfg.datasets} x horizons {cfg.horizons}")
     name = model_name or getattr(forecaster, "name", type(forecaster).__name__)
-    return EvalResult(model=name, config=cfg, rows=rows)
+    describe = getattr(forecaster, "describe", None)
+    return EvalResult(model=name, config=cfg, rows=rows, inference=describe() if describe else {})
 
 
 def plot_forecasts(forecasters: dict[str, Forecaster], benchmarks_dir: str | Path, dataset: str, horizon: int,
@@ -292,6 +348,8 @@ def log_to_mlflow(result: EvalResult, files: Sequence[Path], run_id: str | None 
     client.log_batch(run_id, metrics=metrics)
     client.set_tag(run_id, f"{prefix}.protocol", result.config.protocol_key())
     client.set_tag(run_id, f"{prefix}.model", result.model)
+    for k, v in result.inference.items():
+        client.set_tag(run_id, f"{prefix}.inference.{k}", str(v))
     for p in files:
         client.log_artifact(run_id, str(p), prefix)
     if created:
@@ -299,21 +357,11 @@ def log_to_mlflow(result: EvalResult, files: Sequence[Path], run_id: str | None 
     return run_id
 
 
-def load_forecaster(spec: str, tracking_uri: str | None = None) -> tuple[Forecaster, str]:
-    """``baseline:NAME``, ``models:/NAME@ALIAS`` / ``runs:/ID/PATH`` (an MLflow pyfunc logged by
-    ``pipeline.registry``), or a ``save_pretrained`` checkpoint directory."""
+def load_forecaster(spec: str, tracking_uri: str | None = None,
+                    options: InferenceOptions | None = None) -> tuple[Forecaster, str]:
+    """``baseline:NAME``, else a model through ``pipeline.inference.load_forecaster``
+    (checkpoint directory, ``models:/NAME@ALIAS``, ``runs:/ID/PATH``) on ``options``' device."""
     if spec.startswith("baseline:"):
         return make_baseline(spec.split(":", 1)[1]), spec
-    if spec.startswith(("models:/", "runs:/")):
-        from pipeline.registry import load_registered_forecaster
-
-        return load_registered_forecaster(spec, tracking_uri), spec
-    path = Path(spec)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{spec}: not a baseline:NAME, models:/ or runs:/ URI, nor a checkpoint "
-                                f"directory with config.json")
-    from model import TimeMoeModel
-
-    model = TimeMoeModel.from_pretrained(str(path))
-    model.eval()
-    return model, path.name
+    fc = load_model_forecaster(spec, options, tracking_uri)
+    return fc, fc.name

@@ -28,6 +28,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from pipeline.evaluation import EvalConfig
+from pipeline.inference import InferenceOptions, ModelForecaster, load_checkpoint
+
 CANDIDATE, CHAMPION = "candidate", "champion"
 DEFAULT_HORIZON = 96
 TRAIN_ARTIFACT_PATH = "final_model"  # where pipeline.train_loop logs the exported model
@@ -35,13 +38,16 @@ MANIFEST_ARTIFACT = "data/manifest.json"  # where pipeline.train_loop logs the d
 
 
 class TimeMoePyfunc(mlflow.pyfunc.PythonModel):
-    """Forecasts with ``TimeMoeModel.forecast`` from the ``checkpoint`` artifact."""
+    """Forecasts with ``TimeMoeModel.forecast`` from the ``checkpoint`` artifact, on the device
+    and dtype of ``model_config`` (``device``, ``dtype``, ``batch_size``) or of
+    ``$TIMEMOE_DEVICE`` / ``$TIMEMOE_DTYPE``; by default the first CUDA GPU in bf16 when there
+    is one, else the CPU in fp32 (``pipeline.inference``)."""
 
     def load_context(self, context) -> None:
-        from model import TimeMoeModel
-
-        self.model = TimeMoeModel.from_pretrained(context.artifacts["checkpoint"])
-        self.model.eval()
+        options = InferenceOptions.from_env(getattr(context, "model_config", None))
+        model, _ = load_checkpoint(context.artifacts["checkpoint"])
+        self.forecaster = ModelForecaster(model, options)
+        self.model = self.forecaster.model
 
     # No type hints on model_input: MLflow 3 would derive (and enforce) a second schema from them.
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -56,7 +62,7 @@ class TimeMoePyfunc(mlflow.pyfunc.PythonModel):
         for sid, s in zip(df["id"], series):
             if s.ndim != 1 or not np.isfinite(s).any():
                 raise ValueError(f"series {sid!r}: values must be a non-empty 1-D list with finite values")
-        preds_BH = np.asarray(self.model.forecast(series, horizon), dtype=np.float64)
+        preds_BH = np.asarray(self.forecaster.forecast(series, horizon), dtype=np.float64)
         return pd.DataFrame({"id": [str(i) for i in df["id"]], "forecast": [p.tolist() for p in preds_BH]})
 
 
@@ -180,26 +186,6 @@ def register_checkpoint(checkpoint_dir: str | Path, name: str, *, training_run_i
     return Registered(name, version, f"models:/{name}/{version}", tags)
 
 
-class _NamedForecaster:
-    def __init__(self, model: Any, name: str):
-        self.model, self.name = model, name
-
-    def forecast(self, series, horizon: int) -> np.ndarray:
-        return self.model.forecast(series, horizon)
-
-
-def load_registered_forecaster(uri: str, tracking_uri: str | None = None) -> _NamedForecaster:
-    """The ``TimeMoeModel`` inside a pyfunc logged by :func:`register_checkpoint`, for the harness
-    (calling ``forecast`` directly avoids a DataFrame round trip per batch)."""
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    pyfunc = mlflow.pyfunc.load_model(uri)
-    inner = pyfunc.unwrap_python_model()
-    if not hasattr(inner, "model"):
-        raise TypeError(f"{uri}: not a model logged by pipeline.registry (python model {type(inner).__name__})")
-    return _NamedForecaster(inner.model, uri)
-
-
 # --------------------------------------------------------------------------------- promotion
 @dataclass
 class PromotionDecision:
@@ -216,32 +202,46 @@ def _benchmark_digest(benchmarks_dir: str | Path) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
-def zero_shot_score(name: str, version: str, benchmarks_dir: str | Path, cfg, client,
-                    tracking_uri: str | None = None) -> float:
+def zero_shot_score(name: str, version: str, benchmarks_dir: str | Path, cfg: EvalConfig, client,
+                    tracking_uri: str | None = None, options: InferenceOptions | None = None,
+                    workers: int | str = "auto") -> float:
     """Average zero-shot MSE of one version; cached as version tags, reused only for the same
-    protocol and benchmark files."""
-    from pipeline.evaluation import evaluate
+    protocol and benchmark files (the device and dtype that produced it are tagged beside it)."""
+    from pipeline.eval_workers import evaluate_model  # Ray: not for the pyfunc's imports
 
-    key = f"{cfg.protocol_key()};bench={_benchmark_digest(benchmarks_dir)}"
     mv = client.get_model_version(name, version)
-    if mv.tags.get("zeroshot.protocol") == key and "zeroshot.avg_mse" in mv.tags:
+    if mv.tags.get("zeroshot.protocol") == _score_key(cfg, benchmarks_dir) and "zeroshot.avg_mse" in mv.tags:
         return float(mv.tags["zeroshot.avg_mse"])
     uri = f"models:/{name}/{version}"
-    result = evaluate(load_registered_forecaster(uri, tracking_uri), benchmarks_dir, cfg, model_name=uri)
+    result = evaluate_model(uri, benchmarks_dir, cfg, options, workers, tracking_uri, model_name=uri)
     print(result.table(), flush=True)
+    return record_zero_shot_score(name, version, benchmarks_dir, result, client)
+
+
+def _score_key(cfg: EvalConfig, benchmarks_dir: str | Path) -> str:
+    return f"{cfg.protocol_key()};bench={_benchmark_digest(benchmarks_dir)}"
+
+
+def record_zero_shot_score(name: str, version: str, benchmarks_dir: str | Path, result,
+                           client=None, tracking_uri: str | None = None) -> float:
+    """Tag a version with the average MSE of an evaluation of its own checkpoint, so that the
+    promotion gate reuses it instead of evaluating the same weights on the same protocol again."""
+    client = client or mlflow.MlflowClient(tracking_uri)
     score = result.average_mse()
-    client.set_model_version_tag(name, version, "zeroshot.protocol", key)
+    client.set_model_version_tag(name, version, "zeroshot.protocol", _score_key(result.config, benchmarks_dir))
     client.set_model_version_tag(name, version, "zeroshot.avg_mse", repr(score))
+    for k in ("device", "dtype", "gpu", "workers"):
+        if k in result.inference:
+            client.set_model_version_tag(name, version, f"zeroshot.{k}", str(result.inference[k]))
     return score
 
 
-def promote_if_better(name: str, candidate_version: str, benchmarks_dir: str | Path, cfg=None,
-                      tracking_uri: str | None = None) -> PromotionDecision:
+def promote_if_better(name: str, candidate_version: str, benchmarks_dir: str | Path, cfg: EvalConfig | None = None,
+                      tracking_uri: str | None = None, options: InferenceOptions | None = None,
+                      workers: int | str = "auto") -> PromotionDecision:
     """Move ``champion`` to the candidate iff its average zero-shot MSE is strictly lower than
     the champion's (or there is no champion). Tags ``promotion.*`` on both versions."""
     from mlflow.exceptions import MlflowException
-
-    from pipeline.evaluation import EvalConfig
 
     cfg = cfg or EvalConfig()
     client = mlflow.MlflowClient(tracking_uri)
@@ -250,13 +250,13 @@ def promote_if_better(name: str, candidate_version: str, benchmarks_dir: str | P
         champ: str | None = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         champ = None
-    cand_mse = zero_shot_score(name, cand, benchmarks_dir, cfg, client, tracking_uri)
+    cand_mse = zero_shot_score(name, cand, benchmarks_dir, cfg, client, tracking_uri, options, workers)
     if champ is None:
         decision = PromotionDecision(True, cand, cand_mse, None, None, "no champion yet")
     elif champ == cand:
         decision = PromotionDecision(False, cand, cand_mse, champ, cand_mse, "candidate is already champion")
     else:
-        champ_mse = zero_shot_score(name, champ, benchmarks_dir, cfg, client, tracking_uri)
+        champ_mse = zero_shot_score(name, champ, benchmarks_dir, cfg, client, tracking_uri, options, workers)
         better = cand_mse < champ_mse
         decision = PromotionDecision(better, cand, cand_mse, champ, champ_mse,
                                      f"candidate {cand_mse:.6g} {'<' if better else '>='} champion {champ_mse:.6g}")

@@ -184,3 +184,28 @@ def test_evaluate_cli_accepts_checkpoint_dir_and_models_uri(checkpoints, synth_b
     runs = mlflow.MlflowClient(mlflow_server).search_runs(
         [mlflow.MlflowClient(mlflow_server).get_experiment_by_name("zeroshot-eval").experiment_id])
     assert any(r.data.metrics.get("zeroshot/synth/8/mse") == pytest.approx(direct.mse, rel=1e-6) for r in runs)
+
+
+def test_pyfunc_takes_device_and_dtype_from_model_config_or_environment(checkpoints, mlflow_server, monkeypatch):
+    """``model_config`` (or ``$TIMEMOE_DEVICE`` / ``$TIMEMOE_DTYPE``) chooses where the served
+    model runs; a GPU asked for on a machine without one fails at load, naming the option."""
+    import torch
+
+    name = _name()
+    register_checkpoint(checkpoints["good"], name, tracking_uri=mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    uri = f"models:/{name}@candidate"
+    df = pd.DataFrame({"id": ["a"], "values": [np.sin(np.arange(200) / 7).tolist()]})
+    fp32 = mlflow.pyfunc.load_model(uri, model_config={"device": "cpu", "dtype": "fp32"})
+    assert fp32.unwrap_python_model().forecaster.describe()["dtype"] == "fp32"
+    monkeypatch.setenv("TIMEMOE_DTYPE", "bf16")
+    bf16 = mlflow.pyfunc.load_model(uri)
+    inner = bf16.unwrap_python_model().forecaster
+    assert inner.dtype == torch.bfloat16 and inner.model.heads.weight.dtype == torch.bfloat16
+    a = np.array(fp32.predict(df, params={"horizon": 8})["forecast"][0])
+    b = np.array(bf16.predict(df, params={"horizon": 8})["forecast"][0])
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max() and not np.array_equal(a, b)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TIMEMOE_DEVICE", "cuda")
+        with pytest.raises(Exception, match="--device cuda: no CUDA GPU"):
+            mlflow.pyfunc.load_model(uri)

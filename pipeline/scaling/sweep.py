@@ -34,6 +34,8 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
+from pipeline import evaluation
+from pipeline.inference import InferenceOptions, ModelForecaster
 from pipeline.scaling import report as R
 from pipeline.scaling.grid import GridConfig, TrialSpec, expand_grid, format_grid
 
@@ -49,6 +51,8 @@ class EvalSection:
     zero_shot_stride: int = 16      # every stride-th test window (1 = the paper's full protocol)
     zero_shot_context: int | None = None  # None: the paper's context for the horizon (512 at 96)
     zero_shot_data_dir: str | None = None  # folder with the benchmark CSVs; None: skip zero-shot
+    zero_shot_device: str = "auto"  # pipeline.inference: the trial's GPU when it has one
+    zero_shot_dtype: str = "auto"   # bf16 on a GPU, fp32 on CPU
     report_n_boot: int = 200
 
 
@@ -197,14 +201,14 @@ def heldout_metrics(model: Any, data_path: str, max_windows: int, batch_size: in
 def zero_shot_metrics(model: Any, ev: EvalSection) -> dict[str, float]:
     """Zero-shot MSE/MAE on the configured benchmark subset through ``pipeline.evaluation``
     (the paper's protocol; ``zero_shot_stride`` > 1 keeps every stride-th test window, the
-    quick documented subset). The model is itself a Forecaster (``forecast(series, horizon)``)."""
+    quick documented subset), on ``zero_shot_device`` in ``zero_shot_dtype`` (the model is moved
+    and cast in place: call it last)."""
     if not ev.zero_shot_data_dir or not ev.zero_shot_datasets:
         return {}
-    from pipeline import evaluation
-
     cfg = evaluation.EvalConfig(datasets=list(ev.zero_shot_datasets), horizons=list(ev.zero_shot_horizons),
                                 context=ev.zero_shot_context, stride=ev.zero_shot_stride, progress=False)
-    res = evaluation.evaluate(model, ev.zero_shot_data_dir, cfg, model_name="trial")
+    options = InferenceOptions(device=ev.zero_shot_device, dtype=ev.zero_shot_dtype)
+    res = evaluation.evaluate(ModelForecaster(model, options, name="trial"), ev.zero_shot_data_dir, cfg)
     out = {f"zs/{r.dataset}/{r.horizon}/{m}": float(getattr(r, m)) for r in res.rows for m in ("mse", "mae")}
     out["zs_mse"] = float(np.mean([r.mse for r in res.rows]))
     out["zs_mae"] = float(np.mean([r.mae for r in res.rows]))
