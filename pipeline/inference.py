@@ -148,11 +148,13 @@ class ModelForecaster:
     # ------------------------------------------------------------------ batch size
     def batch_size_for(self, context: int, horizon: int) -> int:
         """Windows per batch at this context length and horizon (module doc)."""
+        key = (int(context), int(horizon))
+        if key in self._batch_cache:  # lowered after an out-of-memory error, or probed
+            return self._batch_cache[key]
         if self.options.batch_size is not None:
             return self.options.batch_size
         if self.device.type != "cuda":
             return CPU_BATCH
-        key = (int(context), int(horizon))
         if key not in self._batch_cache:
             self._batch_cache[key] = self._probe_batch(*key)
         return self._batch_cache[key]
@@ -192,19 +194,20 @@ class ModelForecaster:
                 # on the CPU the model's own default sub-batch, which earlier CPU results used
                 inner = batch if self.device.type == "cuda" else 64
                 out.append(self.model.forecast(chunk, horizon, batch_size=inner))
+                start += len(chunk)
+                continue
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 if not _is_oom(err) or batch == 1:
                     raise
-                batch = max(1, batch // 2)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                self._batch_cache[(context, horizon)] = batch
-                if batch not in self._warned:
-                    self._warned.add(batch)
-                    print(f"[inference] warning: out of memory on {self.device} at context {context}, "
-                          f"horizon {horizon}; batch size lowered to {batch}", file=sys.stderr, flush=True)
-                continue
-            start += len(chunk)
+            # outside the handler, so the error's frames (and the activations they hold) are freed
+            batch = max(1, batch // 2)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._batch_cache[(context, horizon)] = batch
+            if batch not in self._warned:
+                self._warned.add(batch)
+                print(f"[inference] warning: out of memory on {self.device} at context {context}, "
+                      f"horizon {horizon}; batch size lowered to {batch}", file=sys.stderr, flush=True)
         return np.concatenate(out)
 
     def describe(self) -> dict[str, Any]:
