@@ -1,7 +1,7 @@
 """Causal self-attention with RoPE over packed windows.
 
 Legend: B batch, L query length, S key length (L + cached), D hidden, H query heads,
-KV key/value heads, hd head dim.
+KV key/value heads, hd head dim, NL layers, P positions.
 
 Packing: ``segment_ids [B, S]`` (0 = padding, 1..k = series). A query attends to key j iff
 j is not in its future and both carry the same segment id, so attention never crosses a series.
@@ -14,14 +14,21 @@ Backends (``attn_implementation``):
 - ``flex``: FlexAttention with a block mask built from segment ids (no dense L x S mask);
   CUDA only in practice: on CPU it needs torch.compile (~90 s to compile, measured).
 - ``auto``: ``flex`` on CUDA for packed training rows, ``sdpa`` otherwise.
+
+Decoding (``KVCache``): the keys and values of every layer live in one buffer allocated at the
+generation's final length and written in place; the L new queries of a step are the LAST L of
+the S keys, so for one-series rows the mask is "causal, aligned to the bottom right"
+(``causal_lower_right``), which SDPA's fused kernels apply without a mask tensor.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from model.config import TimeMoeConfig
 
@@ -34,6 +41,13 @@ def rope_cos_sin(position_ids_BL: torch.Tensor, head_dim: int, theta: float, dty
     freqs_BLh = position_ids_BL.float()[..., None] * inv_freq
     emb = torch.cat([freqs_BLh, freqs_BLh], dim=-1)  # "rotate_half" layout: cat(freqs, freqs)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope_table(num_positions: int, head_dim: int, theta: float, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[P, hd]`` of positions 0..P-1, computed once per generation: a step takes its
+    rows by slicing (one-series rows) or gathering (left-padded rows), the same values that
+    ``rope_cos_sin`` gives."""
+    return rope_cos_sin(torch.arange(num_positions, device=device), head_dim, theta, dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +124,38 @@ def resolve_backend(name: str, device: torch.device, packed: bool) -> str:
     return "flex" if (device.type == "cuda" and packed) else "sdpa"
 
 
+# --------------------------------------------------------------------------- KV cache
+
+
+class LayerCache(NamedTuple):
+    """One layer's slice of a :class:`KVCache`: buffers ``[B, KV, S_max, hd]``, ``start`` filled."""
+
+    k_BKSd: torch.Tensor
+    v_BKSd: torch.Tensor
+    start: int
+
+
+class KVCache:
+    """Keys and values of every layer for one generation: ``k``/``v [NL, B, KV, S_max, hd]``,
+    allocated once at the final length and written in place; ``length`` positions are filled.
+    (Growing per-layer tensors with ``torch.cat`` copies the whole cache at every step.)"""
+
+    def __init__(self, num_layers: int, batch: int, n_kv: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device) -> None:
+        self.k = torch.empty(num_layers, batch, n_kv, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.k[i], self.v[i], self.length)
+
+    def fill(self, i: int, k_BKLd: torch.Tensor, v_BKLd: torch.Tensor) -> None:
+        """Layer ``i``'s keys/values of a cache-free forward over the first L positions."""
+        L = k_BKLd.shape[2]
+        self.k[i, :, :, :L] = k_BKLd
+        self.v[i, :, :, :L] = v_BKLd
+
+
 # --------------------------------------------------------------------------- module
 
 
@@ -132,12 +178,14 @@ class Attention(nn.Module):
         rope_BLd: tuple[torch.Tensor, torch.Tensor],
         q_seg_BL: torch.Tensor | None,
         k_seg_BS: torch.Tensor | None,
-        kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: LayerCache | None = None,
         backend: str | None = None,
         block_mask=None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``rope_BLd`` is ``rope_cos_sin`` of the query positions. ``q_seg``/``k_seg`` None means every row is one series (plain causal). With a cache,
-        ``k_seg_BS`` covers cached + new keys. Returns the output and the updated (k, v)."""
+        """``rope_BLd`` is ``rope_cos_sin`` of the query positions. ``q_seg``/``k_seg`` None means
+        every row is one series (plain causal). With a cache the new keys/values are written at
+        positions ``start .. start+L-1`` and ``k_seg_BS`` covers all ``start + L`` keys. Returns
+        the output and this forward's keys/values (all S of them with a cache)."""
         B, L, _ = x_BLD.shape
         hd = self.head_dim
         q, k, v = self.qkv_proj(x_BLD).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
@@ -147,29 +195,39 @@ class Attention(nn.Module):
         cos, sin = rope_BLd  # computed once per forward by the decoder, shared by all layers
         q_BHLd, k_BKLd = apply_rope(q_BHLd, cos, sin), apply_rope(k_BKLd, cos, sin)
         if kv_cache is not None:
-            k_BKLd = torch.cat([kv_cache[0], k_BKLd], dim=2)
-            v_BKLd = torch.cat([kv_cache[1], v_BKLd], dim=2)
-        new_cache = (k_BKLd, v_BKLd)
-        S = k_BKLd.shape[2]
+            out, new_kv = self.attend_cached(q_BHLd, k_BKLd, v_BKLd, kv_cache, q_seg_BL, k_seg_BS, backend)
+        else:
+            out, new_kv = self.attend(q_BHLd, k_BKLd, v_BKLd, q_seg_BL, k_seg_BS, backend, block_mask), (k_BKLd, v_BKLd)
+        out_BLD = out.transpose(1, 2).reshape(B, L, self.n_heads * hd)
+        return self.o_proj(out_BLD), new_kv
 
+    def attend_cached(self, q_BHLd, k_BKLd, v_BKLd, kv_cache: LayerCache, q_seg_BL, k_seg_BS, backend):
+        """Write the L new keys/values at ``start .. start+L-1`` of the cache, attend to all
+        ``start + L``. Returns the output and the cache's filled keys/values (views)."""
+        end = kv_cache.start + q_BHLd.shape[2]
+        kv_cache.k_BKSd[:, :, kv_cache.start : end] = k_BKLd
+        kv_cache.v_BKSd[:, :, kv_cache.start : end] = v_BKLd
+        k_BKSd, v_BKSd = kv_cache.k_BKSd[:, :, :end], kv_cache.v_BKSd[:, :, :end]
+        return self.attend(q_BHLd, k_BKSd, v_BKSd, q_seg_BL, k_seg_BS, backend, None), (k_BKSd, v_BKSd)
+
+    def attend(self, q_BHLd, k_BKSd, v_BKSd, q_seg_BL, k_seg_BS, backend, block_mask) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(hd)) v`` under the module's mask rule; the L queries are the
+        last L of the S keys. Returns ``[B, H, L, hd]``."""
+        L, S = q_BHLd.shape[2], k_BKSd.shape[2]
         packed = q_seg_BL is not None
-        which = resolve_backend(backend or self.backend, x_BLD.device, packed)
+        which = resolve_backend(backend or self.backend, q_BHLd.device, packed)
         if which == "flex" and packed:
             if block_mask is None:
                 block_mask = flex_block_mask(q_seg_BL, k_seg_BS)
-            out = _compiled_flex()(q_BHLd, k_BKLd, v_BKLd, block_mask=block_mask, enable_gqa=self.n_kv != self.n_heads)
-        else:
-            rep = self.n_heads // self.n_kv
-            k_BHSd = k_BKLd.repeat_interleave(rep, dim=1) if rep > 1 else k_BKLd
-            v_BHSd = v_BKLd.repeat_interleave(rep, dim=1) if rep > 1 else v_BKLd
-            mask = block_causal_mask(q_seg_BL, k_seg_BS) if packed else None
-            if which == "eager":
-                out = eager_attention(q_BHLd, k_BHSd, v_BHSd, mask)
-            elif mask is None and L == S:
-                out = F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, is_causal=True)
-            else:
-                if mask is None:  # cached decoding of one-series rows: queries are the last L keys
-                    mask = torch.ones(L, S, dtype=torch.bool, device=x_BLD.device).tril(S - L)[None]
-                out = F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, attn_mask=mask[:, None])
-        out_BLD = out.transpose(1, 2).reshape(B, L, self.n_heads * hd)
-        return self.o_proj(out_BLD), new_cache
+            return _compiled_flex()(q_BHLd, k_BKSd, v_BKSd, block_mask=block_mask, enable_gqa=self.n_kv != self.n_heads)
+        rep = self.n_heads // self.n_kv
+        k_BHSd = k_BKSd.repeat_interleave(rep, dim=1) if rep > 1 else k_BKSd
+        v_BHSd = v_BKSd.repeat_interleave(rep, dim=1) if rep > 1 else v_BKSd
+        mask = block_causal_mask(q_seg_BL, k_seg_BS) if packed else None
+        if which == "eager":
+            return eager_attention(q_BHLd, k_BHSd, v_BHSd, mask)
+        if mask is None and L == S:
+            return F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, is_causal=True)
+        if mask is None:  # cached decoding of one-series rows: the queries are the last L keys
+            return F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, attn_mask=causal_lower_right(L, S))
+        return F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, attn_mask=mask[:, None])

@@ -1,4 +1,4 @@
-"""Parameter counts and training FLOPs: the ONE place every later part takes FLOPs from.
+"""Parameter counts, training and inference FLOPs: the ONE place every later part takes FLOPs from.
 
 Training FLOPs per point (token), forward + backward, as in the Time-MoE spec (section 7) and
 nanoGPT/PaLM:
@@ -16,6 +16,9 @@ nanoGPT/PaLM:
 So ``flops_per_point = 6 * N_active + 6 * num_layers * L * D`` and
 ``MFU = flops_per_point * points_per_second / peak_flops`` (peak 989e12 = H100 dense bf16),
 which keeps our MFU comparable with the spec's published figures.
+
+Inference (``generate``, forward only, KV cache) is counted per window in
+:func:`generate_flops_per_window`; inference MFU = ``flops_per_window * windows/s / peak``.
 """
 from __future__ import annotations
 
@@ -52,6 +55,35 @@ def training_flops_per_point(config: TimeMoeConfig, window_length: int) -> float
     """Forward + backward FLOPs per input point: ``6 * N_active + 6 * layers * L * D``."""
     n_active = count_parameters(config).active
     return float(6 * n_active + 6 * config.num_hidden_layers * window_length * config.hidden_size)
+
+
+def generate_flops_per_window(config: TimeMoeConfig, context: int, horizon: int) -> float:
+    """Forward FLOPs of one ``TimeMoeModel.generate`` call for one window, with the KV cache.
+
+    The greedy schedule ``s_1..s_n = horizon_schedule(horizon)`` makes n forwards: the prefill of
+    the ``context`` points, then step j > 1 feeds the ``s_{j-1}`` values the previous step
+    predicted (the last step's values are never fed). A forward of ``m`` new tokens after ``c``
+    cached ones costs
+
+        2 * N_body * m                        (every weight a token visits: 2 FLOPs/parameter)
+      + 4 * layers * D * (m*c + m*(m+1)/2)    (q k^T and p v, 2 FLOPs each per query-key pair and
+                                               hidden unit; query i sees the c cached keys and
+                                               the new ones up to itself: causal, not m x (c+m))
+
+    where ``N_body`` = active parameters minus the output heads (k of E routed experts, the
+    shared expert, router, norms, biases, embedding). The heads run once per step on the last
+    position only, one head of width s_j: ``2 * D * s_j``. Elementwise work (norms, RoPE,
+    softmax, SwiGLU products) is not counted, as usual for MFU."""
+    from model.forecast import horizon_schedule
+
+    D, NL = config.hidden_size, config.num_hidden_layers
+    n_body = count_parameters(config).active - D * config.input_size * sum(config.horizon_lengths)
+    steps = horizon_schedule(horizon, config.horizon_lengths)
+    flops, cached = 0.0, 0
+    for new in [context] + steps[:-1]:
+        flops += 2 * n_body * new + 4 * NL * D * (new * cached + new * (new + 1) / 2)
+        cached += new
+    return float(flops + sum(2 * D * config.input_size * s for s in steps))
 
 
 def mfu(points_per_second: float, config: TimeMoeConfig, window_length: int, peak_flops: float = H100_BF16_PEAK_FLOPS) -> float:

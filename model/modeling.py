@@ -21,13 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import checkpoint as ckpt
-from model.attention import Attention, flex_block_mask, resolve_backend, rope_cos_sin, segment_positions
+from model.attention import (Attention, KVCache, flex_block_mask, resolve_backend, rope_cos_sin, rope_table,
+                             segment_positions)
 from model.config import TimeMoeConfig
 from model.forecast import horizon_schedule, prepare_contexts
 from model.loss import head_loss, router_aux_loss
 from model.moe import MoeFeedForward, SwiGLU
-
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class RMSNorm(nn.Module):
@@ -67,7 +66,8 @@ class DecoderLayer(nn.Module):
         self.ffn_layer = SwiGLU(config.hidden_size, config.intermediate_size) if config.use_dense else MoeFeedForward(config)
 
     def forward(self, h_BLD, rope_BLd, q_seg_BL, k_seg_BS, kv_cache=None, backend=None, block_mask=None):
-        """Returns ``(h_BLD, router_logits_TE | None, topk_idx_TK | None, new_kv)``."""
+        """Returns ``(h_BLD, router_logits_TE | None, topk_idx_TK | None, (k, v))``; ``kv_cache`` is
+        this layer's ``attention.LayerCache`` when decoding, None otherwise."""
         a, new_kv = self.self_attn(self.input_layernorm(h_BLD), rope_BLd, q_seg_BL, k_seg_BS, kv_cache,
                                    backend, block_mask)
         h_BLD = h_BLD + a
@@ -88,22 +88,34 @@ class TimeMoeDecoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn_backend = config.attn_implementation
 
-    def forward(self, x_BL, position_ids_BL, q_seg_BL=None, k_seg_BS=None, kv_caches: KVCache | None = None,
-                backend: str | None = None):
+    def forward(self, x_BL, position_ids_BL=None, q_seg_BL=None, k_seg_BS=None, kv_cache: KVCache | None = None,
+                backend: str | None = None, rope_BLd: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Returns ``(h_BLD, router logits per layer, expert ids per layer)``. ``rope_BLd`` (cos, sin
+        of the query positions) replaces ``position_ids_BL`` when the caller has them already.
+
+        With a ``kv_cache`` the L tokens extend it: at ``length == 0`` (the prefill) every layer runs
+        cache-free, exactly the training forward, and its keys/values are copied into the cache
+        afterwards, so the prefill is one pure graph per layer for ``torch.compile``; later calls
+        (decode steps) write into the cache inside attention. ``length`` then grows by L."""
         h = self.embed_layer(x_BL)
+        prefill = kv_cache is not None and kv_cache.length == 0
         block_mask = None
         if q_seg_BL is not None and resolve_backend(backend or self.attn_backend, x_BL.device, True) == "flex":
             block_mask = flex_block_mask(q_seg_BL, k_seg_BS)  # once for all layers
-        attn = self.layers[0].self_attn if len(self.layers) else None
-        rope_BLd = rope_cos_sin(position_ids_BL, attn.head_dim, attn.rope_theta, h.dtype) if attn else None
-        logits, idxs, new_caches = [], [], []
+        if rope_BLd is None and len(self.layers):
+            attn = self.layers[0].self_attn
+            rope_BLd = rope_cos_sin(position_ids_BL, attn.head_dim, attn.rope_theta, h.dtype)
+        logits, idxs = [], []
         for i, layer in enumerate(self.layers):
-            h, lg, ix, kv = layer(h, rope_BLd, q_seg_BL, k_seg_BS, None if kv_caches is None else kv_caches[i],
-                                  backend, block_mask)
+            layer_kv = kv_cache.layer(i) if kv_cache is not None and not prefill else None
+            h, lg, ix, kv = layer(h, rope_BLd, q_seg_BL, k_seg_BS, layer_kv, backend, block_mask)
+            if prefill:
+                kv_cache.fill(i, *kv)
             logits.append(lg)
             idxs.append(ix)
-            new_caches.append(kv)
-        return self.norm(h), logits, idxs, new_caches
+        if kv_cache is not None:
+            kv_cache.length += x_BL.shape[1]
+        return self.norm(h), logits, idxs
 
 
 @dataclass
@@ -187,7 +199,7 @@ class TimeMoeModel(nn.Module):
         else:
             seg_BL = None
             pos_BL = torch.arange(L, device=x_BL.device).expand(B, L)
-        h_BLD, logits, idxs, _ = self.model(x_BL, pos_BL, seg_BL, seg_BL, backend=attn_implementation)
+        h_BLD, logits, idxs = self.model(x_BL, pos_BL, seg_BL, seg_BL, backend=attn_implementation)
         preds_BLH = self.heads(h_BLD)
         predictions = {h: preds_BLH[..., s] for h, s in self._head_slices().items()}
 
@@ -223,7 +235,11 @@ class TimeMoeModel(nn.Module):
 
         Greedy multi-resolution schedule (``model.forecast.horizon_schedule``): each step runs
         the largest head that fits and appends all its values. Left padding: ``attention_mask``
-        ``[B, T]`` (1 = real); positions count from each row's first real point."""
+        ``[B, T]`` (1 = real); positions count from each row's first real point.
+
+        With the cache (default): one prefill over the context, then per step only the new
+        values go through the model, against a ``KVCache`` sized for the whole generation.
+        ``use_cache=False`` re-runs the full sequence every step: the slow reference."""
         x_BT = context[..., 0] if context.dim() == 3 else context
         dev, dtype = self.heads.weight.device, self.heads.weight.dtype
         x_BT = x_BT.to(dev, dtype)
@@ -236,35 +252,66 @@ class TimeMoeModel(nn.Module):
         else:
             mask_BT = None
         _check_finite(x_BT, "context")
+        steps = horizon_schedule(horizon, self.config.horizon_lengths)
+        if not use_cache:
+            return self._generate_uncached(x_BT, mask_BT, steps, attn_implementation)[:, :horizon]
 
-        full_x, full_m = x_BT, mask_BT
-        new_x, caches, outs = x_BT, None, []
-        for h in horizon_schedule(horizon, self.config.horizon_lengths):
+        attn = self.model.layers[0].self_attn
+        S_max = T + sum(steps[:-1])  # the last step's values are never fed back
+        cache = KVCache(len(self.model.layers), B, attn.n_kv, S_max, attn.head_dim, dtype, dev)
+        cos_Pd, sin_Pd = rope_table(S_max, attn.head_dim, attn.rope_theta, dtype, dev)
+        backend = attn_implementation
+        if mask_BT is not None:
+            seg_BS = torch.ones(B, S_max, dtype=torch.long, device=dev)  # 1 = real, 0 = left padding
+            seg_BS[:, :T] = mask_BT.long()
+            pos_BS = (seg_BS.cumsum(1) - 1).clamp_min(0)
+            # a step's few queries against a growing key length: a dense [B, L, S] mask is small,
+            # and FlexAttention would compile a new kernel for every key length
+            if resolve_backend(backend or self.config.attn_implementation, dev, True) == "flex":
+                backend = "sdpa"
+        new_x, outs = x_BT, []
+        for h in steps:
+            a, b = cache.length, cache.length + new_x.shape[1]
+            if mask_BT is None:  # one series per row: positions a..b-1 for every row
+                rope, q_seg, k_seg = (cos_Pd[a:b][None], sin_Pd[a:b][None]), None, None
+            else:
+                pos_BL = pos_BS[:, a:b]
+                rope, q_seg, k_seg = (cos_Pd[pos_BL], sin_Pd[pos_BL]), seg_BS[:, a:b], seg_BS[:, :b]
+            step_backend = attn_implementation if a == 0 else backend
+            hid, _, _ = self.model(new_x, None, q_seg, k_seg, cache, step_backend, rope)
+            new_x = self.head(hid[:, -1], h)
+            outs.append(new_x)
+        return torch.cat(outs, dim=1)[:, :horizon]
+
+    def _generate_uncached(self, x_BT, mask_BT, steps: list[int], attn_implementation) -> torch.Tensor:
+        """The reference: the full sequence through the model at every step, no cache."""
+        B = x_BT.shape[0]
+        full_x, full_m, outs = x_BT, mask_BT, []
+        for h in steps:
             if full_m is not None:
                 seg_BS = full_m.long()
                 pos_BS = (seg_BS.cumsum(1) - 1).clamp_min(0)
             else:
-                seg_BS, pos_BS = None, torch.arange(full_x.shape[1], device=dev).expand(B, -1)
-            if use_cache:
-                n = new_x.shape[1]
-                q_seg = None if seg_BS is None else seg_BS[:, -n:]
-                hid, _, _, caches = self.model(new_x, pos_BS[:, -n:], q_seg, seg_BS, caches, attn_implementation)
-            else:
-                hid, _, _, _ = self.model(full_x, pos_BS, seg_BS, seg_BS, None, attn_implementation)
+                seg_BS, pos_BS = None, torch.arange(full_x.shape[1], device=x_BT.device).expand(B, -1)
+            hid, _, _ = self.model(full_x, pos_BS, seg_BS, seg_BS, None, attn_implementation)
             step_Bh = self.head(hid[:, -1], h)
             outs.append(step_Bh)
             full_x = torch.cat([full_x, step_Bh], dim=1)
             if full_m is not None:
                 full_m = torch.cat([full_m, torch.ones_like(step_Bh, dtype=torch.bool)], dim=1)
-            new_x = step_Bh
-        return torch.cat(outs, dim=1)[:, :horizon]
+        return torch.cat(outs, dim=1)
 
     @torch.no_grad()
-    def forecast(self, series, horizon: int, context_length: int | None = None, batch_size: int = 64) -> np.ndarray:
+    def forecast(self, series, horizon: int, context_length: int | None = None, batch_size: int = 64,
+                 fixed_batch: bool = False) -> np.ndarray:
         """User-facing forecast: ``series`` is a list of 1-D arrays (unequal lengths, NaNs
         allowed; policy in ``model.forecast``) or a ``[B, T]`` array. Each context is z-scored
         (mean/std over its points), forecast with ``generate`` and mapped back. Returns numpy
-        ``[B, horizon]`` (float64)."""
+        ``[B, horizon]`` (float64).
+
+        ``fixed_batch``: a short last batch is padded to ``batch_size`` rows (copies of its last
+        row, dropped from the result), so every ``generate`` call has the same shape and a model
+        compiled for static shapes compiles once."""
         if isinstance(series, torch.Tensor):
             series = series.detach().cpu().numpy()
         if isinstance(series, np.ndarray):
@@ -272,17 +319,23 @@ class TimeMoeModel(nn.Module):
                 series = series[None]
             if series.ndim != 2:
                 raise ValueError(f"forecast: array input must be [B, T], got shape {series.shape}")
-            series = list(series)
         if len(series) == 0:
             return np.zeros((0, horizon))
         out = []
         for start in range(0, len(series), batch_size):
             pb = prepare_contexts(series[start : start + batch_size], context_length)
+            n = len(pb.mean_B)
+            values_BT, mask_BT = pb.values_BT, pb.mask_BT
+            if fixed_batch and n < batch_size:
+                pad = np.full(batch_size - n, n - 1)
+                values_BT = np.concatenate([values_BT, values_BT[pad]])
+                mask_BT = np.concatenate([mask_BT, mask_BT[pad]])
             extra = int(pb.missing_tail_B.max())
-            mask = None if pb.mask_BT.all() else torch.from_numpy(pb.mask_BT)
-            pred = self.generate(torch.from_numpy(pb.values_BT), horizon + extra, attention_mask=mask)
-            pred = pred.double().cpu().numpy()
-            rows = np.stack([pred[i, t : t + horizon] for i, t in enumerate(pb.missing_tail_B)])
+            mask = None if mask_BT.all() else torch.from_numpy(mask_BT)
+            pred = self.generate(torch.from_numpy(values_BT), horizon + extra, attention_mask=mask)
+            pred = pred[:n].cpu().double().numpy()
+            # the values after each row's missing tail (trailing NaNs are part of the future)
+            rows = np.take_along_axis(pred, pb.missing_tail_B[:, None] + np.arange(horizon), axis=1)
             out.append(rows * pb.scale_B[:, None] + pb.mean_B[:, None])
         return np.concatenate(out)
 

@@ -8,6 +8,9 @@ you the whole recipe:
    once instead of hooking each expert (which data-dependent routing would desynchronise)
 5. AdamW param groups (+ DeepSpeed MoE groups when EP > 1), LR schedule
 6. ``deepspeed.initialize`` with the generated config
+
+Inference has its own, shorter recipe: :func:`compile_for_inference` (compiled prefill, no
+DeepSpeed), used by ``benchmarks/evaluate_gpu.py``.
 """
 from __future__ import annotations
 
@@ -122,6 +125,46 @@ def apply_compile(model: nn.Module, expert_parallel: bool = False, compile_route
         for module in model.modules():
             if hasattr(module, "dispatcher") and isinstance(getattr(module, "shared_expert", None), nn.Module):
                 compile_expert_parallel_parts(module, routed_experts=compile_routed_experts)
+
+
+def compile_for_inference(model: nn.Module, decode: str = "eager") -> nn.Module:
+    """Compile a model for ``generate``, in place: each decoder layer's PREFILL (the cache-free
+    forward over the context, see ``model.modeling.TimeMoeDecoder``) with static shapes, one
+    graph per (batch, context) shape shared by the identical layers. Decode steps change the key
+    length every step, so a static graph would recompile per step: they run ``decode="eager"``,
+    or ``"dynamic"`` compiled with symbolic shapes (the cache write and attention stay eager
+    between two graphs). Keep batches at a fixed size (``forecast(fixed_batch=True)``).
+
+    Experts the grouped GEMM cannot run (fp32 on CUDA, or any compiled fp32) take the per-expert
+    loop, whose split sizes come from the routing; it runs outside the graphs, since traced it
+    would specialise on the sizes and recompile every batch."""
+    from model.attention import Attention
+    from model.moe import GroupedExperts
+
+    if decode not in ("eager", "dynamic"):
+        raise ValueError(f"compile_for_inference: decode={decode!r} not in ('eager', 'dynamic')")
+    # one graph per shape and layer kind: the default limits would silently fall back to eager
+    # after a few (batch, context) shapes
+    dynamo = torch._dynamo.config
+    for name, limit in (("recompile_limit", 256), ("cache_size_limit", 256),  # the older names
+                        ("accumulated_recompile_limit", 4096), ("accumulated_cache_size_limit", 4096)):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), limit))
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            module._forward_loop = torch.compiler.disable(module._forward_loop)
+        if decode == "dynamic" and isinstance(module, Attention):
+            module.attend_cached = torch.compiler.disable(module.attend_cached)
+    for layer in decoder_layers(model):
+        eager = layer.forward
+        prefill = torch.compile(eager, dynamic=False)
+        step = torch.compile(eager, dynamic=True) if decode == "dynamic" else eager
+        layer.forward = functools.partial(_prefill_or_decode, prefill, step)
+    return model
+
+
+def _prefill_or_decode(prefill, decode, h_BLD, rope_BLd, q_seg_BL, k_seg_BS, kv_cache=None, *args):
+    return (prefill if kv_cache is None else decode)(h_BLD, rope_BLd, q_seg_BL, k_seg_BS, kv_cache, *args)
 
 
 def moe_leaf_classes() -> list[type]:
