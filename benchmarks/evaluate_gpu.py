@@ -1,0 +1,601 @@
+"""Zero-shot protocol inference speed on one GPU: ``TimeMoeModel.generate`` at the paper's four
+(context, horizon) pairs, our eager and compiled paths beside the released Time-MoE code.
+
+Rows (random seeded weights: speed only; inputs are z-scored random walks, never zeros), in
+order of importance so that ``--budget-s`` cuts the least important ones:
+1. per sparse preset, bf16: our ``compiled``, ``eager`` and ``before`` (generate as it was
+   before the preallocated cache: a ``torch.cat`` of the whole cache per layer and step, a dense
+   decode mask, RoPE per forward; the baseline on the same card) at every pair at the first
+   batch size; after the first preset the end-to-end check; then the released code
+2. ``compiled-decode`` (decode steps compiled with dynamic shapes too)
+3. fp32, 4. the dense twins, 5. the other batch sizes. After the first preset, causal SDPA
+alone per kernel (flash, memory-efficient, cuDNN) at the prefill shapes (CUDA only).
+A row that runs out of memory is recorded as "oom" and retried at half the batch. A row whose
+predicted time (its FLOPs at the rate measured for its kind so far, plus the longest compile
+seen) would end past the budget is skipped, so the run ends near ``--budget-s``.
+
+Per row: windows/s (CUDA-event timed median over ``--repeats`` calls after the warm-up),
+inference MFU (``model.flops.generate_flops_per_window`` x windows/s / 989e12, also for fp32),
+peak memory of the row alone (weights + activations + cache) and the first call's extra time
+(the compile, for compiled variants). Outputs of every variant are compared with the first one
+measured at the same shape, and the released model runs OUR weights (converted by
+``model.checkpoint.to_published``), so its forecasts are compared too.
+
+The full stride-1 protocol estimate per (code, preset, dtype, variant) is the sum over pairs of
+windows(pair) / best windows/s(pair); window counts come from ``--benchmarks`` files where
+present, else from the paper's split sizes. The end-to-end check runs ``forecast`` through
+``pipeline.evaluation.evaluate_dataset`` on one real dataset at one pair and compares its
+windows/s with the generate-only rate the estimate uses.
+
+    python benchmarks/evaluate_gpu.py --json results.json --budget-s 400 \\
+        --reference-dir .reference --benchmarks .reference/benchmarks
+
+``--reference-dir`` is made by ``benchmarks/released_timemoe.sh`` (the released model files and
+the wheels of transformers 4.40.1 they need, installed into /tmp/refsite at run time). Without
+it the released code's earlier numbers are printed, marked as not re-measured. CPU smoke test:
+``--presets tiny --pairs 512/96 --batches 8 --device cpu``. Needs torch, numpy, pandas and pyyaml.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import TimeMoeConfig, TimeMoeModel, horizon_schedule  # noqa: E402
+from model import checkpoint as ckpt  # noqa: E402
+from model.attention import apply_rope, rope_cos_sin  # noqa: E402
+from model.flops import H100_BF16_PEAK_FLOPS, generate_flops_per_window  # noqa: E402
+
+try:  # without it only the compiled rows fail, with this message
+    from pipeline.parallelize import compile_for_inference  # noqa: E402
+except ImportError as _err:
+    def compile_for_inference(model, decode="eager", _why=f"pipeline.parallelize: {_err}"):
+        raise RuntimeError(_why)
+
+PAPER_PAIRS = ((512, 96), (1024, 192), (2048, 336), (3072, 720))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+VARIANTS = ("compiled", "eager", "before", "compiled-decode")
+# the paper's files: rows x channels (the ETT borders are fixed, weather's test split is 20%)
+PAPER_SPLITS = {"ETTh1": (14400, 7), "ETTh2": (14400, 7), "ETTm1": (57600, 7), "ETTm2": (57600, 7),
+                "weather": (52696, 21)}
+# measured earlier on one H100, bf16, random weights (docs/benchmarks.md); printed when the
+# released code cannot run here
+QUOTED = {
+    "released timemoe-50m bf16 (largest batch that fit)": {"512/96": 680, "1024/192": 263, "2048/336": 66, "3072/720": 25},
+    "ours-before timemoe-50m bf16 b256": {"512/96": 1754, "1024/192": 830, "2048/336": 312, "3072/720": 150},
+    "ours-before timemoe-200m bf16 b256 (3072/720 at b128)": {"512/96": 853, "1024/192": 404, "2048/336": 157, "3072/720": 77},
+}
+
+
+# ------------------------------------------------------------------------------ the baseline
+@torch.no_grad()
+def generate_before(model: TimeMoeModel, x_BT: torch.Tensor, horizon: int) -> torch.Tensor:
+    """``generate`` as it was before the preallocated cache, kept here as the measured baseline
+    (one-series rows): every layer's cache grows by ``torch.cat`` at every step (a copy of the
+    whole cache), decode steps attend through a dense ``[L, S]`` causal mask, RoPE is computed
+    per forward from position ids."""
+    dec, dev = model.model, x_BT.device
+    B = x_BT.shape[0]
+    caches: list = [None] * len(dec.layers)
+    new_x, seen, outs = x_BT.to(model.heads.weight.dtype), 0, []
+    for h in horizon_schedule(horizon, model.config.horizon_lengths):
+        n = new_x.shape[1]
+        hid = dec.embed_layer(new_x)
+        a0 = dec.layers[0].self_attn
+        assert a0.n_kv == a0.n_heads, "the baseline has no GQA"
+        cos, sin = rope_cos_sin(torch.arange(seen, seen + n, device=dev).expand(B, n), a0.head_dim, a0.rope_theta, hid.dtype)
+        for i, layer in enumerate(dec.layers):
+            a = layer.self_attn
+            q, k, v = a.qkv_proj(layer.input_layernorm(hid)).chunk(3, dim=-1)
+            q, k, v = (t.view(B, n, a.n_heads, a.head_dim).transpose(1, 2) for t in (q, k, v))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if caches[i] is not None:
+                k, v = torch.cat([caches[i][0], k], dim=2), torch.cat([caches[i][1], v], dim=2)
+            caches[i] = (k, v)
+            S = k.shape[2]
+            if S == n:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                mask = torch.ones(n, S, dtype=torch.bool, device=dev).tril(S - n)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
+            hid = hid + a.o_proj(out.transpose(1, 2).reshape(B, n, -1))
+            f = layer.ffn_layer(layer.post_attention_layernorm(hid))
+            hid = hid + (f[0] if isinstance(f, tuple) else f)
+        seen += n
+        new_x = model.head(dec.norm(hid)[:, -1], h)
+        outs.append(new_x)
+    return torch.cat(outs, dim=1)[:, :horizon]
+
+
+# ------------------------------------------------------------------------------ the released code
+def import_released(ref_dir: Path):
+    """The released ``TimeMoeForPrediction`` and its config class, with transformers 4.40.1 from
+    ``ref_dir/wheels`` installed into a scratch folder first on ``sys.path``."""
+    site = Path(os.environ.get("REFSITE", "/tmp/refsite"))
+    wheels = sorted(str(p) for p in (ref_dir / "wheels").glob("*.whl"))
+    if wheels and not (site / "transformers").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--target", str(site), *wheels], check=True)
+    sys.path[:0] = [str(site), str(ref_dir)]
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from time_moe.models.configuration_time_moe import TimeMoeConfig as ReleasedConfig
+    from time_moe.models.modeling_time_moe import TimeMoeForPrediction
+
+    return TimeMoeForPrediction, ReleasedConfig, transformers.__version__
+
+
+def build_released(classes, ours: TimeMoeModel, dtype, device):
+    """The released model at our model's shape, holding our model's weights."""
+    cls, config_cls, _ = classes
+    c = ours.config
+    rc = config_cls(input_size=1, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                    horizon_lengths=list(c.horizon_lengths), num_hidden_layers=c.num_hidden_layers,
+                    num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                    num_experts_per_tok=c.num_experts_per_tok, num_experts=c.num_experts,
+                    max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+                    rope_theta=c.rope_theta, use_dense=c.use_dense, apply_aux_loss=not c.use_dense)
+    model = cls(rc)
+    state = ckpt.to_published({k: v.detach().float().cpu() for k, v in ours.state_dict().items()}, c)
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# ------------------------------------------------------------------------------ protocol size
+def protocol_windows(pairs, benchmarks_dir: str | None) -> dict:
+    """Stride-1 test windows per pair over the five datasets (released code's count: the very
+    last window skipped), from the files where given, else from the paper's split sizes."""
+    try:
+        from pipeline.benchmark_data import load_benchmark, split_borders
+        from pipeline.evaluation import window_starts
+    except ImportError:  # the same rules written out: ETT borders fixed, else a 20% test split
+        load_benchmark = None
+
+        def split_borders(name, rows):
+            month = 30 * 24 * (4 if "ettm" in name.lower() else 1)
+            test = (16 * month, 20 * month) if "ett" in name.lower() else (rows - int(0.2 * rows), rows)
+            return argparse.Namespace(test=test)
+
+        def window_starts(test, horizon):
+            return range(max(test[1] - test[0] - horizon, 0))
+
+    per_dataset, totals = {}, {f"{T}/{H}": 0 for T, H in pairs}
+    for name in PAPER_SPLITS:  # pipeline.benchmark_data.DEFAULT_DATASETS
+        rows, channels = PAPER_SPLITS[name]
+        source = "paper split sizes"
+        if benchmarks_dir and load_benchmark is not None:
+            try:
+                ds = load_benchmark(benchmarks_dir, name)
+                rows, channels, source = ds.num_rows, ds.values_TC.shape[1], str(ds.path)
+            except FileNotFoundError:
+                pass
+        test = split_borders(name, rows).test
+        counts = {f"{T}/{H}": int(len(window_starts(test, H)) * channels) for T, H in pairs}
+        per_dataset[name] = dict(rows=rows, channels=channels, test=list(test), source=source, windows=counts)
+        for k, n in counts.items():
+            totals[k] += n
+    return dict(per_dataset=per_dataset, per_pair=totals, total=sum(totals.values()))
+
+
+def protocol_estimates(rows: list[dict], windows: dict) -> list[dict]:
+    """Per (code, preset, dtype, variant): sum over pairs of windows / best measured windows/s."""
+    best: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("kind") != "generate" or r.get("status") != "ok":
+            continue
+        key = (r["impl"], r["preset"], r["dtype"], r["variant"])
+        pair = f"{r['context']}/{r['horizon']}"
+        cur = best.setdefault(key, {}).get(pair)
+        if cur is None or r["windows_per_s"] > cur["windows_per_s"]:
+            best[key][pair] = r
+    out = []
+    for (impl, preset, dtype, variant), by_pair in best.items():
+        per_pair, seconds, compile_s = {}, 0.0, 0.0
+        for pair, r in by_pair.items():
+            n = windows["per_pair"].get(pair)
+            if n is None:
+                continue
+            s = n / r["windows_per_s"]
+            per_pair[pair] = dict(windows=n, windows_per_s=r["windows_per_s"], batch=r["batch"], seconds=s,
+                                  mfu=r["mfu"], peak_row_gib=r.get("peak_row_gib"))
+            seconds += s
+            compile_s += r.get("compile_s") or 0.0
+        out.append(dict(impl=impl, preset=preset, dtype=dtype, variant=variant, per_pair=per_pair,
+                        complete=len(per_pair) == len(windows["per_pair"]), seconds=seconds, minutes=seconds / 60,
+                        compile_s=compile_s, minutes_with_compile=(seconds + compile_s) / 60))
+    return out
+
+
+# ------------------------------------------------------------------------------ measuring
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def random_walks(batch: int, length: int, device, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(batch, length, generator=g, device=device).cumsum(1)
+    return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.dev = torch.device(args.device)
+        self.cuda = self.dev.type == "cuda"
+        self.t0 = time.perf_counter()
+        self.models: dict[tuple, torch.nn.Module] = {}
+        self.outputs: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self.rows: list[dict] = []
+        self.skipped: list[dict] = []
+        self.released = None  # classes, or the reason they could not be imported
+        self.windows = protocol_windows([p for p in args.pairs], args.benchmarks)
+        self.meta = dict(device=torch.cuda.get_device_name(self.dev) if self.cuda else platform.processor() or "cpu",
+                         torch=torch.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         argv=sys.argv, peak_flops=H100_BF16_PEAK_FLOPS, tf32=torch.backends.cuda.matmul.allow_tf32,
+                         budget_s=args.budget_s)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+
+    # ------------------------------------------------------------------ models
+    def ours(self, preset: str, dtype: str, variant: str) -> TimeMoeModel:
+        kind = "eager" if variant in ("eager", "before") else variant
+        key = ("ours", preset, dtype, kind)
+        if key not in self.models:
+            torch.manual_seed(self.args.seed)
+            with torch.device(self.dev):
+                m = TimeMoeModel(TimeMoeConfig.preset(preset)).to(DTYPES[dtype]).eval()
+            if kind == "compiled":
+                compile_for_inference(m)
+            elif kind == "compiled-decode":
+                compile_for_inference(m, decode="dynamic")
+            self.models[key] = m
+        return self.models[key]
+
+    def released_model(self, preset: str, dtype: str):
+        key = ("released", preset, dtype, "eager")
+        if key not in self.models:
+            self.models[key] = build_released(self.released, self.ours(preset, dtype, "eager"), DTYPES[dtype], self.dev)
+        return self.models[key]
+
+    def drop_unneeded(self, remaining: list[dict]) -> None:
+        keep = set()
+        for s in remaining:
+            if s["kind"] in ("generate", "e2e"):
+                kind = "eager" if s["variant"] in ("eager", "before") else s["variant"]
+                keep.add(("ours", s["preset"], s["dtype"], kind))
+                if s.get("impl") == "released":
+                    keep.add(("ours", s["preset"], s["dtype"], "eager"))
+                    keep.add(("released", s["preset"], s["dtype"], "eager"))
+        for key in [k for k in self.models if k not in keep]:
+            del self.models[key]
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ rows
+    def predict_s(self, spec: dict) -> float:
+        """Rough seconds a row will take, from the FLOP rate of measured rows of its kind
+        (0 when nothing comparable ran yet)."""
+        if spec["kind"] == "sdpa":
+            return 2.0
+        ok = [r for r in self.rows if r.get("kind") == "generate" and r.get("status") == "ok"]
+        if spec["kind"] == "e2e":
+            same = [r for r in ok if (r["impl"], r["preset"], r["dtype"], r["variant"]) ==
+                    ("ours", spec["preset"], spec["dtype"], spec["variant"])]
+            n = self.windows["per_dataset"].get(spec["dataset"], {}).get("windows", {}).get(f"{spec['context']}/{spec['horizon']}")
+            return 1.5 * n / max(r["windows_per_s"] for r in same) if same and n else 0.0
+        like = [r for r in ok if (r["impl"], r["dtype"], r["variant"]) == (spec["impl"], spec["dtype"], spec["variant"])]
+        like = like or [r for r in ok if (r["impl"], r["dtype"]) == (spec["impl"], spec["dtype"])]
+        if not like:
+            return 0.0
+        rate = min(r["flops_per_window"] * r["windows_per_s"] for r in like)  # FLOP/s, the slowest seen
+        flops = generate_flops_per_window(TimeMoeConfig.preset(spec["preset"]), spec["context"], spec["horizon"])
+        calls = (2 if spec["variant"].startswith("compiled") else 1) + self.args.repeats
+        compile_s = max([r.get("compile_s") or 0.0 for r in ok] + [0.0]) if spec["variant"].startswith("compiled") else 0.0
+        return calls * spec["batch"] * flops / rate + compile_s
+
+    def time_calls(self, fn, warmup: int, repeats: int):
+        t = time.perf_counter()
+        out = fn()
+        self.sync()
+        first_s = time.perf_counter() - t
+        for _ in range(warmup - 1):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+        return out, first_s, sorted(times)
+
+    def generate_row(self, spec: dict) -> dict:
+        impl, preset, dtype, variant = spec["impl"], spec["preset"], spec["dtype"], spec["variant"]
+        T, H, B = spec["context"], spec["horizon"], spec["batch"]
+        cfg = TimeMoeConfig.preset(preset)
+        if impl == "released":
+            model = self.released_model(preset, dtype)
+            fn_of = lambda x: (lambda: model.generate(x.clone(), max_new_tokens=H)[:, T:])  # noqa: E731
+            warmup, repeats = 1, max(2, self.args.repeats - 1)
+        else:
+            model = self.ours(preset, dtype, variant)
+            if variant == "before":
+                fn_of = lambda x: (lambda: generate_before(model, x, H))  # noqa: E731
+            else:
+                fn_of = lambda x: (lambda: model.generate(x, H))  # noqa: E731
+            warmup = 2 if variant.startswith("compiled") else 1
+            repeats = self.args.repeats
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        x = random_walks(B, T, self.dev, seed=T * 7919 + B).to(DTYPES[dtype])
+        if self.cuda:
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            resident = torch.cuda.memory_allocated(self.dev)
+        out, first_s, times = self.time_calls(fn_of(x), warmup, repeats)
+        median = times[len(times) // 2]
+        wps = B / median
+        flops = generate_flops_per_window(cfg, T, H)
+        row = dict(spec, status="ok", windows_per_s=wps, batch_s_median=median, batch_s_all=times,
+                   first_call_s=first_s, compile_s=max(0.0, first_s - median) if variant.startswith("compiled") else None,
+                   flops_per_window=flops, mfu=flops * wps / H100_BF16_PEAK_FLOPS, weights_gib=weights / 2**30)
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated(self.dev)
+            row.update(peak_alloc_gib=peak / 2**30, peak_row_gib=(peak - resident + weights) / 2**30)
+        key = (preset, dtype, T, H, B)
+        out = out.float().cpu()
+        if key in self.outputs:
+            ref_name, ref = self.outputs[key]
+            row.update(diff_vs=ref_name, max_abs_diff=float((out - ref).abs().max()), mean_abs_diff=float((out - ref).abs().mean()))
+        else:
+            self.outputs[key] = (f"{impl} {variant}", out)
+        if not torch.isfinite(out).all():
+            row["warning"] = "non-finite forecasts"
+        return row
+
+    def e2e_row(self, spec: dict) -> dict:
+        """``forecast`` on one real dataset at one pair through the evaluation harness."""
+        from pipeline.benchmark_data import load_benchmark
+        from pipeline.evaluation import EvalConfig, evaluate_dataset
+
+        model = self.ours(spec["preset"], spec["dtype"], spec["variant"])
+        B, T, H = spec["batch"], spec["context"], spec["horizon"]
+
+        class FixedBatch:  # one generate shape for the whole run: a compiled model compiles once
+            name = f"{spec['preset']} {spec['dtype']} {spec['variant']}"
+
+            def forecast(self, series, horizon):
+                return model.forecast(series, horizon, batch_size=B, fixed_batch=True)
+
+        ds = load_benchmark(self.args.benchmarks, spec["dataset"])
+        cfg = EvalConfig(datasets=[ds.name], horizons=[H], context=T, batch_size=B, progress=False)
+        r = evaluate_dataset(FixedBatch(), ds, H, cfg)
+        wps = r.windows / r.seconds
+        gen = [x for x in self.rows if x.get("kind") == "generate" and x.get("status") == "ok" and x["impl"] == "ours"
+               and (x["preset"], x["dtype"], x["variant"], x["context"], x["horizon"], x["batch"])
+               == (spec["preset"], spec["dtype"], spec["variant"], T, H, B)]
+        row = dict(spec, status="ok", windows=r.windows, seconds=r.seconds, windows_per_s=wps, mse=r.mse, mae=r.mae)
+        if gen:
+            row.update(generate_windows_per_s=gen[0]["windows_per_s"], ratio_to_generate=wps / gen[0]["windows_per_s"],
+                       protocol_windows_this_dataset=self.windows["per_dataset"].get(ds.name, {}).get("windows", {}).get(f"{T}/{H}"))
+        return row
+
+    def attention_rows(self, spec: dict) -> dict:
+        """Causal SDPA alone at the prefill shapes, per kernel: the attention part of the prefill."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        B, hd, T = spec["batch"], spec["head_dim"], spec["context"]
+        q, k, v = (torch.randn(B, 12, T, hd, device=self.dev, dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * B * 12 * hd * T * (T + 1) / 2
+        res = {}
+        for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            try:
+                with sdpa_kernel(getattr(SDPBackend, name)):
+                    _, _, times = self.time_calls(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), 2, 5)
+                res[name] = dict(ms=1e3 * times[len(times) // 2], tflops=flops / times[len(times) // 2] / 1e12)
+            except Exception as e:  # a kernel that does not take this shape
+                res[name] = dict(error=f"{type(e).__name__}: {e}"[:200])
+        return dict(spec, status="ok", kernels=res)
+
+    def run_spec(self, spec: dict) -> dict:
+        try:
+            if spec["kind"] == "generate":
+                if spec["impl"] == "released" and not isinstance(self.released, tuple):
+                    return dict(spec, status="error", error=f"released code unavailable: {self.released}")
+                return self.generate_row(spec)
+            if spec["kind"] == "e2e":
+                return self.e2e_row(spec)
+            return self.attention_rows(spec)
+        except Exception as e:
+            status = "oom" if is_oom(e) else "error"
+            msg = f"{type(e).__name__}: {e}"
+            return dict(spec, status=status, error=msg[:300] if status == "oom" else msg[:2000],
+                        traceback=None if status == "oom" else traceback.format_exc()[-3000:])
+        finally:
+            gc.collect()
+            if self.cuda:
+                torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ output
+    def write(self) -> None:
+        if not self.args.json:
+            return
+        doc = dict(meta=self.meta, rows=self.rows, skipped=self.skipped, protocol_windows=self.windows,
+                   protocol_estimate=protocol_estimates(self.rows, self.windows), quoted_not_remeasured=QUOTED,
+                   released=self.released[2] if isinstance(self.released, tuple) else self.released,
+                   elapsed_s=self.elapsed())
+        path = Path(self.args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, default=str))
+        os.replace(tmp, path)
+
+
+def describe(r: dict) -> str:
+    if r["kind"] == "generate":
+        head = f"{r['impl']:8s} {r['preset']:13s} {r['dtype']:4s} {r['variant']:15s} {r['context']:>4d}/{r['horizon']:<3d} b{r['batch']:<5d}"
+        if r["status"] != "ok":
+            return f"{head} {r['status'].upper()} {r.get('error', '')[:150]}"
+        mem = f" peak {r['peak_row_gib']:5.1f} GiB" if "peak_row_gib" in r else ""
+        comp = f" compile {r['compile_s']:5.1f}s" if r.get("compile_s") is not None else f" first {r['first_call_s']:5.1f}s"
+        diff = f" diff {r['max_abs_diff']:.2e} vs {r['diff_vs']}" if "max_abs_diff" in r else ""
+        return f"{head} {r['windows_per_s']:9,.0f} win/s  MFU {100 * r['mfu']:5.1f}%{mem}{comp}{diff}"
+    if r["kind"] == "e2e":
+        if r["status"] != "ok":
+            return f"e2e {r.get('dataset')} {r['status'].upper()} {r.get('error', '')[:300]}"
+        ratio = f" = {r['ratio_to_generate']:.2f} x generate-only" if "ratio_to_generate" in r else ""
+        return (f"e2e      {r['preset']:13s} {r['dtype']:4s} {r['variant']:15s} {r['context']:>4d}/{r['horizon']:<3d} b{r['batch']:<5d}"
+                f" {r['dataset']}: {r['windows']} windows in {r['seconds']:.1f}s = {r['windows_per_s']:,.0f} win/s{ratio}")
+    if r["status"] != "ok":
+        return f"sdpa {r['status']} {r.get('error', '')[:200]}"
+    ks = "  ".join(f"{k.split('_')[0].lower()} " + (f"{v['ms']:.2f} ms {v['tflops']:.0f} TF/s" if "ms" in v else "n/a")
+                   for k, v in r["kernels"].items())
+    return f"sdpa     hd {r['head_dim']} b{r['batch']} T {r['context']}: {ks}"
+
+
+# ------------------------------------------------------------------------------ the plan
+def build_plan(args) -> list[dict]:
+    """Rows in order of importance (module docstring)."""
+    main, extra_batches = args.batches[0], args.batches[1:]
+    sparse = [p for p in args.presets if not TimeMoeConfig.preset(p).use_dense]
+    dense = [p for p in args.presets if TimeMoeConfig.preset(p).use_dense]
+    dtypes = sorted(args.dtypes, key=lambda d: d != "bf16")  # bf16 first
+    main_v = [v for v in ("compiled", "eager") if v in args.variants]
+    before = ["before"] if "before" in args.variants else []  # the same-machine baseline: cheap, early
+    extra_v = ["compiled-decode"] if "compiled-decode" in args.variants else []
+    first_dtype = dtypes[0]
+
+    def gen(preset, dtype, variant, T, H, B, tier, impl="ours"):
+        return dict(kind="generate", impl=impl, preset=preset, dtype=dtype, variant=variant, context=T, horizon=H,
+                    batch=B, tier=tier)
+
+    plan = []
+    for i, p in enumerate(sparse):
+        plan += [gen(p, first_dtype, v, T, H, main, 1) for T, H in args.pairs for v in main_v + before]
+        if i == 0 and args.e2e and args.benchmarks and main_v:
+            name, pair = args.e2e
+            plan.append(dict(kind="e2e", impl="ours", preset=p, dtype=first_dtype, variant=main_v[0], dataset=name,
+                             context=pair[0], horizon=pair[1], batch=main, tier=1))
+        if i == 0 and args.device.startswith("cuda") and args.attention_kernels:
+            for hd, B in ((32, main), (64, max(main // 2, 1))):  # the 50M and 200M head dims
+                plan += [dict(kind="sdpa", head_dim=hd, batch=B, context=T, tier=1) for T, _ in args.pairs]
+        if args.reference_dir and "bf16" in args.dtypes:
+            plan += [gen(p, "bf16", "eager", T, H, main, 1, impl="released") for T, H in args.pairs]
+    plan += [gen(p, first_dtype, v, T, H, main, 2) for p in sparse for T, H in args.pairs for v in extra_v]
+    plan += [gen(p, d, v, T, H, main, 3) for d in dtypes[1:] for p in sparse for T, H in args.pairs for v in main_v]
+    plan += [gen(p, d, v, T, H, main, 4) for d in dtypes for p in dense for T, H in args.pairs for v in main_v]
+    plan += [gen(p, first_dtype, v, T, H, b, 5) for b in extra_batches for p in sparse for T, H in args.pairs for v in main_v]
+    return plan
+
+
+def parse_pair(s: str) -> tuple[int, int]:
+    T, H = s.split("/")
+    return int(T), int(H)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["timemoe-50m", "timemoe-200m", "dense-50m", "dense-200m"])
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    ap.add_argument("--variants", nargs="+", default=["compiled", "eager"], choices=list(VARIANTS))
+    ap.add_argument("--pairs", nargs="+", type=parse_pair, default=list(PAPER_PAIRS), help="context/horizon, e.g. 512/96")
+    ap.add_argument("--batches", nargs="+", type=int, default=[256, 512, 1024, 128],
+                    help="the first is measured everywhere, the others last")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per row (median)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
+    ap.add_argument("--reference-dir", default=None, help="folder made by benchmarks/released_timemoe.sh")
+    ap.add_argument("--benchmarks", default=None, help="benchmark CSV folder: window counts and the end-to-end check")
+    ap.add_argument("--e2e", default="ETTh1:512/96", help="DATASET:CONTEXT/HORIZON for the end-to-end check, or none")
+    ap.add_argument("--no-attention-kernels", dest="attention_kernels", action="store_false")
+    ap.add_argument("--json", default=None, help="results, rewritten after every row")
+    ap.add_argument("--device", default="cuda", help="cpu only for a smoke test")
+    args = ap.parse_args(argv)
+    args.e2e = None if args.e2e in (None, "", "none") else (args.e2e.split(":")[0], parse_pair(args.e2e.split(":")[1]))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("evaluate_gpu.py needs a CUDA GPU (or --device cpu for a smoke test)")
+
+    bench = Bench(args)
+    print(f"device {bench.meta['device']}, torch {torch.__version__}; protocol windows per pair "
+          f"{bench.windows['per_pair']} (total {bench.windows['total']:,})", flush=True)
+    if args.reference_dir:
+        try:
+            bench.released = import_released(Path(args.reference_dir).resolve())
+            print(f"released Time-MoE code from {args.reference_dir}, transformers {bench.released[2]}", flush=True)
+        except Exception as e:
+            bench.released = f"{type(e).__name__}: {e}"[:500]
+            print(f"released code cannot run: {bench.released}", flush=True)
+    plan = build_plan(args)
+    bench.write()
+    shown_errors: set[str] = set()
+    while plan:
+        spec = plan.pop(0)
+        if args.budget_s is not None:
+            predicted = bench.predict_s(spec)
+            if bench.elapsed() + predicted > args.budget_s:
+                bench.skipped.append(dict(spec, predicted_s=round(predicted, 1)))
+                continue
+        bench.drop_unneeded([spec] + plan)
+        row = bench.run_spec(spec)
+        row["at_s"] = round(bench.elapsed(), 1)
+        bench.rows.append(row)
+        print(f"[{row['at_s']:6.0f}s] {describe(row)}", flush=True)
+        if row["status"] == "error" and row.get("traceback") and row["error"][:120] not in shown_errors:
+            shown_errors.add(row["error"][:120])  # each distinct failure's traceback once (all are in the JSON)
+            print(row["traceback"], flush=True)
+        if row["status"] == "oom" and spec["kind"] == "generate" and spec["batch"] // 2 >= 8 and spec["tier"] <= 4:
+            plan.insert(0, dict(spec, batch=spec["batch"] // 2))  # every pair gets a number
+        bench.write()
+
+    print_summary(bench)
+    bench.write()
+    return 0
+
+
+def print_summary(bench: Bench) -> None:
+    print(f"\n{'code':8s} {'preset':13s} {'dtype':5s} {'variant':15s} " + " ".join(f"{k:>17s}" for k in bench.windows["per_pair"])
+          + f" {'protocol min':>12s} {'+compile':>9s}")
+    for e in protocol_estimates(bench.rows, bench.windows):
+        cells = []
+        for k in bench.windows["per_pair"]:
+            c = e["per_pair"].get(k)
+            cells.append(f"{c['windows_per_s']:8,.0f} b{c['batch']:<4d}{100 * c['mfu']:3.0f}%" if c else f"{'-':>17s}")
+        total = f"{e['minutes']:12.1f}" if e["complete"] else f"{'(partial)':>12s}"
+        print(f"{e['impl']:8s} {e['preset']:13s} {e['dtype']:5s} {e['variant']:15s} " + " ".join(cells)
+              + f" {total} {e['minutes_with_compile'] - e['minutes']:8.1f}m")
+    if not isinstance(bench.released, tuple):
+        print("\nreleased Time-MoE code NOT re-measured here; earlier numbers (windows/s):")
+        for name, v in QUOTED.items():
+            print(f"  {name}: {v}")
+    if bench.skipped:
+        print(f"\n{len(bench.skipped)} row(s) not started (budget {bench.args.budget_s}s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""``benchmarks/evaluate_gpu.py`` runs end to end on the CPU with a tiny model (its smoke test):
+every row measured, the JSON written, a protocol estimate for every (dtype, variant)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_invocation_writes_rows_and_protocol_estimate(tmp_path):
+    out = tmp_path / "evaluate_gpu.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "evaluate_gpu.py"), "--presets", "tiny", "--pairs", "512/96",
+           "--batches", "8", "--device", "cpu", "--json", str(out), "--repeats", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = [r for r in doc["rows"] if r["kind"] == "generate"]
+    assert {(r["dtype"], r["variant"]) for r in rows} == {(d, v) for d in ("bf16", "fp32") for v in ("compiled", "eager")}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["windows_per_s"] > 0 and r["mfu"] > 0 and r["flops_per_window"] > 0
+    compiled = [r for r in rows if r["variant"] == "compiled"]
+    assert all(r["compile_s"] is not None for r in compiled)
+    # compiled and eager forecasts agree (fp32 tightly, bf16 to its rounding)
+    for r in rows:
+        if "max_abs_diff" in r:
+            assert r["max_abs_diff"] < (1e-4 if r["dtype"] == "fp32" else 0.1), r
+    windows = doc["protocol_windows"]["per_pair"]["512/96"]
+    assert windows == 2 * 2784 * 7 + 2 * 11424 * 7 + 10443 * 21  # ETTh x2, ETTm x2, weather (paper splits)
+    est = {(e["dtype"], e["variant"]): e for e in doc["protocol_estimate"]}
+    assert set(est) == {(r["dtype"], r["variant"]) for r in rows}
+    for e in est.values():
+        assert e["complete"] and e["seconds"] > 0
+        assert e["seconds"] == sum(p["windows"] / p["windows_per_s"] for p in e["per_pair"].values())
+    assert "protocol min" in proc.stdout  # the summary table
