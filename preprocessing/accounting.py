@@ -23,7 +23,7 @@ import numpy as np
 HIST_BINS = 41
 
 REASON_ORDER = (
-    "duplicate", "contamination", "min_length", "nonfinite", "window_zeros", "window_diff1_zeros",
+    "duplicate", "contamination", "min_length", "nonfinite", "outlier", "window_zeros", "window_diff1_zeros",
     "window_diff2_zeros", "partial_window", "short_run", "short_tail", "mixture_downsample",
 )
 
@@ -91,7 +91,8 @@ class DatasetTally:
             return
         self.value_count += len(x)
         self.value_sum += float(x.sum(dtype=np.float64)) if len(x) < 4096 else float(x.sum())
-        sq = float(np.dot(x, x))
+        with np.errstate(over="ignore"):  # float32 overflow of huge values: redone in float64 below
+            sq = float(np.dot(x, x))
         self.value_sumsq += sq if np.isfinite(sq) else float(np.square(x, dtype=np.float64).sum())
         self.value_min = min(self.value_min, float(x.min()))
         self.value_max = max(self.value_max, float(x.max()))
@@ -130,10 +131,13 @@ class DatasetTally:
 
 @dataclass
 class Accounting:
-    """Tallies keyed by ``domain/dataset`` plus the list of quarantined inputs."""
+    """Tallies keyed by ``domain/dataset`` plus the lists of quarantined inputs and of series
+    the robust bound cut points from."""
 
     datasets: dict[str, DatasetTally] = field(default_factory=dict)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
+    # series the robust bound cut points from: series key, points, center, bound, extreme
+    outliers: list[dict[str, Any]] = field(default_factory=list)
 
     def tally(self, domain: str, dataset: str) -> DatasetTally:
         key = f"{domain}/{dataset}"
@@ -148,6 +152,7 @@ class Accounting:
             else:
                 self.datasets[key] = t
         self.quarantine.extend(other.quarantine)
+        self.outliers.extend(other.outliers)
 
     def totals(self, domain: str | None = None) -> DatasetTally:
         total = DatasetTally(domain or "*", "*")

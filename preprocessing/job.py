@@ -205,6 +205,10 @@ def clean_batch(table: pa.Table, ctx: StageContext) -> tuple[pa.Table, Accountin
                 continue
         cleaned = clean_series(x, cfg.clean)
         dropped = dict(cleaned.dropped)
+        if cleaned.outliers is not None:
+            note = cleaned.outliers
+            acc.outliers.append({"series": key, "points": note.points, "center": note.center, "bound": note.bound,
+                                 "extreme": note.extreme})
         is_val = unit_hash("val|" + key) < cfg.pack.val_fraction
         weight = 1.0 if is_val else cfg.mixture.weight(domain)
         reps_base, frac = int(math.floor(weight)), weight - math.floor(weight)
