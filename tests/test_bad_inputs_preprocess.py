@@ -133,3 +133,62 @@ def test_clean_batch_counts_outliers_and_keeps_the_invariant():
     tally = acc.tally("web", "d")
     assert tally.points_dropped == {REASON_OUTLIER: 1} and tally.points_kept == 2999
     assert [o["series"] for o in acc.outliers] == ["web/d/s"] and acc.outliers[0]["points"] == 1
+
+
+# ------------------------------------------------------------------ Time-300B offsets (pure numpy)
+
+
+def slow_offset_problems(offsets: list[int], lengths: list[int], total: int) -> list[int]:
+    """Reference: 1 = ends past the files, 2 = shares an element with another in-range sequence."""
+    out = [1 if o + n > total else 0 for o, n in zip(offsets, lengths)]
+    for i in range(len(offsets)):
+        for j in range(len(offsets)):
+            if i != j and not out[i] == 1 and not out[j] == 1 and lengths[i] and lengths[j]:
+                if offsets[i] < offsets[j] + lengths[j] and offsets[j] < offsets[i] + lengths[i]:
+                    out[i] = 2
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_offset_problems_match_pairwise_reference(seed):
+    from preprocessing.time300b import offset_problems
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+    offsets = rng.integers(0, 400, n)
+    lengths = rng.integers(0, 30, n)
+    problems, overlaps = offset_problems(offsets, lengths, 390)
+    assert problems.tolist() == slow_offset_problems(offsets.tolist(), lengths.tolist(), 390)
+    for i in np.flatnonzero(problems == 2):  # the named partner really overlaps
+        j = overlaps[i]
+        assert j != i and offsets[i] < offsets[j] + lengths[j] and offsets[j] < offsets[i] + lengths[i]
+
+
+def test_bad_offsets_quarantine_only_their_sequences(tmp_path):
+    import json
+
+    import pyarrow.compute as pc
+
+    from preprocessing.ingest import IngestConfig, read_series_local
+    from preprocessing.time300b import write_time300b_dataset
+
+    folder = tmp_path / "energy" / "grid"
+    seqs = [np.arange(10, dtype=np.float32) + 100 * i for i in range(6)]
+    write_time300b_dataset(str(folder), seqs, max_elements_per_file=25)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["scales"][1]["offset"] = 20          # [20, 30): the range of sequence 2
+    meta["scales"][4]["offset"] = 55          # [55, 65): the files hold 60 elements
+    (folder / "meta.json").write_text(json.dumps(meta))
+    for block in (10**6, 20):                 # one read task, and sequences spread over chunks
+        table = read_series_local([str(folder)], config=IngestConfig(block_elements=block))
+        good = table.filter(pc.equal(table.column("quarantine_reason"), ""))
+        assert good.column("series").to_pylist() == ["0", "3", "5"]
+        for name, values in zip(good.column("series").to_pylist(), good.column("values").to_pylist()):
+            assert values == seqs[int(name)].tolist()
+        bad = table.filter(pc.equal(table.column("quarantine_reason"), "bad_offsets"))
+        messages = dict(zip(bad.column("series").to_pylist(), bad.column("quarantine_message").to_pylist()))
+        assert sorted(messages) == ["1", "2", "4"]
+        assert all(m.startswith(str(folder / "meta.json")) for m in messages.values())
+        assert "sequence 1 offsets [20, 30) overlap sequence 2" in messages["1"]
+        assert "sequence 4 offsets [55, 65) end beyond the 60 elements" in messages["4"]
+        assert bad.column("claimed_points").to_pylist() == [10, 10, 10]
