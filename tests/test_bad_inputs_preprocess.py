@@ -192,3 +192,50 @@ def test_bad_offsets_quarantine_only_their_sequences(tmp_path):
         assert "sequence 1 offsets [20, 30) overlap sequence 2" in messages["1"]
         assert "sequence 4 offsets [55, 65) end beyond the 60 elements" in messages["4"]
         assert bad.column("claimed_points").to_pylist() == [10, 10, 10]
+
+
+# ------------------------------------------------------------------ CSV encodings and decimal commas
+
+CSV_TEXT = "time,värde\n" + "".join(f"2024-01-01 {i // 60:02d}:{i % 60:02d},{i * 0.5}\n" for i in range(300))
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_csv_in_utf16_utf32_or_with_bom_reads_like_utf8(tmp_path, encoding):
+    from preprocessing.ingest import read_series_local
+
+    path = tmp_path / "web" / "sensor.csv"
+    path.parent.mkdir()
+    path.write_bytes(CSV_TEXT.encode(encoding))
+    table = read_series_local([str(path)])
+    good = [(n, v) for n, v, r in zip(*(table.column(c).to_pylist() for c in ("series", "values", "quarantine_reason")))
+            if not r]
+    assert good == [("värde", [i * 0.5 for i in range(300)])]
+
+
+def test_nul_bytes_that_are_not_utf16_name_the_file():
+    from preprocessing.formats import decode_text
+    from preprocessing.formats_table import IngestError
+
+    with pytest.raises(IngestError, match="x.csv: holds NUL bytes.*save it as UTF-8") as err:
+        decode_text(b"a,b\n1,\x00\x002\n\x00\x00\x00\x00" * 5, "/d/x.csv")
+    assert err.value.reason == "unparseable"
+    with pytest.raises(IngestError, match="y.csv: not valid UTF-16-LE text"):
+        decode_text(b"\xff\xfe" + "t,v\n".encode("utf-16-le") + b"\x00", "/d/y.csv")
+
+
+def test_decimal_comma_setting_reads_the_numbers_and_refuses_ambiguous_cells(tmp_path):
+    from preprocessing.catalog import parse_catalog
+    from preprocessing.ingest import read_series_local
+
+    path = tmp_path / "energy" / "meter.csv"
+    path.parent.mkdir()
+    path.write_text("t;kwh;total\n" + "".join(f"{i};{i},25;1.{i:03d},5\n" for i in range(40)))
+    catalog = parse_catalog({"sources": [{"match": "*/meter.csv", "decimal": ","}]})
+    table = read_series_local([str(path)], catalog=catalog)
+    rows = {n: (r, v, m) for n, r, v, m in zip(*(table.column(c).to_pylist() for c in
+                                                 ("series", "quarantine_reason", "values", "quarantine_message")))}
+    assert rows["kwh"][:2] == ("", [i + 0.25 for i in range(40)])
+    # 1.001,5 has a thousands separator: reported, never read as a wrong number (1.001 or 1001.5)
+    assert rows["total"][0] in ("non_numeric", "skipped_column") and "meter.csv" in rows["total"][2]
+    with pytest.raises(ValueError, match="sources\\[0\\] decimal must be"):
+        parse_catalog({"sources": [{"match": "*", "decimal": ";"}]})

@@ -114,6 +114,14 @@ def non_numeric_cells(tmp):
     return p, "cells.csv", "non_numeric", 31
 
 
+def decimal_commas(tmp):
+    """The message names the catalog setting that reads the file."""
+    p = tmp / "web" / "comma.csv"
+    p.parent.mkdir(parents=True)
+    p.write_text("t;value\n" + "".join(f"{i};{i},5\n" for i in range(30)))
+    return p, 'decimal: ","', "decimal_comma", 30
+
+
 def all_nan_series(tmp):
     p = tmp / "web" / "nan.csv"
     p.parent.mkdir(parents=True)
@@ -176,7 +184,7 @@ def missing_path(tmp):
 
 CASES = [truncated_bin, malformed_meta, meta_without_scales, offsets_out_of_range, overlapping_offsets, negative_length,
          num_sequences_mismatch, missing_bin, unreadable_gzip, truncated_gzip, empty_file, header_only,
-         non_numeric_cells, all_nan_series, infinities, mixed_types_jsonl, broken_jsonl_line,
+         non_numeric_cells, decimal_commas, all_nan_series, infinities, mixed_types_jsonl, broken_jsonl_line,
          unsupported_extension, corrupt_npy, corrupt_parquet, ts_without_data, missing_path]
 
 
