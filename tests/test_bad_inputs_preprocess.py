@@ -239,3 +239,246 @@ def test_decimal_comma_setting_reads_the_numbers_and_refuses_ambiguous_cells(tmp
     assert rows["total"][0] in ("non_numeric", "skipped_column") and "meter.csv" in rows["total"][2]
     with pytest.raises(ValueError, match="sources\\[0\\] decimal must be"):
         parse_catalog({"sources": [{"match": "*", "decimal": ";"}]})
+
+
+# ------------------------------------------------------------------ through the CLI: jobs.preprocess.main
+
+WINDOW = "512"
+
+
+def write_jsonl_corpus(folder, n_series: int = 8, length: int = 1500, seed: int = 0):
+    import json
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "sensors.jsonl", "w") as fh:
+        for _ in range(n_series):
+            fh.write(json.dumps({"sequence": rng.normal(0, 1, length).cumsum().round(4).tolist()}) + "\n")
+    return folder
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``jobs.preprocess.main`` in this process (on the session's Ray instance): exit code,
+    stdout, and the lines it wrote to stderr."""
+    from jobs.preprocess import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The one error line; there is exactly one and no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("jobs.preprocess: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_jsonl_corpus(tmp_path_factory.mktemp("corpus") / "web")
+
+
+@pytest.fixture(scope="module")
+def published(ray_local, corpus, tmp_path_factory):
+    """A good output published once; tests work on copies of it."""
+    import logging
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    out = tmp_path_factory.mktemp("published") / "out"
+    from jobs.preprocess import main
+
+    assert main(["--input", str(corpus), "--output", str(out), "--window-length", WINDOW]) == 0
+    return out
+
+
+@pytest.fixture
+def good_output(published, tmp_path):
+    """A copy of the published output with a user's own file beside the shards."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(published, out)
+    (out / "NOTES.txt").write_text("a user's notes, not the job's")
+    return out
+
+
+def test_mistyped_input_leaves_a_good_output_as_it_was(capsys, corpus, good_output):
+    before = snapshot(good_output)
+    code, out, err = run_cli(capsys, "--input", str(corpus) + "x", "--output", str(good_output), "--window-length", WINDOW)
+    assert code == 2
+    line = error_line(err)
+    assert "nothing to publish: every input is missing or quarantined (1 quarantined: missing_file 1)" in line
+    assert f"{corpus}x: no such file or directory" in line and f"--output {good_output} was left as it was" in line
+    assert snapshot(good_output) == before
+    assert "packing efficiency" not in out
+
+
+def test_every_input_quarantined_is_an_error_with_counts(capsys, tmp_path):
+    raw = tmp_path / "raw" / "web"
+    raw.mkdir(parents=True)
+    (raw / "empty.csv").write_bytes(b"")
+    (raw / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    (raw / "header.csv").write_text("t,value\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--input", str(raw), "--output", str(out), "--window-length", WINDOW)
+    assert code == 2
+    line = error_line(err)
+    assert "every input is missing or quarantined (3 quarantined: empty_file 2, unparseable 1)" in line
+    assert f"--output {out} was not written" in line
+    assert not out.exists() or not list(out.rglob("*.parquet")) and not (out / "manifest.json").exists()
+
+
+def test_every_point_dropped_by_the_rules_is_an_error_naming_the_rule(capsys, tmp_path):
+    raw = write_jsonl_corpus(tmp_path / "raw" / "web", n_series=3, length=100)
+    code, _, err = run_cli(capsys, "--input", str(raw), "--output", str(tmp_path / "out"), "--window-length", WINDOW)
+    assert code == 2
+    assert "nothing to publish: all 300 points of 3 series were dropped (min_length 300)" in error_line(err)
+
+
+def test_foreign_files_in_the_output_are_refused_at_start_and_survive(capsys, corpus, good_output):
+    (good_output / "train" / "extra.parquet").write_bytes(b"the user's own shard")
+    (good_output / "val" / "readme.txt").write_text("mine")
+    before = snapshot(good_output)
+    code, out, err = run_cli(capsys, "--input", str(corpus), "--output", str(good_output), "--window-length", WINDOW)
+    assert code == 2
+    line = error_line(err)
+    assert f"holds 2 file(s) this job did not write: {good_output}/train/extra.parquet, {good_output}/val/readme.txt" in line
+    assert snapshot(good_output) == before and "resolved config" in out
+
+
+@pytest.mark.parametrize("where", ["inside", "equal"])
+def test_output_inside_or_equal_to_an_input_folder_is_refused_at_start(capsys, tmp_path, where):
+    raw = write_jsonl_corpus(tmp_path / "raw")
+    out = raw / "packed" if where == "inside" else raw
+    before = snapshot(raw)
+    code, _, err = run_cli(capsys, "--input", str(raw), "--output", str(out), "--window-length", WINDOW)
+    assert code == 2
+    line = error_line(err)
+    assert (f"is inside the input folder {raw}" if where == "inside" else f"is the input {raw}") in line
+    assert snapshot(raw) == before and not (raw / "packed").exists()
+
+
+def test_rerun_replaces_only_the_jobs_files_byte_identically(capsys, corpus, good_output, tmp_path):
+    before = snapshot(good_output)
+    code, _, _ = run_cli(capsys, "--input", str(corpus), "--output", str(good_output), "--window-length", WINDOW)
+    assert code == 0
+    after = snapshot(good_output)
+    shards = [k for k in before if k.endswith(".parquet")]
+    assert shards and all(after[k] == before[k] for k in shards)
+    assert after["NOTES.txt"] == before["NOTES.txt"] and set(after) == set(before)
+
+
+def test_publish_killed_mid_way_is_finished_by_the_next_run(capsys, corpus, good_output, monkeypatch):
+    """A publish that dies after the old manifest is gone and half the shards moved leaves its
+    journal; the next run recognises every file as the job's own and publishes the same bytes."""
+    import preprocessing.writer as writer
+
+    before = snapshot(good_output)
+    real_write = writer.write_bytes
+
+    def dying_write(fs, path, data):
+        if path.endswith("report.json"):
+            raise KeyboardInterrupt("killed mid-publish")
+        real_write(fs, path, data)
+
+    monkeypatch.setattr(writer, "write_bytes", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(capsys, "--input", str(corpus), "--output", str(good_output), "--window-length", WINDOW)
+    monkeypatch.undo()
+    assert not (good_output / "manifest.json").exists() and (good_output / "_publishing.json").exists()
+    code, _, err = run_cli(capsys, "--input", str(corpus), "--output", str(good_output), "--window-length", WINDOW)
+    assert code == 0, err[-2000:]
+    after = snapshot(good_output)
+    assert set(after) == set(before)  # journal and staging folder gone, nothing else added
+    assert all(after[k] == before[k] for k in before if k.endswith((".parquet", ".txt")))
+
+
+def test_output_that_is_a_file_and_bad_config_and_catalog_are_one_line_errors(capsys, corpus, tmp_path):
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a folder")
+    code, _, err = run_cli(capsys, "--input", str(corpus), "--output", str(a_file))
+    assert code == 2 and f"--output {a_file} is a file, not a folder" in error_line(err)
+    assert a_file.read_text() == "not a folder"
+    config = tmp_path / "c.yaml"
+    config.write_text("clean: {outlier_limt: 10}\n")
+    code, _, err = run_cli(capsys, "--input", str(corpus), "--output", str(tmp_path / "o"), "--config", str(config))
+    assert code == 2 and "clean: unknown keys ['outlier_limt']" in error_line(err)
+    code, _, err = run_cli(capsys, "--input", str(corpus), "--output", str(tmp_path / "o"), "--catalog",
+                           str(tmp_path / "absent.yaml"))
+    assert code == 2 and f"--catalog {tmp_path / 'absent.yaml'}" in error_line(err)
+    code, _, err = run_cli(capsys, "--output", str(tmp_path / "o"))
+    assert code == 2 and "give at least one --input" in error_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_fail_fast_stops_at_the_first_bad_input_in_one_line(capsys, corpus, good_output, tmp_path):
+    bad = tmp_path / "bad" / "web"
+    bad.mkdir(parents=True)
+    (bad / "cut.csv.gz").write_bytes(b"\x1f\x8b\x08\x00 not deflate")
+    before = snapshot(good_output)
+    code, _, err = run_cli(capsys, "--input", str(corpus), "--input", str(bad), "--output", str(good_output),
+                           "--window-length", WINDOW, "--fail-fast")
+    assert code == 2 and f"{bad}/cut.csv.gz: unreadable gzip" in error_line(err)
+    assert snapshot(good_output) == before and not list(good_output.glob("_tmp-*"))
+
+
+def test_utf16_csv_is_read_and_published(capsys, tmp_path):
+    import json
+
+    raw = tmp_path / "raw" / "energy"
+    raw.mkdir(parents=True)
+    values = np.sin(np.arange(2000) / 10.0) + np.arange(2000) * 0.01
+    text = "step,load\n" + "".join(f"{i},{v:.5f}\n" for i, v in enumerate(values))
+    (raw / "meter.csv").write_bytes(text.encode("utf-16"))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--input", str(raw), "--output", str(out), "--window-length", WINDOW)
+    assert code == 0, err[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["points_in"] == report["points_kept"] == 2000
+    assert report["datasets"]["energy/meter"]["series_in"] == 1
+
+
+def test_decimal_comma_csv_names_the_file_and_the_setting_then_reads_with_it(capsys, tmp_path):
+    import json
+
+    raw = tmp_path / "raw" / "energy"
+    raw.mkdir(parents=True)
+    values = np.sin(np.arange(1500) / 10.0) * 3 + 10
+    (raw / "zaehler.csv").write_text("t;kwh\n" + "".join(f"{i};{v:.4f}\n".replace(".", ",") for i, v in enumerate(values)))
+    code, _, err = run_cli(capsys, "--input", str(raw), "--output", str(tmp_path / "out"), "--window-length", WINDOW)
+    assert code == 2
+    line = error_line(err)
+    assert f"{raw}/zaehler.csv: column 'kwh' holds numbers with a decimal comma ('10,0000')" in line
+    assert 'decimal: ","' in line and "--catalog" in line
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text('sources:\n  - match: "*/zaehler.csv"\n    decimal: ","\n')
+    code, _, err = run_cli(capsys, "--input", str(raw), "--output", str(tmp_path / "out"), "--window-length", WINDOW,
+                           "--catalog", str(catalog))
+    assert code == 0, err[-2000:]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["points_kept"] == 1500
+
+
+def test_as_a_subprocess_user_errors_print_one_line_without_traceback(tmp_path):
+    """The real process: refused before Ray starts, one line on stderr, exit 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    raw = write_jsonl_corpus(tmp_path / "raw")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "jobs.preprocess", "--input", str(raw), "--output", str(raw / "out")],
+                          cwd=root, env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"jobs.preprocess: error: --output {raw}/out is inside the input folder {raw}: the job would read its own "
+        f"output back; choose an --output outside the inputs")
+    assert "Traceback" not in proc.stderr and not (raw / "out").exists()
