@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     r = result.report
     print(f"points in {r['points_in']:,} kept {r['points_kept']:,} dropped {sum(r['points_dropped'].values()):,}; "
           f"series in {r['series_in']:,} kept {r['series_kept']:,}; train packing efficiency {result.efficiency:.4f}; "
-          f"{result.manifest['rows']} rows; {result.seconds:.1f}s -> {config.output}")
+          f"{result.manifest['rows']} rows; {len(r['warnings'])} warning(s); {result.seconds:.1f}s -> {config.output}")
     return 0
 
 

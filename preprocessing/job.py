@@ -424,6 +424,11 @@ def dedup_fixup(files: list[dict[str, Any]], blocks: list[dict[str, Any]], ctx: 
 # ----------------------------------------------------------------------------------- driver
 
 
+# Warnings (report.py: build_warnings) beyond this many are only in the report: a corpus with
+# a systematic problem must not bury the rest of the log.
+MAX_WARNINGS_LOGGED = 200
+
+
 @dataclass
 class PreprocessResult:
     output: str
@@ -699,6 +704,10 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
             "rows": rows,
         }
         manifest["inputs_digest"] = hashlib.sha256(json.dumps(manifest["inputs"], sort_keys=True).encode()).hexdigest()
+        for line in rep["warnings"][:MAX_WARNINGS_LOGGED]:
+            log.warning("%s", line)
+        if len(rep["warnings"]) > MAX_WARNINGS_LOGGED:
+            log.warning("... and %d more warnings in report.json", len(rep["warnings"]) - MAX_WARNINGS_LOGGED)
         files = {
             "report.json": json.dumps(rep, indent=2, sort_keys=True, default=float).encode(),
             "report.html": report_mod.render_html(rep).encode(),

@@ -482,3 +482,88 @@ def test_as_a_subprocess_user_errors_print_one_line_without_traceback(tmp_path):
         f"jobs.preprocess: error: --output {raw}/out is inside the input folder {raw}: the job would read its own "
         f"output back; choose an --output outside the inputs")
     assert "Traceback" not in proc.stderr and not (raw / "out").exists()
+
+
+def read_segments(out, key: str) -> list[np.ndarray]:
+    """The normalised segments of series ``key`` in the published shards."""
+    import pyarrow.parquet as pq
+
+    from preprocessing.schema import decode_batch, list_shards
+
+    found = []
+    for split in ("train", "val"):
+        for path in list_shards(str(out), split):
+            table = pq.read_table(path)
+            dense = decode_batch({c: table.column(c) for c in ("values", "segment_ids", "loss_mask")})
+            for r, keys in enumerate(table.column("seg_series").to_pylist()):
+                for k, name in enumerate(keys):
+                    if name == key:
+                        found.append(dense["values"][r][dense["segment_ids"][r] == k + 1])
+    return found
+
+
+def test_absurd_values_and_a_wholly_dropped_domain_are_warned_and_counted(capsys, caplog, tmp_path):
+    import json
+    import logging
+
+    rng = np.random.default_rng(7)
+    sensors = rng.normal(0, 1, (3, 2000)).cumsum(axis=1).astype(np.float32)
+    sensors[0, 1000], sensors[1, 600] = 1e30, -1e30
+    sensors[2, 1400] = np.inf  # the .npy/CSV/jsonl readers quarantine a series holding inf (non_finite)
+    (tmp_path / "raw" / "web").mkdir(parents=True)
+    np.save(tmp_path / "raw" / "web" / "sensors.npy", sensors)
+    (tmp_path / "raw" / "sales").mkdir()
+    np.save(tmp_path / "raw" / "sales" / "idle.npy", np.zeros(2000, np.float32))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="preprocessing.job"):
+        code, stdout, err = run_cli(capsys, "--input", str(tmp_path / "raw"), "--output", str(out),
+                                    "--window-length", WINDOW)
+    assert code == 0, err[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["points_in"] == 4 * 2000
+    assert report["points_in"] == report["points_kept"] + sum(report["points_dropped"].values())
+    assert report["points_dropped"]["outlier"] == 2
+    assert report["points_dropped"]["quarantine:non_finite"] == 2000
+    assert report["datasets"]["web/sensors"]["points_kept"] == 2 * 2000 - 2
+    warnings = report["warnings"]
+    assert warnings[0] == ("domain sales: all 2,000 points of 1 series dropped (window_zeros 2,000); "
+                           "nothing of it is in the shards")
+    assert warnings[1].startswith("series web/sensors/0: 1 point(s) beyond the robust bound dropped as outlier")
+    assert "most extreme 1e+30" in warnings[1] and "most extreme -1e+30" in warnings[2] and len(warnings) == 3
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert all(w in logged for w in warnings)  # one line each in the job log
+    assert "3 warning(s)" in stdout
+    assert "Warnings" in (out / "report.html").read_text()
+    # the series with 1e30 is not flattened: each of its segments has unit spread
+    segments = read_segments(out, "web/sensors/0")
+    assert sum(len(s) for s in segments) == 1999 and all(np.std(s) > 0.1 for s in segments if len(s) > 100)
+
+
+def test_time300b_bad_offsets_quarantine_the_sequence_not_the_dataset(capsys, tmp_path):
+    import json
+
+    from preprocessing.time300b import write_time300b_dataset
+
+    folder = tmp_path / "raw" / "energy" / "grid"
+    rng = np.random.default_rng(3)
+    seqs = [rng.normal(0, 1, 1000).cumsum().astype(np.float32) for _ in range(5)]
+    seqs[0][500] = np.inf                     # Time-300B keeps it: dropped as nonfinite, the series kept
+    write_time300b_dataset(str(folder), seqs, max_elements_per_file=1500)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["scales"][1]["offset"] = 2000        # the range of sequence 2
+    meta["scales"][4]["offset"] = 4500        # ends at 5500, the files hold 5000
+    (folder / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--input", str(tmp_path / "raw"), "--output", str(out), "--window-length", WINDOW)
+    assert code == 0, err[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    bad = {q["series"]: q["message"] for q in report["quarantine"] if q["reason"] == "bad_offsets"}
+    assert sorted(bad) == ["1", "2", "4"]
+    assert bad["1"] == f"{folder}/meta.json: sequence 1 offsets [2000, 3000) overlap sequence 2 (offsets in " \
+                       f"meta.json are wrong for one of them)"
+    assert bad["4"] == f"{folder}/meta.json: sequence 4 offsets [4500, 5500) end beyond the 5000 elements its " \
+                       f".bin files hold"
+    grid = report["datasets"]["energy/grid"]
+    assert grid["points_dropped"] == {"quarantine:bad_offsets": 3000, "nonfinite": 1}
+    assert grid["points_kept"] == 1999 and grid["points_in"] == 5000
+    assert grid["series_in"] == 5 and grid["series_kept"] == 2
