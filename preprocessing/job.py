@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +52,9 @@ from preprocessing.pack import REASON_SHORT_TAIL, assemble_rows, chunk_bounds
 from preprocessing.schema import MANIFEST_FILE, SCHEMA_VERSION, SHARD_PATTERN, TRAIN_DIR, VAL_DIR
 from preprocessing.writer import (check_no_foreign_files, check_output_location, exists, join, publish, resolve,
                                   write_packed)
+
+if TYPE_CHECKING:
+    from preprocessing.catalog import SourceCatalog
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +471,7 @@ def task_remote_args(config: PreprocessConfig) -> dict[str, Any]:
     return {"resources": dict(config.task_resources)} if config.task_resources else {}
 
 
-def load_run_catalog(path: str | None):
+def load_run_catalog(path: str | None) -> "SourceCatalog | None":
     """The source catalog of ``--catalog``, or None; a missing or invalid file is a
     PreprocessError naming it (checked before any work starts)."""
     if not path:
@@ -483,7 +486,7 @@ def load_run_catalog(path: str | None):
         raise PreprocessError(f"--catalog {path}: {' '.join(str(e).split())}") from e
 
 
-def _read(config: PreprocessConfig, catalog) -> "ray.data.Dataset":  # noqa: F821
+def _read(config: PreprocessConfig, catalog: "SourceCatalog | None") -> "ray.data.Dataset":  # noqa: F821
     from preprocessing import ingest  # the ingest engineer's readers
 
     # Readers always quarantine; ``config.fail_fast`` stops the run on the driver at the first

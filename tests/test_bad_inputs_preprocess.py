@@ -567,3 +567,29 @@ def test_time300b_bad_offsets_quarantine_the_sequence_not_the_dataset(capsys, tm
     assert grid["points_dropped"] == {"quarantine:bad_offsets": 3000, "nonfinite": 1}
     assert grid["points_kept"] == 1999 and grid["points_in"] == 5000
     assert grid["series_in"] == 5 and grid["series_kept"] == 2
+
+
+def test_debug_flag_keeps_the_traceback_of_user_errors(corpus, tmp_path):
+    from jobs.preprocess import main
+    from preprocessing.errors import PreprocessError
+
+    with pytest.raises(PreprocessError, match="is inside the input folder"):
+        main(["--input", str(corpus), "--output", str(corpus / "out"), "--debug"])
+
+
+def test_pipeline_exits_2_with_one_line_when_preprocessing_has_nothing_to_publish(ray_local, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    proc = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--input", str(tmp_path / "absent"),
+                           "--output-dir", str(tmp_path / "runs")], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("jobs.pipeline: preprocessing failed: nothing to publish: every input is missing")
+    assert f"{tmp_path / 'absent'}: no such file or directory" in line and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "runs").glob("run-*/packed/manifest.json"))
