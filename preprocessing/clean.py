@@ -79,7 +79,7 @@ def finite_runs(x: np.ndarray) -> list[tuple[int, int]]:
     return true_runs(np.isfinite(x))
 
 
-ROBUST_SAMPLE = 8192        # robust statistics of longer series come from this many points
+ROBUST_SAMPLE = 2048        # robust statistics of longer series come from this many points
 ROBUST_QUANTILE = 0.99      # the spread the bound is a multiple of
 # k * golden ratio mod 1 for k < ROBUST_SAMPLE: a Weyl sequence, computed once
 _WEYL = np.modf(np.arange(ROBUST_SAMPLE) * ((np.sqrt(5.0) - 1.0) / 2.0))[0]
