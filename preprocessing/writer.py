@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import re
 from typing import Any
 
 import numpy as np
@@ -141,6 +142,9 @@ def write_packed(fs: pafs.FileSystem, directory: str, rows: PackedRows, window_l
 JOURNAL_FILE = "_publishing.json"
 REPORT_FILES = ("report.json", "report.html")
 SPLITS = (TRAIN_DIR, VAL_DIR)
+# The only names the job gives shards: a name from a manifest or journal that does not look like
+# this (``../x``, a subfolder) is never trusted as the job's own, so never deleted.
+_SHARD_NAME = re.compile(r"^shard-\d{5,}\.parquet$")
 
 
 def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
@@ -160,14 +164,16 @@ def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
 def owned_files(fs: pafs.FileSystem, output: str) -> dict[str, set[str]]:
     """Per split, the shard names this job wrote into ``output``: those of the current
     ``manifest.json`` plus those of a publish journal left by a publish that was killed."""
-    owned: dict[str, set[str]] = {split: set() for split in SPLITS}
+    named: dict[str, list[object]] = {split: [] for split in SPLITS}
     manifest = _read_json(fs, join(output, MANIFEST_FILE))
     for split, shards in ((manifest or {}).get("shards") or {}).items():
-        owned.setdefault(split, set()).update(s["file"] for s in shards if isinstance(s, dict) and "file" in s)
+        if split in named:
+            named[split] += [s.get("file") for s in shards if isinstance(s, dict)]
     journal = _read_json(fs, join(output, JOURNAL_FILE))
     for split, names in ((journal or {}).get("files") or {}).items():
-        owned.setdefault(split, set()).update(names)
-    return owned
+        if split in named:
+            named[split] += list(names)
+    return {split: {n for n in names if isinstance(n, str) and _SHARD_NAME.match(n)} for split, names in named.items()}
 
 
 def foreign_files(fs: pafs.FileSystem, output: str) -> list[str]:

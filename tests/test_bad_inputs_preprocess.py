@@ -594,3 +594,31 @@ def test_pipeline_exits_2_with_one_line_when_preprocessing_has_nothing_to_publis
     assert line.startswith("jobs.pipeline: preprocessing failed: nothing to publish: every input is missing")
     assert f"{tmp_path / 'absent'}: no such file or directory" in line and "Traceback" not in proc.stderr
     assert not list((tmp_path / "runs").glob("run-*/packed/manifest.json"))
+
+
+def test_publish_trusts_only_shard_names_from_a_manifest(tmp_path):
+    """A manifest (or journal) naming ``../x`` does not make the job delete ``x``."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from preprocessing.writer import owned_files, publish
+
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "shard-00000.parquet").write_bytes(b"old shard")
+    (out / "train" / "shard-00001.parquet").write_bytes(b"old shard 2")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / "manifest.json").write_text(json.dumps({"shards": {"train": [
+        {"file": "shard-00000.parquet"}, {"file": "shard-00001.parquet"}, {"file": "../../victim.txt"}]}}))
+    fs = pafs.LocalFileSystem()
+    assert owned_files(fs, str(out))["train"] == {"shard-00000.parquet", "shard-00001.parquet"}
+    tmp = out / "_tmp-run000000001"
+    (tmp / "train").mkdir(parents=True)
+    (tmp / "train" / "part-a.parquet").write_bytes(b"new shard")
+    publish(fs, str(out), str(tmp), {"train": [str(tmp / "train" / "part-a.parquet")]}, {}, {"shards": {}})
+    assert victim.read_text() == "keep me"
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-00000.parquet"]  # the old 00001 was ours
+    assert (out / "train" / "shard-00000.parquet").read_bytes() == b"new shard"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train"]
