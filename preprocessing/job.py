@@ -575,7 +575,7 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
     fs, out_path = resolve(config.output)
     if config.inputs:
         check_output_location(config.inputs, config.output)
-    check_no_foreign_files(fs, out_path)
+    check_no_foreign_files(fs, out_path, config.output)
     catalog = load_run_catalog(config.catalog) if series is None else None
     contamination = None
     if config.contamination.benchmarks:

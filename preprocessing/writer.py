@@ -177,12 +177,13 @@ def owned_files(fs: pafs.FileSystem, output: str) -> dict[str, set[str]]:
 
 
 def foreign_files(fs: pafs.FileSystem, output: str) -> list[str]:
-    """Paths in ``output`` that this job did not write but would replace or that the trainer
-    would read: anything under ``train/`` or ``val/`` not named by the manifest or a journal,
-    and reports without a manifest or journal beside them."""
+    """Paths (relative to ``output``) that this job did not write but would replace or that the
+    trainer would read: anything under ``train/`` or ``val/`` not named by the manifest or a
+    journal, and reports without a manifest or journal beside them. ``["."]`` when ``output``
+    itself is a file."""
     info = fs.get_file_info(output)
     if info.type == pafs.FileType.File:
-        return [output]
+        return ["."]
     if info.type == pafs.FileType.NotFound:
         return []
     owned = owned_files(fs, output)
@@ -192,21 +193,23 @@ def foreign_files(fs: pafs.FileSystem, output: str) -> list[str]:
         for entry in fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True)):
             name = posixpath.relpath(entry.path, folder)
             if entry.type == pafs.FileType.File and name not in owned.get(split, set()):
-                found.append(entry.path)
+                found.append(join(split, name))
     if not any(owned.values()) and not exists(fs, join(output, MANIFEST_FILE)) \
             and not exists(fs, join(output, JOURNAL_FILE)):
-        found += [join(output, name) for name in REPORT_FILES if exists(fs, join(output, name))]
+        found += [name for name in REPORT_FILES if exists(fs, join(output, name))]
     return sorted(found)
 
 
-def check_no_foreign_files(fs: pafs.FileSystem, output: str) -> None:
-    """PreprocessError naming the files when :func:`foreign_files` finds any."""
+def check_no_foreign_files(fs: pafs.FileSystem, output: str, url: str | None = None) -> None:
+    """PreprocessError naming the files when :func:`foreign_files` finds any; ``url`` is how the
+    user wrote ``output`` (``s3://...``), for the message."""
+    url = (url or output).rstrip("/")
     found = foreign_files(fs, output)
-    if found == [output]:
-        raise PreprocessError(f"--output {output} is a file, not a folder")
+    if found == ["."]:
+        raise PreprocessError(f"--output {url} is a file, not a folder")
     if found:
-        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        raise PreprocessError(f"--output {output} holds {len(found)} file(s) this job did not write: {shown}; "
+        shown = ", ".join(f"{url}/{name}" for name in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise PreprocessError(f"--output {url} holds {len(found)} file(s) this job did not write: {shown}; "
                               f"the trainer would read them as shards or publishing would replace them: move "
                               f"them away or choose another --output")
 
@@ -270,7 +273,7 @@ def publish(
     """Move the finished shards (temporary paths, in their final order) to
     ``<output>/<split>/shard-NNNNN.parquet``, write ``files`` (reports), then the manifest LAST.
     See the module docstring for the order and why."""
-    check_no_foreign_files(fs, output)
+    check_no_foreign_files(fs, output)  # again: files may have appeared while the run computed
     old = owned_files(fs, output)
     new = {split: [SHARD_PATTERN.format(index=i) for i in range(len(paths))] for split, paths in files_by_split.items()}
     journal = {"files": {split: sorted(old.get(split, set()) | set(new.get(split, [])))

@@ -622,3 +622,25 @@ def test_publish_trusts_only_shard_names_from_a_manifest(tmp_path):
     assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-00000.parquet"]  # the old 00001 was ours
     assert (out / "train" / "shard-00000.parquet").read_bytes() == b"new shard"
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train"]
+
+
+def test_s3_output_refuses_foreign_objects_and_an_empty_result(capsys, corpus, s3_bucket, s3_server):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    out = f"s3://{s3_bucket}/packed"
+    code, _, err = run_cli(capsys, "--input", str(corpus), "--output", out, "--window-length", WINDOW)
+    assert code == 0, err[-2000:]
+
+    def objects() -> dict[str, bytes]:
+        listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="packed/").get("Contents", [])
+        return {o["Key"]: client.get_object(Bucket=s3_bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+    published = objects()
+    assert "packed/manifest.json" in published and "packed/train/shard-00000.parquet" in published
+    code, _, err = run_cli(capsys, "--input", str(corpus) + "x", "--output", out, "--window-length", WINDOW)
+    assert code == 2 and f"--output {out} was left as it was" in error_line(err)
+    client.put_object(Bucket=s3_bucket, Key="packed/train/mine.parquet", Body=b"someone else's")
+    code, _, err = run_cli(capsys, "--input", str(corpus), "--output", out, "--window-length", WINDOW)
+    assert code == 2 and f"this job did not write: {out}/train/mine.parquet;" in error_line(err)
+    assert objects() == {**published, "packed/train/mine.parquet": b"someone else's"}
