@@ -644,3 +644,14 @@ def test_s3_output_refuses_foreign_objects_and_an_empty_result(capsys, corpus, s
     code, _, err = run_cli(capsys, "--input", str(corpus), "--output", out, "--window-length", WINDOW)
     assert code == 2 and f"this job did not write: {out}/train/mine.parquet;" in error_line(err)
     assert objects() == {**published, "packed/train/mine.parquet": b"someone else's"}
+
+
+def test_only_validation_rows_is_an_error_saying_so(capsys, corpus, tmp_path):
+    config = tmp_path / "all-val.yaml"
+    config.write_text("pack: {val_fraction: 0.999}\n")
+    code, _, err = run_cli(capsys, "--input", str(corpus), "--output", str(tmp_path / "out"), "--config", str(config),
+                           "--window-length", WINDOW)
+    assert code == 2
+    assert "nothing to publish: all 12,000 kept points went to the validation split (24 rows) and none to " \
+           "training" in error_line(err)
+    assert not (tmp_path / "out" / "manifest.json").exists()
