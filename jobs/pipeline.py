@@ -165,9 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     if published:
         print(f"[pipeline] {pre.output} was published by the run being resumed: not redone", flush=True)
     else:
+        from preprocessing.errors import user_error
         from preprocessing.job import run_preprocess
 
-        prep = run_preprocess(pre)
+        try:
+            prep = run_preprocess(pre)
+        except Exception as e:  # noqa: BLE001 - a user error ends the run in one line, a bug re-raises
+            cause = user_error(e)
+            if cause is None:
+                raise
+            print(f"jobs.pipeline: preprocessing failed: {' '.join(str(cause).split())}", file=sys.stderr, flush=True)
+            return 2
         print(f"[pipeline] packed {prep.manifest['rows']} rows (window {pre.pack.window_length}), "
               f"efficiency {prep.efficiency:.3f}, {time.time() - t:.1f}s -> {pre.output}", flush=True)
     timings["preprocess"] = time.time() - t

@@ -11,6 +11,11 @@ On a cluster::
 
 Flags override the YAML config; the resolved config is printed at start. The logic lives in
 ``preprocessing.job.run_preprocess``.
+
+Exit codes: 0 published; 2 a user error, printed as ONE line on stderr without a traceback (bad
+flags or config, an output that would destroy or re-read data, nothing to publish, a bad input
+under ``--fail-fast``); anything else is a bug and keeps its traceback. ``--debug`` shows the
+traceback of user errors too.
 """
 from __future__ import annotations
 
@@ -18,7 +23,10 @@ import argparse
 import logging
 import sys
 
+import yaml
+
 from preprocessing.config import PreprocessConfig, load_config, validate
+from preprocessing.errors import user_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window-length", type=int, help="packed window length (rows hold N+1 points)")
     p.add_argument("--seed", type=int)
     p.add_argument("--fail-fast", action="store_true", help="raise on the first unreadable input")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     return p.parse_args(argv)
 
 
@@ -51,17 +60,34 @@ def build_config(args: argparse.Namespace) -> PreprocessConfig:
     return config
 
 
+def fail(message: object) -> int:
+    print(f"jobs.preprocess: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(parse_args(argv))
+    try:
+        config = build_config(args)
+    except (ValueError, OSError, yaml.YAMLError) as e:  # the flags or the config file
+        if args.debug:
+            raise
+        return fail(e)
     print("resolved config:\n" + config.to_yaml(), flush=True)
     from preprocessing.job import run_preprocess
 
-    result = run_preprocess(config)
+    try:
+        result = run_preprocess(config)
+    except Exception as e:  # noqa: BLE001 - user errors become one line, everything else is re-raised
+        cause = user_error(e)
+        if cause is None or args.debug:
+            raise
+        return fail(cause)
     r = result.report
     print(f"points in {r['points_in']:,} kept {r['points_kept']:,} dropped {sum(r['points_dropped'].values()):,}; "
           f"series in {r['series_in']:,} kept {r['series_kept']:,}; train packing efficiency {result.efficiency:.4f}; "
-          f"{result.manifest['rows']} rows; {result.seconds:.1f}s -> {config.output}")
+          f"{result.manifest['rows']} rows; {len(r['warnings'])} warning(s); {result.seconds:.1f}s -> {config.output}")
     return 0
 
 

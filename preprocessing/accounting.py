@@ -23,7 +23,7 @@ import numpy as np
 HIST_BINS = 41
 
 REASON_ORDER = (
-    "duplicate", "contamination", "min_length", "nonfinite", "window_zeros", "window_diff1_zeros",
+    "duplicate", "contamination", "min_length", "nonfinite", "outlier", "window_zeros", "window_diff1_zeros",
     "window_diff2_zeros", "partial_window", "short_run", "short_tail", "mixture_downsample",
 )
 
@@ -91,7 +91,8 @@ class DatasetTally:
             return
         self.value_count += len(x)
         self.value_sum += float(x.sum(dtype=np.float64)) if len(x) < 4096 else float(x.sum())
-        sq = float(np.dot(x, x))
+        with np.errstate(over="ignore"):  # float32 overflow of huge values: redone in float64 below
+            sq = float(np.dot(x, x))
         self.value_sumsq += sq if np.isfinite(sq) else float(np.square(x, dtype=np.float64).sum())
         self.value_min = min(self.value_min, float(x.min()))
         self.value_max = max(self.value_max, float(x.max()))
@@ -130,10 +131,13 @@ class DatasetTally:
 
 @dataclass
 class Accounting:
-    """Tallies keyed by ``domain/dataset`` plus the list of quarantined inputs."""
+    """Tallies keyed by ``domain/dataset`` plus the lists of quarantined inputs and of series
+    the robust bound cut points from."""
 
     datasets: dict[str, DatasetTally] = field(default_factory=dict)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
+    # series the robust bound cut points from: series key, points, center, bound, extreme
+    outliers: list[dict[str, Any]] = field(default_factory=list)
 
     def tally(self, domain: str, dataset: str) -> DatasetTally:
         key = f"{domain}/{dataset}"
@@ -148,6 +152,7 @@ class Accounting:
             else:
                 self.datasets[key] = t
         self.quarantine.extend(other.quarantine)
+        self.outliers.extend(other.outliers)
 
     def totals(self, domain: str | None = None) -> DatasetTally:
         total = DatasetTally(domain or "*", "*")
@@ -176,3 +181,38 @@ def check_invariant(acc: Accounting) -> None:
             problems.append(f"{key}: series_in {t.series_in} != kept {t.series_kept} + dropped {ds} ({t.series_dropped})")
     if problems:
         raise AccountingError("accounting invariant broken:\n  " + "\n  ".join(problems))
+
+
+# reader notes that are not losses: a column that is not a series, rows with a repeated timestamp
+INFORMATIONAL_QUARANTINE = ("skipped_column", "duplicate_timestamps")
+
+
+def _top(counts: dict[str, int], limit: int = 4) -> str:
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{reason} {count:,}" for reason, count in items[:limit])
+    return shown + (f", {len(items) - limit} more reasons" if len(items) > limit else "")
+
+
+def empty_result_reason(acc: Accounting, val_rows: int = 0) -> str:
+    """Why a run kept no training data, in one line with counts: every input missing or
+    quarantined (by reason, plus the first message), every point dropped by a rule, or every
+    kept point held out for validation."""
+    total = acc.totals()
+    problems = [q for q in acc.quarantine if q["reason"] not in INFORMATIONAL_QUARANTINE]
+    by_reason: dict[str, int] = {}
+    for q in problems:
+        by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + 1
+    first = f"; first: {' '.join(str(problems[0]['message']).split())}" if problems else ""
+    if total.series_in == len(problems) and problems:
+        return f"every input is missing or quarantined ({len(problems)} quarantined: {_top(by_reason)}){first}"
+    if total.series_in == 0:
+        return "the inputs hold no series (only skipped columns)" if acc.quarantine else "the inputs hold no series"
+    if total.points_kept == 0:
+        dropped = {r: p for r, p in total.points_dropped.items() if p}
+        also = f"; {len(problems)} input(s) quarantined ({_top(by_reason)}){first}" if problems else ""
+        return (f"all {total.points_in:,} points of {total.series_in:,} series were dropped ({_top(dropped)})"
+                f"{also}")
+    if val_rows:
+        return (f"all {total.points_kept:,} kept points went to the validation split ({val_rows} rows) "
+                f"and none to training")
+    return f"no training chunk was written ({total.points_kept:,} points kept; dropped: {_top(total.points_dropped)})"

@@ -12,7 +12,8 @@ YAML::
         time_column: date                      # or a list: [dteday, hr]
         skip_columns: [MIN, MAX]
         header: true
-        delimiter: ","
+        delimiter: ";"
+        decimal: ","                           # numbers written 1,5 (needs a delimiter other than ",")
 
 The first matching entry wins.
 """
@@ -40,12 +41,13 @@ class SourceEntry:
     skip_columns: list[str] = field(default_factory=list)
     header: bool = True
     delimiter: str | None = None
+    decimal: str = "."
 
     def overrides(self) -> TableOverrides:
         return TableOverrides(layout="auto" if self.layout == "time300b" else self.layout,
                               time_column=self.time_column, columns=self.columns,
                               skip_columns=list(self.skip_columns), id_column=self.id_column,
-                              header=self.header, delimiter=self.delimiter)
+                              header=self.header, delimiter=self.delimiter, decimal=self.decimal)
 
 
 @dataclass
@@ -73,6 +75,8 @@ def parse_catalog(data: dict, where: str = "catalog") -> SourceCatalog:
         e = SourceEntry(**raw)
         if e.layout not in LAYOUTS:
             raise ValueError(f"{where}: sources[{i}] layout {e.layout!r} not in {sorted(LAYOUTS)}")
+        if e.decimal not in (".", ","):
+            raise ValueError(f"{where}: sources[{i}] decimal must be '.' or ',', got {e.decimal!r}")
         entries.append(e)
     return SourceCatalog(entries)
 

@@ -37,6 +37,10 @@ class CleanConfig:
     # own points (kept if it passes); "drop" = always dropped (reason partial_window).
     partial_window: Literal["check", "drop"] = "check"
     window_rules: bool = True         # False: skip the window ratios (still split at NaN/Inf)
+    # Robust bound: a finite point farther from the series' median than this many times the
+    # 99th percentile of |x - median| is dropped like a NaN (reason outlier); 0 = off.
+    # docs/data.md gives the measurements behind 1000.
+    outlier_limit: float = 1000.0
     dedup: bool = True                # exact-duplicate series removal (hash of raw values)
     # No longer used (kept so existing YAML files load): the job fingerprints series in its main
     # pass and re-reads only when a duplicate is found (preprocessing/job.py: dedup_fixup).
@@ -176,5 +180,7 @@ def validate(config: PreprocessConfig) -> None:
         if name in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
             raise ValueError(f"task_resources[{name!r}] must be a custom resource (not CPU/GPU) with an amount > 0, "
                              f"got {amount!r}")
+    if not config.clean.outlier_limit >= 0:
+        raise ValueError(f"clean.outlier_limit must be >= 0 (0 = off), got {config.clean.outlier_limit}")
     if config.clean.partial_window not in ("check", "drop"):
         raise ValueError(f"clean.partial_window must be check or drop, got {config.clean.partial_window!r}")

@@ -49,6 +49,7 @@ class TableOverrides:
     id_column: str | None = None             # long / rows layouts
     header: bool = True
     delimiter: str | None = None
+    decimal: str = "."                       # "," for files written with decimal commas (1,5)
 
 
 @dataclass
@@ -104,15 +105,75 @@ class _Out:
 # ------------------------------------------------------------------------------ reading text
 
 
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xef\xbb\xbf", "utf-8"),
+         (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
+def text_encoding(data: bytes, source: str) -> tuple[str, int]:
+    """``(encoding, length of its byte-order mark)`` of a text file: the mark (UTF-8, UTF-16,
+    UTF-32) if there is one, else UTF-16 when every other byte of the head is NUL (ASCII text
+    saved as UTF-16 without a mark), else UTF-8. Other NUL bytes: IngestError naming the file."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return encoding, len(bom)
+    head = data[:4096]
+    if b"\x00" not in head:
+        return "utf-8", 0
+    even, odd = head[0::2], head[1::2]
+    if odd and odd.count(0) >= 0.9 * len(odd) and even.count(0) <= 0.1 * len(even):
+        return "utf-16-le", 0
+    if even and even.count(0) >= 0.9 * len(even) and odd.count(0) <= 0.1 * len(odd):
+        return "utf-16-be", 0
+    raise IngestError("unparseable", f"{source}: holds NUL bytes: binary data or a text encoding other than "
+                                     f"UTF-8/UTF-16/UTF-32; save it as UTF-8 text")
+
+
+def decode_text(data: bytes, source: str) -> str:
+    """``data`` as text in the encoding :func:`text_encoding` finds. UTF-8 stays lenient
+    (invalid bytes become U+FFFD: digits are ASCII, only names can hold such bytes); a UTF-16/32
+    file that does not decode is an IngestError naming the file and the encoding."""
+    encoding, skip = text_encoding(data, source)
+    if encoding == "utf-8":
+        return data[skip:].decode("utf-8", errors="replace")
+    try:
+        return data[skip:].decode(encoding)
+    except UnicodeDecodeError as e:
+        raise IngestError("unparseable", f"{source}: not valid {encoding.upper()} text ({e.reason} at byte "
+                                         f"{e.start + skip}); save it as UTF-8 text") from None
+
+
+# a number written with a decimal comma: 1,5  -0,25  3,0e-4 (no thousands separators)
+_DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+(?:[eE][+-]?\d+)?$")
+
+
+def _decimal_commas_to_points(df: pd.DataFrame) -> pd.DataFrame:
+    """Cells that are numbers with a decimal comma get a decimal point; other cells stay as
+    they are (a cell like 1.234,5 with a thousands separator then reads as non-numeric, and is
+    reported, rather than as a wrong number)."""
+    for j in range(df.shape[1]):
+        col = df.iloc[:, j].astype(str)
+        stripped = col.str.strip()
+        match = stripped.str.fullmatch(_DECIMAL_COMMA.pattern)
+        if match.any():
+            df.iloc[:, j] = col.where(~match, stripped.str.replace(",", ".", regex=False))
+    return df
+
+
 def read_csv_bytes(data: bytes, source: str, ov: TableOverrides) -> pd.DataFrame:
-    """Parse CSV/TSV text (any line endings, quoted fields) into a DataFrame of raw cells."""
-    text = data.decode("utf-8", errors="replace")
+    """Parse CSV/TSV text (any line endings, quoted fields; UTF-8, or UTF-16/32 with or without a
+    byte-order mark) into a DataFrame of raw cells. ``ov.decimal == ","`` reads decimal commas."""
+    text = decode_text(data, source)
     if not text.strip():
         raise IngestError("empty_file", f"{source}: empty file (no rows)")
     head = text[:65536].lstrip("\ufeff").splitlines()  # sniff on the head only (files can be large)
     first = head[0] if head else ""
     sep = ov.delimiter or ("\t" if source.rstrip(".gz").endswith((".tsv", ".tab")) or first.count("\t") > first.count(",")
                            else (";" if first.count(";") > first.count(",") else ","))
+    if ov.decimal not in (".", ","):
+        raise IngestError("bad_override", f"{source}: decimal must be '.' or ',', got {ov.decimal!r}")
+    if ov.decimal == "," and sep == ",":
+        raise IngestError("bad_override", f"{source}: decimal ',' needs another column delimiter, but the delimiter "
+                                          f"is ','; set delimiter (e.g. ';') in the catalog entry too")
     try:
         # universal newlines via StringIO(newline=None): CR-only (old Mac) files read as lines too
         df = pd.read_csv(io.StringIO(text, newline=None), sep=sep, header=0 if ov.header else None,
@@ -126,7 +187,7 @@ def read_csv_bytes(data: bytes, source: str, ov: TableOverrides) -> pd.DataFrame
     df.columns = [str(c).strip().lstrip("\ufeff") for c in df.columns]
     if len(df) == 0:
         raise IngestError("empty_file", f"{source}: header only, no data rows")
-    return df
+    return _decimal_commas_to_points(df) if ov.decimal == "," else df
 
 
 _MISSING = {"", "na", "nan", "null", "none", "nil", "?", "n/a", "#n/a", "-"}
@@ -265,6 +326,8 @@ def _classify_columns(df: pd.DataFrame, out: _Out, exclude: set[str]) -> dict[st
             else:
                 out.bad(name, "all_missing", f"{out.ctx.source}: column {name!r} has only missing values", len(vals))
             continue
+        if bad.any() and _decimal_comma_hint(col, bad, name, nonempty, out):
+            continue
         if wanted is None:
             if bad.sum() > 0.5 * nonempty:
                 out.skip(name, "categorical (non-numeric) column")
@@ -291,6 +354,22 @@ def _classify_columns(df: pd.DataFrame, out: _Out, exclude: set[str]) -> dict[st
             continue
         series[name] = vals
     return series
+
+
+def _decimal_comma_hint(col: pd.Series, bad: np.ndarray, name: str, nonempty: int, out: _Out) -> bool:
+    """Report a column whose non-numeric cells are (>= 90%) numbers written with a decimal
+    comma, naming the setting that reads them; True when reported."""
+    if out.ctx.overrides.decimal != "." or col.dtype.kind != "O":
+        return False
+    cells = col[bad].astype(str).str.strip()
+    looks = cells.str.fullmatch(_DECIMAL_COMMA.pattern)
+    if looks.mean() < 0.9:
+        return False
+    file_name = out.ctx.source.rstrip("/").rsplit("/", 1)[-1]
+    out.bad(name, "decimal_comma", f"{out.ctx.source}: column {name!r} holds numbers with a decimal comma "
+                                   f"({cells[looks].iloc[0]!r}); to read them, give a catalog (--catalog FILE) with "
+                                   f"sources: [{{match: \"*/{file_name}\", decimal: \",\"}}]", nonempty)
+    return True
 
 
 def _time_columns(df: pd.DataFrame, ov: TableOverrides) -> list[str]:

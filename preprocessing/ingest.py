@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from preprocessing import storage, time300b
@@ -103,6 +104,12 @@ def _plan_dataset(folder: str, catalog: SourceCatalog | None, config: IngestConf
         meta = time300b.load_meta(folder, config.storage, check_files=config.check_bin_sizes)
     except IngestError as e:
         return [_bad(folder, domain, dataset, e, config)]
+    bad_offsets = time300b.offset_error(meta)
+    if bad_offsets is not None:
+        if config.fail_fast:
+            raise bad_offsets
+        log.warning("%s: %d sequence(s) with bad offsets quarantined, e.g. %s", folder,
+                    int(np.count_nonzero(meta.problems)), bad_offsets.message)
     chunks = time300b.plan_chunks(meta, domain, dataset, config.block_elements)
     log.info("%s: %d sequences, %d points, %d read tasks", folder, len(meta.lengths), meta.total_points, len(chunks))
     return [InputSpec("time300b", folder, domain, dataset, chunk=c) for c in chunks]

@@ -21,7 +21,6 @@ hashes and per-dataset counters.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -33,7 +32,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,14 +40,21 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from preprocessing import report as report_mod
-from preprocessing.accounting import Accounting, AccountingError, check_invariant, length_bin
+from preprocessing.accounting import (INFORMATIONAL_QUARANTINE, Accounting, AccountingError, check_invariant,
+                                      empty_result_reason, length_bin)
 from preprocessing.clean import clean_series
 from preprocessing.config import OutputConfig, PreprocessConfig, validate
 from preprocessing.contamination import ContaminationIndex
+from preprocessing.errors import PreprocessError
+from preprocessing.formats_table import IngestError
 from preprocessing.normalize import apply_stats, normalize_run
 from preprocessing.pack import REASON_SHORT_TAIL, assemble_rows, chunk_bounds
 from preprocessing.schema import MANIFEST_FILE, SCHEMA_VERSION, SHARD_PATTERN, TRAIN_DIR, VAL_DIR
-from preprocessing.writer import join, publish, resolve, write_packed
+from preprocessing.writer import (check_no_foreign_files, check_output_location, exists, join, publish, resolve,
+                                  write_packed)
+
+if TYPE_CHECKING:
+    from preprocessing.catalog import SourceCatalog
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +211,10 @@ def clean_batch(table: pa.Table, ctx: StageContext) -> tuple[pa.Table, Accountin
                 continue
         cleaned = clean_series(x, cfg.clean)
         dropped = dict(cleaned.dropped)
+        if cleaned.outliers is not None:
+            note = cleaned.outliers
+            acc.outliers.append({"series": key, "points": note.points, "center": note.center, "bound": note.bound,
+                                 "extreme": note.extreme})
         is_val = unit_hash("val|" + key) < cfg.pack.val_fraction
         weight = 1.0 if is_val else cfg.mixture.weight(domain)
         reps_base, frac = int(math.floor(weight)), weight - math.floor(weight)
@@ -417,6 +427,11 @@ def dedup_fixup(files: list[dict[str, Any]], blocks: list[dict[str, Any]], ctx: 
 # ----------------------------------------------------------------------------------- driver
 
 
+# Warnings (report.py: build_warnings) beyond this many are only in the report: a corpus with
+# a systematic problem must not bury the rest of the log.
+MAX_WARNINGS_LOGGED = 200
+
+
 @dataclass
 class PreprocessResult:
     output: str
@@ -440,6 +455,15 @@ def input_fingerprints(inputs: list[str], max_files: int = 100_000) -> list[dict
     return out
 
 
+def first_quarantine(acc: Accounting) -> IngestError | None:
+    """The first input of a tally that was quarantined (not a mere reader note), as the error
+    ``fail_fast`` stops with."""
+    for q in acc.quarantine:
+        if q["reason"] not in INFORMATIONAL_QUARANTINE:
+            return IngestError(q["reason"], q["message"], q["claimed_points"])
+    return None
+
+
 def task_remote_args(config: PreprocessConfig) -> dict[str, Any]:
     """Ray remote args of every preprocessing task: ``config.task_resources`` (e.g. ``{"data": 1}``,
     docs/cluster.md "Placing work"); ``{}`` by default. The same args on every map keeps Ray
@@ -447,20 +471,28 @@ def task_remote_args(config: PreprocessConfig) -> dict[str, Any]:
     return {"resources": dict(config.task_resources)} if config.task_resources else {}
 
 
-def _read(config: PreprocessConfig):
+def load_run_catalog(path: str | None) -> "SourceCatalog | None":
+    """The source catalog of ``--catalog``, or None; a missing or invalid file is a
+    PreprocessError naming it (checked before any work starts)."""
+    if not path:
+        return None
+    import yaml
+
+    from preprocessing.catalog import load_catalog
+
+    try:
+        return load_catalog(path)
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as e:
+        raise PreprocessError(f"--catalog {path}: {' '.join(str(e).split())}") from e
+
+
+def _read(config: PreprocessConfig, catalog: "SourceCatalog | None") -> "ray.data.Dataset":  # noqa: F821
     from preprocessing import ingest  # the ingest engineer's readers
 
-    kwargs: dict[str, Any] = {}
-    if hasattr(ingest, "IngestConfig"):
-        fields = {f.name for f in dataclasses.fields(ingest.IngestConfig)}
-        kwargs["config"] = ingest.IngestConfig(**({"fail_fast": True} if config.fail_fast and "fail_fast" in fields else {}))
-    catalog = config.catalog
-    if catalog and hasattr(ingest, "load_catalog"):
-        catalog = ingest.load_catalog(catalog)
-    elif catalog:
-        from preprocessing import catalog as catalog_mod
-
-        catalog = catalog_mod.load_catalog(catalog) if hasattr(catalog_mod, "load_catalog") else catalog
+    # Readers always quarantine; ``config.fail_fast`` stops the run on the driver at the first
+    # quarantined input (``first_quarantine``): raised inside a Ray task, the error would reach
+    # the driver only as Ray's generic task error, after Ray Data logged its traceback.
+    kwargs: dict[str, Any] = {"config": ingest.IngestConfig()}
     if task_remote_args(config):
         kwargs["ray_remote_args"] = task_remote_args(config)
     return ingest.read_series(config.inputs, catalog=catalog, **kwargs)
@@ -538,6 +570,20 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
         validate(config)
     if not config.output:
         raise ValueError("config.output is empty: give --output")
+    # Refused before any work: an output the inputs would read back, or files in it the job
+    # did not write (the trainer would read them as shards).
+    fs, out_path = resolve(config.output)
+    if config.inputs:
+        check_output_location(config.inputs, config.output)
+    check_no_foreign_files(fs, out_path, config.output)
+    catalog = load_run_catalog(config.catalog) if series is None else None
+    contamination = None
+    if config.contamination.benchmarks:
+        try:
+            contamination = ContaminationIndex.from_files(config.contamination.benchmarks,
+                                                          config.contamination.min_match)
+        except OSError as e:
+            raise PreprocessError(f"contamination.benchmarks: {' '.join(str(e).split())}") from e
     t0 = time.time()
     if not ray.is_initialized():
         # RAY_ADDRESS set -> connect to that cluster; otherwise start a local instance, with its
@@ -551,15 +597,13 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
     # on Ray instead of after the last block.
     threading.Thread(target=report_mod.preload, daemon=True).start()
     if series is None:
-        series = _read(config)
+        series = _read(config, catalog)
 
-    ctx = StageContext(config=config)
-    if config.contamination.benchmarks:
-        ctx.contamination = ContaminationIndex.from_files(config.contamination.benchmarks, config.contamination.min_match)
-        log.info("contamination guard: %d benchmark windows indexed", len(ctx.contamination.hashes))
+    ctx = StageContext(config=config, contamination=contamination)
+    if contamination is not None:
+        log.info("contamination guard: %d benchmark windows indexed", len(contamination.hashes))
     fingerprints = input_fingerprints(config.inputs) if config.inputs else []
     window_length = config.pack.window_length
-    fs, out_path = resolve(config.output)
     tmp_name = f"_tmp-{uuid.uuid4().hex[:12]}"
     tmp = join(out_path, tmp_name)
 
@@ -592,6 +636,9 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
             for row in batch.to_pylist():
                 if row["split"] == ACCOUNTING_SPLIT:
                     blocks.append(decode_carrier(row["path"]))
+                    problem = first_quarantine(blocks[-1]["acc"]) if config.fail_fast else None
+                    if problem is not None:
+                        raise problem
                 elif row["split"] == FILE_SPLIT:
                     files.append(json.loads(row["path"]))
                 else:
@@ -638,6 +685,12 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
         if bad:
             raise AccountingError(f"points written to shards differ from points kept (+repeats): {bad}")
 
+        rows = {s: sum(e["rows"] for e in entries[s]) for s in entries}
+        if not rows[TRAIN_DIR]:
+            # An empty result never replaces a published output, and is never a success.
+            kept = "was left as it was" if exists(fs, join(out_path, MANIFEST_FILE)) else "was not written"
+            raise PreprocessError(f"nothing to publish: {empty_result_reason(acc, rows[VAL_DIR])}; "
+                                  f"--output {config.output} {kept}")
         efficiency = {s: (points[s] / slots[s] if slots[s] else 1.0) for s in slots}
         mixture = {d: config.mixture.weight(d) for d in acc.domains()}
         rep = report_mod.build_report(acc, config, efficiency, shards, mixture)
@@ -651,9 +704,13 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
             "packing_efficiency": efficiency,
             "mixture_weights": mixture,
             "shards": shards,
-            "rows": {s: sum(x["rows"] for x in v) for s, v in shards.items()},
+            "rows": rows,
         }
         manifest["inputs_digest"] = hashlib.sha256(json.dumps(manifest["inputs"], sort_keys=True).encode()).hexdigest()
+        for line in rep["warnings"][:MAX_WARNINGS_LOGGED]:
+            log.warning("%s", line)
+        if len(rep["warnings"]) > MAX_WARNINGS_LOGGED:
+            log.warning("... and %d more warnings in report.json", len(rep["warnings"]) - MAX_WARNINGS_LOGGED)
         files = {
             "report.json": json.dumps(rep, indent=2, sort_keys=True, default=float).encode(),
             "report.html": report_mod.render_html(rep).encode(),

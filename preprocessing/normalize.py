@@ -59,7 +59,8 @@ def normalize_run(x: np.ndarray, method: str) -> tuple[np.ndarray, float, float]
         raise ValueError(f"unknown normalisation method {method!r} (zscore, max, none)")
     mean32 = np.float32(float(x.sum(dtype=np.float64)) / n) if n < 4096 else np.float32(float(x.sum()) / n)
     out = x - mean32
-    var = float(np.dot(out, out)) / n
+    with np.errstate(over="ignore"):  # float32 overflow of huge values: redone in float64 below
+        var = float(np.dot(out, out)) / n
     if not np.isfinite(var):  # float32 overflow of huge values: redo the variance in float64
         d = out.astype(np.float64)
         var = float(np.dot(d, d)) / n

@@ -5,7 +5,8 @@
 ``series_in``, ``series_kept``, ``series_dropped`` (reason -> series), ``points_repeated``,
 ``packing_efficiency`` (per split), ``mixture_weights``, ``domains`` and ``datasets`` blocks
 (the same counters plus length histograms and value statistics), ``quarantine`` (inputs that
-could not be read, with reasons), ``shards``.
+could not be read, with reasons), ``shards``, ``warnings`` (one line each: a domain of which
+nothing was kept, a series the robust bound cut points from).
 """
 from __future__ import annotations
 
@@ -17,13 +18,36 @@ from typing import Any
 from preprocessing.accounting import HIST_BINS, Accounting, DatasetTally
 from preprocessing.config import PreprocessConfig
 
-SECTIONS = ("summary", "drops", "domains", "datasets", "lengths", "values", "packing", "mixture", "quarantine")
+SECTIONS = ("summary", "warnings", "drops", "domains", "datasets", "lengths", "values", "packing", "mixture",
+            "quarantine")
 
 
 def _counts(t: DatasetTally) -> dict[str, Any]:
     d = t.to_dict()
     return {k: d[k] for k in ("series_in", "series_kept", "series_dropped", "points_in", "points_kept",
                               "points_dropped", "points_repeated", "points_val", "series_val")}
+
+
+def _reasons(counts: dict[str, int], limit: int = 3) -> str:
+    items = sorted(((n, r) for r, n in counts.items() if n), key=lambda nr: (-nr[0], nr[1]))
+    return ", ".join(f"{r} {n:,}" for n, r in items[:limit]) + (", ..." if len(items) > limit else "")
+
+
+def build_warnings(acc: Accounting) -> list[str]:
+    """One line per thing a user must not miss although the run succeeded: a domain of which
+    nothing was kept (its data is absent from the shards), then each series the robust bound
+    cut points from (``clean.outlier_limit``)."""
+    lines = []
+    for domain in acc.domains():
+        t = acc.totals(domain)
+        if t.series_in and not t.series_kept:
+            what = (f"all {t.points_in:,} points of {t.series_in:,} series dropped ({_reasons(t.points_dropped)})"
+                    if t.points_in else f"all {t.series_in:,} series dropped ({_reasons(t.series_dropped)})")
+            lines.append(f"domain {domain}: {what}; nothing of it is in the shards")
+    for o in sorted(acc.outliers, key=lambda o: o["series"]):
+        lines.append(f"series {o['series']}: {o['points']:,} point(s) beyond the robust bound dropped as outlier "
+                     f"(|x - {o['center']:.6g}| > {o['bound']:.3g}; most extreme {o['extreme']:.3g})")
+    return lines
 
 
 def build_report(acc: Accounting, config: PreprocessConfig, efficiency: dict[str, float],
@@ -39,6 +63,7 @@ def build_report(acc: Accounting, config: PreprocessConfig, efficiency: dict[str
     rep["window_length"] = config.pack.window_length
     rep["mixture_weights"] = mixture
     rep["quarantine"] = sorted(acc.quarantine, key=lambda q: (q["source"], q["series"]))
+    rep["warnings"] = build_warnings(acc)
     rep["shards"] = {s: {"files": len(v), "rows": sum(x["rows"] for x in v), "points": sum(x["points"] for x in v)}
                      for s, v in shards.items()}
     rep["length_hist_log2"] = total.length_hist
@@ -142,6 +167,8 @@ def render_html(rep: dict[str, Any]) -> str:
         ["points", rep["points_in"], rep["points_kept"], sum(rep["points_dropped"].values()), rep["points_repeated"]],
         ["series", rep["series_in"], rep["series_kept"], sum(rep["series_dropped"].values()), "-"],
     ])
+    sec["warnings"] = ("<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in rep.get("warnings", [])) + "</ul>"
+                       if rep.get("warnings") else "<p>no warnings</p>")
     sec["drops"] = _table(["reason", "points", "series"], [
         [r, rep["points_dropped"].get(r, 0), rep["series_dropped"].get(r, 0)]
         for r in sorted(set(rep["points_dropped"]) | set(rep["series_dropped"]))]) + plots["drops"]
@@ -162,7 +189,7 @@ def render_html(rep: dict[str, Any]) -> str:
     sec["quarantine"] = _table(["source", "dataset", "reason", "claimed points", "message"], [
         [q["source"], f"{q['domain']}/{q['dataset']}", q["reason"], q["claimed_points"], q["message"]] for q in rep["quarantine"]
     ]) if rep["quarantine"] else "<p>no quarantined inputs</p>"
-    titles = {"summary": "Summary", "drops": "Dropped by rule", "domains": "Per domain", "datasets": "Per dataset",
+    titles = {"summary": "Summary", "warnings": "Warnings", "drops": "Dropped by rule", "domains": "Per domain", "datasets": "Per dataset",
               "lengths": "Length histograms", "values": "Value statistics (raw units)", "packing": "Packing",
               "mixture": "Mixture weights", "quarantine": "Quarantined inputs"}
     body = "\n".join(f'<section id="{k}"><h2>{titles[k]}</h2>{sec[k]}</section>' for k in SECTIONS)

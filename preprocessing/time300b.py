@@ -13,6 +13,7 @@ file and slices every sequence out of that buffer with numpy (no per-sequence I/
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from preprocessing import storage
-from preprocessing.formats_table import IngestError, series_table
+from preprocessing.formats_table import IngestError, concat, quarantine_table, series_table
 from preprocessing.storage import StorageOptions
 
 _FILE_RE = re.compile(r"^data-(\d+)-of-(\d+)\.bin$")
@@ -135,10 +136,49 @@ class Time300BMeta:
     lengths: np.ndarray           # int64
     mean: np.ndarray | None       # float64, NaN where the entry is raw; None if no entry has it
     std: np.ndarray | None
+    # Per sequence: OFFSETS_OK, or why its scale entry cannot be trusted (read as a quarantine
+    # row instead of data); ``overlaps[i]`` is the sequence that sequence i overlaps (-1: none).
+    problems: np.ndarray | None = None
+    overlaps: np.ndarray | None = None
 
     @property
     def total_points(self) -> int:
         return int(self.lengths.sum())
+
+
+OFFSETS_OK, OFFSETS_BEYOND_FILES, OFFSETS_OVERLAP = 0, 1, 2
+
+
+def offset_problems(offsets: np.ndarray, lengths: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(problems, overlaps)`` per sequence of a dataset whose files hold ``total`` elements:
+    OFFSETS_BEYOND_FILES when ``[offset, offset + length)`` ends past the files; OFFSETS_OVERLAP
+    when it shares elements with another sequence's range (both are flagged: meta.json is wrong
+    about at least one and does not say which), ``overlaps`` naming that other sequence.
+    Empty sequences overlap nothing. Offsets and lengths must be non-negative."""
+    n = len(offsets)
+    problems = np.zeros(n, np.int8)
+    overlaps = np.full(n, -1, np.int64)
+    ends = offsets + lengths
+    beyond = ends > total
+    problems[beyond] = OFFSETS_BEYOND_FILES
+    order = np.flatnonzero(~beyond & (lengths > 0))
+    order = order[np.argsort(offsets[order], kind="stable")]
+    if len(order) < 2:
+        return problems, overlaps
+    starts, stops = offsets[order], ends[order]
+    reach = np.maximum.accumulate(stops)              # furthest end among sequences 0..k
+    positions = np.arange(len(order))
+    # the (latest) sequence reaching that far, among 0..k
+    holder = np.maximum.accumulate(np.where(stops == reach, positions, 0))
+    hit = np.flatnonzero(starts[1:] < reach[:-1]) + 1  # k starts before an earlier one has ended
+    if len(hit):
+        mine, theirs = order[hit], order[holder[hit - 1]]
+        problems[mine] = OFFSETS_OVERLAP
+        problems[theirs] = OFFSETS_OVERLAP
+        overlaps[mine] = theirs
+        unset = overlaps[theirs] < 0
+        overlaps[theirs[unset]] = mine[unset]
+    return problems, overlaps
 
 
 def _bad(folder: str, what: str, claimed: int = 0) -> IngestError:
@@ -147,7 +187,9 @@ def _bad(folder: str, what: str, claimed: int = 0) -> IngestError:
 
 def load_meta(folder: str, options: StorageOptions | None = None, check_files: bool = True) -> Time300BMeta:
     """Parse and validate a dataset folder's ``meta.json``; raise :class:`IngestError` naming
-    the file and the reason (bad_meta, missing_file, truncated_bin)."""
+    the file and the reason (bad_meta, missing_file, truncated_bin). Sequences whose offsets
+    reach past the files or overlap another sequence are flagged in ``problems`` (read as
+    ``bad_offsets`` quarantine rows), not raised: the rest of the dataset is still good."""
     meta_url = storage.join(folder, "meta.json")
     try:
         raw = storage.read_bytes(meta_url, options)
@@ -191,11 +233,8 @@ def load_meta(folder: str, options: StorageOptions | None = None, check_files: b
     if (lengths < 0).any() or (offsets < 0).any():
         i = int(np.flatnonzero((lengths < 0) | (offsets < 0))[0])
         raise _bad(folder, f"sequence {i} has a negative offset or length", claimed)
-    end = offsets + lengths
-    if len(end) and int(end.max()) > total:
-        i = int(np.argmax(end > total))
-        raise _bad(folder, f"offsets out of range: sequence {i} ends at element {int(end[i])} but the files "
-                           f"hold {total} elements", claimed)
+    # Wrong offsets of single sequences quarantine those sequences, not the whole dataset.
+    problems, overlaps = offset_problems(offsets, lengths, total)
     files = [storage.join(folder, n) for n in names]
     if check_files:
         for url, n in zip(files, file_elements):
@@ -208,7 +247,9 @@ def load_meta(folder: str, options: StorageOptions | None = None, check_files: b
             if size < n * 4:
                 raise IngestError("truncated_bin", f"{url}: truncated, {size} bytes but meta.json says {n} "
                                                    f"float32 elements ({n * 4} bytes)", claimed)
-    return Time300BMeta(folder, files, file_elements, offsets, lengths, mean, std)
+    if not problems.any():
+        problems = overlaps = None
+    return Time300BMeta(folder, files, file_elements, offsets, lengths, mean, std, problems, overlaps)
 
 
 @dataclass
@@ -225,6 +266,8 @@ class Time300BChunk:
     lengths: np.ndarray
     mean: np.ndarray | None
     std: np.ndarray | None
+    problems: np.ndarray | None = None    # the chunk's slices of Time300BMeta.problems / overlaps
+    overlaps: np.ndarray | None = None
 
     @property
     def points(self) -> int:
@@ -252,6 +295,8 @@ def plan_chunks(meta: Time300BMeta, domain: str, dataset: str, block_elements: i
             meta.offsets[sl].copy(), meta.lengths[sl].copy(),
             None if meta.mean is None else meta.mean[sl].copy(),
             None if meta.std is None else meta.std[sl].copy(),
+            None if meta.problems is None else meta.problems[sl].copy(),
+            None if meta.overlaps is None else meta.overlaps[sl].copy(),
         ))
     return chunks
 
@@ -279,8 +324,52 @@ def _read_elements(files: list[str], file_elements: np.ndarray, start: int, stop
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
+def offset_error(meta: Time300BMeta) -> IngestError | None:
+    """The first sequence with bad offsets as an error (``fail_fast``), None if there is none."""
+    if meta.problems is None:
+        return None
+    chunk = Time300BChunk("", "", meta.folder, meta.files, meta.file_elements, 0, meta.offsets, meta.lengths,
+                          None, None, meta.problems, meta.overlaps)
+    first = _offset_quarantine(chunk, limit=1)
+    return IngestError("bad_offsets", first.column("quarantine_message")[0].as_py(),
+                       int(first.column("claimed_points")[0].as_py()))
+
+
+def _offset_quarantine(chunk: Time300BChunk, limit: int | None = None) -> pa.Table:
+    """One quarantine row (reason ``bad_offsets``) per sequence of the chunk whose scale entry
+    points outside the files or into another sequence, naming meta.json and the offsets."""
+    meta_url = storage.join(chunk.folder, "meta.json")
+    total = int(chunk.file_elements.sum())
+    rows = []
+    for k in np.flatnonzero(chunk.problems)[:limit].tolist():
+        i, start = chunk.first + k, int(chunk.offsets[k])
+        end = start + int(chunk.lengths[k])
+        if chunk.problems[k] == OFFSETS_BEYOND_FILES:
+            why = f"end beyond the {total} elements its .bin files hold"
+        else:
+            why = f"overlap sequence {int(chunk.overlaps[k])} (offsets in meta.json are wrong for one of them)"
+        rows.append((chunk.domain, chunk.dataset, str(i), chunk.folder, "bad_offsets",
+                     f"{meta_url}: sequence {i} offsets [{start}, {end}) {why}", int(chunk.lengths[k])))
+    return quarantine_table(rows)
+
+
 def read_chunk(chunk: Time300BChunk, options: StorageOptions | None = None, source_root: str | None = None) -> pa.Table:
-    """The chunk's sequences as a SERIES_SCHEMA table (raw units)."""
+    """The chunk's sequences as a SERIES_SCHEMA table (raw units); sequences with bad offsets
+    (:func:`offset_problems`) come as quarantine rows after the good ones."""
+    if chunk.problems is not None and chunk.problems.any():
+        good = chunk.problems == OFFSETS_OK
+        bad = _offset_quarantine(chunk)
+        if not good.any():
+            return bad
+        names = np.arange(chunk.first, chunk.first + len(chunk.lengths))[good].astype(str)
+        kept = dataclasses.replace(
+            chunk, offsets=chunk.offsets[good], lengths=chunk.lengths[good],
+            mean=None if chunk.mean is None else chunk.mean[good], std=None if chunk.std is None else chunk.std[good],
+            problems=None, overlaps=None)
+        table = read_chunk(kept, options, source_root)
+        column = table.schema.get_field_index("series")
+        return concat([table.set_column(column, table.schema.field(column), pa.array(names.tolist(), pa.string())),
+                       bad])
     offsets, lengths = chunk.offsets, chunk.lengths
     start = int(offsets.min()) if len(offsets) else 0
     stop = int((offsets + lengths).max()) if len(offsets) else 0

@@ -48,9 +48,16 @@ def meta_without_scales(tmp):
 
 
 def offsets_out_of_range(tmp):
+    """Only the sequence that points past the files is quarantined (its claimed length)."""
     f = _t300b(tmp)
     _edit_meta(f, lambda m: m["scales"][-1].update(offset=45))
-    return f, "meta.json", "bad_meta", 50
+    return f, "meta.json", "bad_offsets", 10
+
+
+def overlapping_offsets(tmp):
+    f = _t300b(tmp)
+    _edit_meta(f, lambda m: m["scales"][2].update(offset=15))
+    return f, "meta.json", "bad_offsets", 10
 
 
 def negative_length(tmp):
@@ -105,6 +112,14 @@ def non_numeric_cells(tmp):
     p.parent.mkdir(parents=True)
     p.write_text("t,value\n" + "".join(f"{i},{i * 1.5}\n" for i in range(30)) + "30,oops\n")
     return p, "cells.csv", "non_numeric", 31
+
+
+def decimal_commas(tmp):
+    """The message names the catalog setting that reads the file."""
+    p = tmp / "web" / "comma.csv"
+    p.parent.mkdir(parents=True)
+    p.write_text("t;value\n" + "".join(f"{i};{i},5\n" for i in range(30)))
+    return p, 'decimal: ","', "decimal_comma", 30
 
 
 def all_nan_series(tmp):
@@ -167,9 +182,9 @@ def missing_path(tmp):
     return tmp / "nowhere" / "absent.csv", "absent.csv", "missing_file", 0
 
 
-CASES = [truncated_bin, malformed_meta, meta_without_scales, offsets_out_of_range, negative_length,
+CASES = [truncated_bin, malformed_meta, meta_without_scales, offsets_out_of_range, overlapping_offsets, negative_length,
          num_sequences_mismatch, missing_bin, unreadable_gzip, truncated_gzip, empty_file, header_only,
-         non_numeric_cells, all_nan_series, infinities, mixed_types_jsonl, broken_jsonl_line,
+         non_numeric_cells, decimal_commas, all_nan_series, infinities, mixed_types_jsonl, broken_jsonl_line,
          unsupported_extension, corrupt_npy, corrupt_parquet, ts_without_data, missing_path]
 
 
@@ -198,8 +213,8 @@ def test_bad_input_is_quarantined_with_reason_and_file_name(tmp_path, good_file,
     assert good.num_rows >= 1 and good.column("quarantine_reason").to_pylist()[0] == ""
 
 
-@pytest.mark.parametrize("case", [truncated_bin, malformed_meta, unreadable_gzip, non_numeric_cells, infinities,
-                                  missing_path], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("case", [truncated_bin, malformed_meta, overlapping_offsets, unreadable_gzip,
+                                  non_numeric_cells, infinities, missing_path], ids=lambda c: c.__name__)
 def test_fail_fast_raises(tmp_path, case):
     path, file_name, reason, _ = case(tmp_path / "bad")
     with pytest.raises(IngestError) as exc:

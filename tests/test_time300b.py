@@ -58,19 +58,20 @@ def test_round_trip_straddling_and_scales(tmp_path, block):
 
 
 def test_unordered_offsets_use_gather(tmp_path):
-    """Scale entries need not tile the files in order: the reader gathers them."""
+    """Scale entries need not tile the files in order (nor cover them): the reader gathers them.
+    (Overlapping entries are quarantined: tests/test_bad_inputs_preprocess.py.)"""
     folder = tmp_path / "web" / "shuffled"
     folder.mkdir(parents=True)
     flat = np.arange(100, dtype=np.float32)
     flat.tofile(folder / "data-1-of-1.bin")
     scales = [{"offset": 60, "length": 10}, {"offset": 0, "length": 5}, {"offset": 30, "length": 20},
-              {"offset": 62, "length": 3, "mean": 1.0, "std": 2.0}]
+              {"offset": 82, "length": 3, "mean": 1.0, "std": 2.0}]
     (folder / "meta.json").write_text(json.dumps({"num_sequences": 4, "dtype": "float32",
                                                   "files": {"data-1-of-1.bin": 100}, "scales": scales}))
     got = _values(read_series_local([str(folder)]))
     for g, r in zip(got, reference_read(folder)):
         np.testing.assert_array_equal(g, r)
-    np.testing.assert_array_equal(got[3], np.array([62, 63, 64]) * 2.0 + 1.0)
+    np.testing.assert_array_equal(got[3], np.array([82, 83, 84]) * 2.0 + 1.0)
 
 
 def test_root_of_domain_folders(tmp_path):
