@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         qs = load_quickstart_config(args.config)
     except ValueError as err:
-        print(f"jobs.pipeline: {err}", file=sys.stderr)
+        print(f"jobs.pipeline: {typed_config.redact_secrets(str(err))}", file=sys.stderr)
         return 2
     if args.resume:
         run_dir = Path(args.resume).resolve()
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             f"train.output_dir={run_dir / 'train'}",
                                                             f"tracking.tracking_uri={uri}"] + list(args.overrides))
     except ValueError as err:
-        print(f"jobs.pipeline: {err}", file=sys.stderr)
+        print(f"jobs.pipeline: {typed_config.redact_secrets(str(err))}", file=sys.stderr)
         return 2
     eq = qs.eval
     for key in ("device", "dtype", "batch_size"):  # flags win over the config's eval section
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                          "workers": eval_workers,
                          "baselines": list(eq.baselines)},
                 "register": {"name": reg_name}}
-    text = yaml.safe_dump(resolved, sort_keys=False)
+    text = typed_config.redact_secrets(yaml.safe_dump(resolved, sort_keys=False))
     # a resumed run keeps the first resolution and adds its own next to it
     name = f"resolved_config-resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml" if args.resume else "resolved_config.yaml"
     (run_dir / name).write_text(text)
@@ -261,7 +261,7 @@ registered      : {reg.model_uri} aliases {aliases} ({'promoted' if decision.pro
 run summary     : {run_dir / 'summary.json'} (stage times, training speed, evaluation, registry)
 eval table      : {eval_json} (avg MSE {', '.join(f'{k} {v["avg_mse"]:.4f}' for k, v in results.items())})
 forecast plot   : {eval_dir / 'forecasts.png'}
-MLflow UI       : mlflow ui --backend-store-uri {uri}
+MLflow UI       : mlflow ui --backend-store-uri {typed_config.redact_secrets(uri)}
 """, flush=True)
     return 0
 

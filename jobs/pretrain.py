@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import typed_config
 from pipeline.config import load_config
 
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ValueError as err:  # the message names the file or the override and the field
-        print(f"jobs.pretrain: {err}", file=sys.stderr)
+        print(f"jobs.pretrain: {typed_config.redact_secrets(str(err))}", file=sys.stderr)
         return 2
     if not cfg.data.path:
         p.error("no data: pass --data or set data.path in the config")

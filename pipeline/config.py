@@ -131,7 +131,8 @@ class TrainConfig:
         return typed_config.to_yaml(self)
 
     def flat(self) -> dict[str, Any]:
-        """``{"optim.lr": 0.001, "model.overrides.num_experts": 8, ...}`` for MLflow params."""
+        """``{"optim.lr": 0.001, "model.overrides.num_experts": 8, ...}`` for MLflow params, secrets
+        in URIs redacted."""
         out: dict[str, Any] = {}
 
         def walk(prefix: str, value: Any) -> None:
@@ -142,7 +143,7 @@ class TrainConfig:
                 out[prefix] = value
 
         walk("", self.to_dict())
-        return out
+        return typed_config.redact(out)  # MLflow parameters: no credentials
 
     def fingerprint(self) -> str:
         """Hash of what a resumed run must share with the run that wrote the checkpoint:

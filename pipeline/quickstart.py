@@ -18,6 +18,7 @@ import pandas as pd
 
 import typed_config
 from pipeline.checkpoint import STATE_FILE
+from pipeline.tracking import keep_credentials_out_of_logs
 from preprocessing.config import PreprocessConfig
 from preprocessing.synthetic import kernelsynth, random_walk, seasonal
 
@@ -76,6 +77,7 @@ def resolve_tracking_uri(output_dir: str | Path) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in ``output_dir/mlflow.db``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
+        keep_credentials_out_of_logs(env)
         return env
     return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
 

@@ -151,3 +151,24 @@ def test_quickstart_config_errors_name_the_file(tmp_path):
     path.write_text("preprocess: {pack: {val_fraction: 1e-2}}\neval: {workers: 2}\n")
     qs = load_quickstart_config(path)
     assert qs.preprocess.pack.val_fraction == 0.01 and qs.eval.workers == 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("http://alice:pw0rd@host:5000/api", "http://alice:***@host:5000/api"),
+    ("postgresql+psycopg2://u:p%40ss@db/mlflow", "postgresql+psycopg2://u:***@db/mlflow"),
+    ("tracking_uri: https://bob:x@h\nother: s3://bucket/key", "tracking_uri: https://bob:***@h\nother: s3://bucket/key"),
+    ("https://h/p?token=abc&x=1", "https://h/p?token=***&x=1"),
+    ("https://b.s3.amazonaws.com/k?X-Amz-Signature=f00&X-Amz-Expires=60", "https://b.s3.amazonaws.com/k?X-Amz-Signature=***&X-Amz-Expires=60"),
+    ("http://127.0.0.1:5000 and sqlite:////tmp/a.db", "http://127.0.0.1:5000 and sqlite:////tmp/a.db"),  # nothing to hide
+])
+def test_secrets_in_uris_are_redacted(text, expected):
+    assert typed_config.redact_secrets(text) == expected
+
+
+def test_config_text_and_mlflow_params_hide_credentials_but_the_config_keeps_them():
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["tracking.tracking_uri=http://alice:pw0rd@h:5000"])
+    assert cfg.tracking.tracking_uri == "http://alice:pw0rd@h:5000"  # still usable
+    assert "pw0rd" not in cfg.to_yaml() and "alice:***@h" in cfg.to_yaml()
+    assert cfg.flat()["tracking.tracking_uri"] == "http://alice:***@h:5000"

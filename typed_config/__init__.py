@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -240,4 +241,33 @@ def to_plain(value: Any) -> Any:
 
 
 def to_yaml(value: Any) -> str:
-    return yaml.safe_dump(to_plain(value), sort_keys=False)
+    """YAML for people and files: printed at job start, written next to the outputs. Secrets in
+    URIs are redacted (:func:`redact_secrets`); the config object itself keeps them."""
+    return redact_secrets(yaml.safe_dump(to_plain(value), sort_keys=False))
+
+
+# scheme://user:password@host -> scheme://user:***@host; ?token=... -> ?token=***
+_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s'\"]*):(?P<secret>[^@/\s'\"]+)@")
+_SECRET_PARAM = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey|"
+                           r"sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&\s'\"]+",
+                           re.IGNORECASE)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` and the value of
+    secret-looking query parameters replaced by ``***``: what every printed, written or tracked
+    copy of a configuration passes through (a tracking URI with credentials must not reach logs,
+    ``resolved_config.yaml`` or MLflow parameters)."""
+    text = _USERINFO.sub(lambda m: f"{m.group('head')}:***@", text)
+    return _SECRET_PARAM.sub(lambda m: f"{m.group('head')}***", text)
+
+
+def redact(value: Any) -> Any:
+    """:func:`redact_secrets` applied to every string inside plain data (dicts, lists)."""
+    if isinstance(value, str):
+        return redact_secrets(value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
