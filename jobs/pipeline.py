@@ -31,15 +31,15 @@ from pathlib import Path
 
 import yaml
 
+import typed_config
 from pipeline.baselines import make_baseline
 from pipeline.config import load_config
 from pipeline.eval_workers import evaluate_model
 from pipeline.evaluation import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
 from pipeline.inference import InferenceOptionError, add_cli_options, options_from_args
-from pipeline.quickstart import (alias_of, ensure_experiment, resolve_tracking_uri, training_run_id,
-                                 write_heldout_benchmarks)
+from pipeline.quickstart import (alias_of, ensure_experiment, load_quickstart_config, resolve_tracking_uri,
+                                 training_run_id, write_heldout_benchmarks)
 from pipeline.registry import promote_if_better, record_zero_shot_score, register_checkpoint
-from preprocessing.config import config_from_dict as preprocess_config_from_dict
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.time()
     timings: dict[str, float] = {}
-    qs = yaml.safe_load(Path(args.config).read_text()) or {}
+    try:
+        qs = load_quickstart_config(args.config)
+    except ValueError as err:
+        print(f"jobs.pipeline: {typed_config.redact_secrets(str(err))}", file=sys.stderr)
+        return 2
     if args.resume:
         run_dir = Path(args.resume).resolve()
         if not (run_dir / "resolved_config.yaml").exists():
@@ -102,38 +106,40 @@ def main(argv: list[str] | None = None) -> int:
     uri = resolve_tracking_uri(out)
 
     # ---- resolve every stage's config up front, print it, keep a copy next to the outputs
-    pre = preprocess_config_from_dict(dict(qs.get("preprocess", {})))
+    pre = qs.preprocess
     pre.output = str(run_dir / "packed")
-    tq = qs.get("train", {})
-    train_cfg = load_config(tq.get("config", "configs/tiny-cpu.yaml"),
-                            list(tq.get("overrides", [])) + [f"data.path={pre.output}",
-                                                             f"train.output_dir={run_dir / 'train'}",
-                                                             f"tracking.tracking_uri={uri}"] + list(args.overrides))
-    eq = qs.get("eval", {})
+    try:
+        train_cfg = load_config(qs.train.config,
+                                list(qs.train.overrides) + [f"data.path={pre.output}",
+                                                            f"train.output_dir={run_dir / 'train'}",
+                                                            f"tracking.tracking_uri={uri}"] + list(args.overrides))
+    except ValueError as err:
+        print(f"jobs.pipeline: {typed_config.redact_secrets(str(err))}", file=sys.stderr)
+        return 2
+    eq = qs.eval
     for key in ("device", "dtype", "batch_size"):  # flags win over the config's eval section
         if getattr(args, key) is None:
-            setattr(args, key, eq.get(key))
+            setattr(args, key, getattr(eq, key))
     try:
         inference = options_from_args(args)
     except InferenceOptionError as e:
         print(f"jobs.pipeline: {e}", file=sys.stderr)
         return 2
-    eval_workers = args.eval_workers or eq.get("workers", "auto")
-    eval_cfg = EvalConfig(horizons=list(eq.get("horizons", [96])), context=eq.get("context"),
-                          stride=int(eq.get("stride", 96)), batch_size=inference.batch_size)
-    corpus = qs.get("corpus", {})
-    scale = args.scale if args.scale is not None else float(corpus.get("scale", 1.0))
-    reg_name = qs.get("register", {}).get("name", "timemoe-quickstart")
+    eval_workers = args.eval_workers or eq.workers
+    eval_cfg = EvalConfig(horizons=list(eq.horizons), context=eq.context, stride=eq.stride,
+                          batch_size=inference.batch_size)
+    scale = args.scale if args.scale is not None else qs.corpus.scale
+    reg_name = qs.register.name
     resolved = {"output_dir": str(out), "run_dir": str(run_dir), "tracking_uri": uri, "inputs": args.input or [str(run_dir / "corpus")],
-                "corpus": {"seed": corpus.get("seed", 0), "scale": scale} if not args.input else None,
-                "preprocess": pre.to_dict(), "train": yaml.safe_load(train_cfg.to_yaml()),
+                "corpus": {"seed": qs.corpus.seed, "scale": scale} if not args.input else None,
+                "preprocess": pre.to_dict(), "train": typed_config.to_plain(train_cfg),
                 "eval": {"benchmarks": args.benchmarks or str(out / "heldout"), "horizons": eval_cfg.horizons,
                          "context": eval_cfg.context, "stride": eval_cfg.stride,
                          "device": inference.device, "dtype": inference.dtype, "batch_size": inference.batch_size,
                          "workers": eval_workers,
-                         "baselines": eq.get("baselines", ["naive", "seasonal_naive"])},
+                         "baselines": list(eq.baselines)},
                 "register": {"name": reg_name}}
-    text = yaml.safe_dump(resolved, sort_keys=False)
+    text = typed_config.redact_secrets(yaml.safe_dump(resolved, sort_keys=False))
     # a resumed run keeps the first resolution and adds its own next to it
     name = f"resolved_config-resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml" if args.resume else "resolved_config.yaml"
     (run_dir / name).write_text(text)
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         from preprocessing.synthetic import generate_default_corpus
 
         shutil.rmtree(run_dir / "corpus", ignore_errors=True)  # a stopped run may have left part of it
-        summary = generate_default_corpus(str(run_dir / "corpus"), seed=int(corpus.get("seed", 0)), scale=scale)
+        summary = generate_default_corpus(str(run_dir / "corpus"), seed=qs.corpus.seed, scale=scale)
         pre.inputs = [str(run_dir / "corpus")]
         print(f"[pipeline] {summary['series']} series, {summary['points']:,} points in {time.time() - t:.1f}s", flush=True)
         timings["corpus"] = time.time() - t
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     t = stage("4/5 zero-shot evaluation")
     bench = args.benchmarks or str(out / "heldout")
     if not args.benchmarks:
-        eval_cfg.datasets = write_heldout_benchmarks(bench, seed=int(eq.get("heldout_seed", 10_000)))
+        eval_cfg.datasets = write_heldout_benchmarks(bench, seed=eq.heldout_seed)
     elif args.datasets:
         eval_cfg.datasets = list(args.datasets)
     eval_dir = run_dir / "eval"
@@ -263,7 +269,7 @@ registered      : {reg.model_uri} aliases {aliases} ({'promoted' if decision.pro
 run summary     : {run_dir / 'summary.json'} (stage times, training speed, evaluation, registry)
 eval table      : {eval_json} (avg MSE {', '.join(f'{k} {v["avg_mse"]:.4f}' for k, v in results.items())})
 forecast plot   : {eval_dir / 'forecasts.png'}
-MLflow UI       : mlflow ui --backend-store-uri {uri}
+MLflow UI       : mlflow ui --backend-store-uri {typed_config.redact_secrets(uri)}
 """, flush=True)
     return 0
 

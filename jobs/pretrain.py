@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import typed_config
 from pipeline.config import load_config
 
 
@@ -29,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ValueError as err:  # the message names the file or the override and the field
+        print(f"jobs.pretrain: {typed_config.redact_secrets(str(err))}", file=sys.stderr)
+        return 2
     if not cfg.data.path:
         p.error("no data: pass --data or set data.path in the config")
     print("# resolved config\n" + cfg.to_yaml(), flush=True)

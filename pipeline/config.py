@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import typed_config
+from typed_config import ConfigError
 
 
 @dataclass
@@ -127,10 +128,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+        return typed_config.to_yaml(self)
 
     def flat(self) -> dict[str, Any]:
-        """``{"optim.lr": 0.001, "model.overrides.num_experts": 8, ...}`` for MLflow params."""
+        """``{"optim.lr": 0.001, "model.overrides.num_experts": 8, ...}`` for MLflow params, secrets
+        in URIs redacted."""
         out: dict[str, Any] = {}
 
         def walk(prefix: str, value: Any) -> None:
@@ -141,7 +143,7 @@ class TrainConfig:
                 out[prefix] = value
 
         walk("", self.to_dict())
-        return out
+        return typed_config.redact(out)  # MLflow parameters: no credentials
 
     def fingerprint(self) -> str:
         """Hash of what a resumed run must share with the run that wrote the checkpoint:
@@ -154,7 +156,7 @@ class TrainConfig:
             "batch": [self.train.global_batch_size, self.train.micro_batch_size, self.train.seed],
             "workers": self.scaling.num_workers,
         }
-        return hashlib.sha256(json.dumps(_plain(keep), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(typed_config.to_plain(keep), sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
         p, t = self.parallel, self.train
@@ -192,70 +194,22 @@ class TrainConfig:
         return self.train.global_batch_size // per_step
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in config section '{where}'; known: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        default = getattr(cls(), key)
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value or {}, f"{where}.{key}" if where else key)
-        elif isinstance(default, tuple):
-            kwargs[key] = tuple(value)
-        elif isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-            # YAML 1.1 reads "1e-4" (no dot) as a string: it would reach the optimizer as one
-            try:
-                kwargs[key] = float(value)
-            except ValueError:
-                raise ValueError(f"config key '{where}.{key}': {value!r} is not a number") from None
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
-
-
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    cfg = _build(TrainConfig, data or {}, "")
+def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
+    """A validated ``TrainConfig`` from plain data (every value type-checked, ``typed_config``)."""
+    cfg = typed_config.build(TrainConfig, data, where)
     cfg.validate()
     return cfg
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a config dict."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        dotted, raw = item.split("=", 1)
-        keys = dotted.strip().split(".")
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {k!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: top level must be a mapping of sections")
+    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides;
+    an error names the file or the override it came from."""
+    cfg = typed_config.load(TrainConfig, path, overrides)
     try:
-        return config_from_dict(apply_overrides(data, list(overrides or [])))
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path or '<defaults>'}: {err}") from err
+        cfg.validate()
+    except ValueError as err:
+        source = f"{path}" if path is not None else "config"
+        if overrides:
+            source += f" with overrides {' '.join(overrides)}"
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg

@@ -1,5 +1,5 @@
-"""Small helpers of the one-machine quickstart (``jobs.pipeline``) that touch MLflow or make
-held-out data; the job itself only orchestrates.
+"""The one-machine quickstart (``jobs.pipeline``): its typed configuration and the small helpers
+that touch MLflow or make held-out data; the job itself only orchestrates.
 
 Stages hand over through durable locations: the tracking URI (a sqlite file under the output
 folder unless ``MLFLOW_TRACKING_URI`` is set), the training run id (read back from the final
@@ -9,22 +9,75 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+import typed_config
 from pipeline.checkpoint import STATE_FILE
+from pipeline.tracking import keep_credentials_out_of_logs
+from preprocessing.config import PreprocessConfig
 from preprocessing.synthetic import kernelsynth, random_walk, seasonal
 
 HELDOUT_FAMILIES = {"synth_seasonal": seasonal, "synth_kernel": kernelsynth, "synth_walk": random_walk}
+
+
+@dataclass
+class CorpusStage:
+    """The embedded synthetic corpus, generated when the job gets no ``--input``."""
+
+    seed: int = 0
+    scale: float = 1.0  # 1.0 = 352 series, ~1.3M points
+
+
+@dataclass
+class TrainStage:
+    config: str = "configs/tiny-cpu.yaml"  # a pipeline.config.TrainConfig YAML
+    overrides: list[str] = field(default_factory=list)  # applied before the CLI's key=value arguments
+
+
+@dataclass
+class EvalStage:
+    horizons: list[int] = field(default_factory=lambda: [96])
+    context: int | None = None  # None: the paper's context for each horizon
+    stride: int = 96
+    device: str | None = None  # None: auto (pipeline.inference); the CLI's --device wins
+    dtype: str | None = None
+    batch_size: int | None = None
+    workers: int | str = "auto"  # pipeline.eval_workers: auto, N or 0
+    heldout_seed: int = 10_000  # synthetic held-out series when no --benchmarks is given
+    baselines: list[str] = field(default_factory=lambda: ["naive", "seasonal_naive"])
+
+
+@dataclass
+class RegisterStage:
+    name: str = "timemoe-quickstart"
+
+
+@dataclass
+class QuickstartConfig:
+    """``configs/quickstart.yaml``: one section per stage; ``preprocess`` is a
+    ``preprocessing.config.PreprocessConfig`` whose inputs and output the job sets."""
+
+    corpus: CorpusStage = field(default_factory=CorpusStage)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainStage = field(default_factory=TrainStage)
+    eval: EvalStage = field(default_factory=EvalStage)
+    register: RegisterStage = field(default_factory=RegisterStage)
+
+
+def load_quickstart_config(path: str | Path) -> QuickstartConfig:
+    return typed_config.load(QuickstartConfig, path)
 
 
 def resolve_tracking_uri(output_dir: str | Path) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in ``output_dir/mlflow.db``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
+        keep_credentials_out_of_logs(env)
         return env
     return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
 

@@ -14,12 +14,22 @@ from typing import Any
 
 from pipeline.config import TrackingSection
 from pipeline.console import say
+from typed_config import redact_secrets
 
 log = logging.getLogger("pipeline.tracking")
 
 
 def resolve_uri(section: TrackingSection) -> str:
-    return section.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
+    uri = section.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
+    keep_credentials_out_of_logs(uri)
+    return uri
+
+
+def keep_credentials_out_of_logs(uri: str) -> None:
+    """MLflow prints "View run ... at: <tracking URI>" when a run ends, credentials included;
+    with a URI that holds any, that line is switched off (this process and those it starts)."""
+    if redact_secrets(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 class Tracker:
@@ -38,7 +48,7 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as err:  # any failure of the observer must not stop training
             self.active = False
-            msg = f"MLflow {what} failed ({type(err).__name__}: {err}); tracking is OFF, training continues"
+            msg = redact_secrets(f"MLflow {what} failed ({type(err).__name__}: {err}); tracking is OFF, training continues")
             log.warning(msg)
             say(f"[tracking] {msg}")
             return None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+import typed_config
 
 
 @dataclass
@@ -115,44 +115,16 @@ class PreprocessConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return typed_config.to_yaml(self)
 
 
-def _build(cls: type, data: dict[str, Any] | None, where: str) -> Any:
-    """Dataclass from a dict, recursing into nested dataclass fields; unknown keys are an error
-    (a typo in a YAML file must not be silently ignored)."""
-    data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"config section {where or 'root'}: unknown keys {unknown}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        nested = _NESTED.get((cls.__name__, name))
-        kwargs[name] = _build(nested, value, f"{where}.{name}".lstrip(".")) if nested else value
-    return cls(**kwargs)
-
-
-_NESTED = {
-    ("PreprocessConfig", "clean"): CleanConfig,
-    ("PreprocessConfig", "contamination"): ContaminationConfig,
-    ("PreprocessConfig", "normalize"): NormalizeConfig,
-    ("PreprocessConfig", "pack"): PackConfig,
-    ("PreprocessConfig", "mixture"): MixtureConfig,
-    ("PreprocessConfig", "output_options"): OutputConfig,
-}
-
-
-def config_from_dict(data: dict[str, Any]) -> PreprocessConfig:
-    return _build(PreprocessConfig, data, "")
+def config_from_dict(data: dict[str, Any], where: str = "config") -> PreprocessConfig:
+    """A ``PreprocessConfig`` from plain data, every value type-checked (``typed_config``)."""
+    return typed_config.build(PreprocessConfig, data, where)
 
 
 def load_config(path: str | Path) -> PreprocessConfig:
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return config_from_dict(data)
+    return typed_config.load(PreprocessConfig, path)
 
 
 def validate(config: PreprocessConfig) -> None:

@@ -14,11 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = "timemoe-quickstart"
 
 
+PLANTED = "Pl4ntedS3cret"  # a password in the tracking URI: must appear in no output of the run
+
+
 @pytest.mark.timeout(420)
-def test_pipeline_job_end_to_end(tmp_path):
+def test_pipeline_job_end_to_end(tmp_path, mlflow_server):
     out = tmp_path / "qs"
+    tracking = mlflow_server.replace("http://", f"http://alice:{PLANTED}@")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env |= {"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    env |= {"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": tracking}
     cmd = [sys.executable, "-m", "jobs.pipeline", "--output-dir", str(out), "--scale", "0.1",
            "train.max_steps=4", "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -53,10 +57,10 @@ def test_pipeline_job_end_to_end(tmp_path):
         assert np.isfinite(res["avg_mse"]), name
     assert (run / "eval" / "forecasts.png").stat().st_size > 1000
 
-    # registry: version 1 in the local sqlite store, alias candidate, and champion (first model)
+    # registry: version 1 on the tracking server, alias candidate, and champion (first model)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=mlflow_server)
     mv = client.get_model_version_by_alias(NAME, "candidate")
     assert str(mv.version) == "1"
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
@@ -64,6 +68,19 @@ def test_pipeline_job_end_to_end(tmp_path):
     # the zero-shot metrics of the evaluation stage
     run_id = mv.tags["training_run_id"]
     assert f"MLflow run id   : {run_id}" in log
-    assert "mlflow ui --backend-store-uri sqlite:///" in log
+    assert f"mlflow ui --backend-store-uri {mlflow_server.replace('http://', 'http://alice:***@')}" in log
     metrics = client.get_run(run_id).data.metrics
     assert metrics["zeroshot/avg_mse"] == pytest.approx(summary["models"]["timemoe"]["avg_mse"])
+
+    # the planted password: in no line of the log, no file the run wrote, no MLflow parameter,
+    # tag or logged config
+    assert PLANTED not in log
+    leaked = [str(p) for p in out.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000
+              and PLANTED.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    data = client.get_run(run_id).data
+    assert not [k for k, v in {**data.params, **data.tags}.items() if PLANTED in str(v)]
+    assert data.params["tracking.tracking_uri"].startswith("http://alice:***@")
+    config_text = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "alice:***@" in config_text and PLANTED not in config_text
+    assert not [k for k, v in mv.tags.items() if PLANTED in str(v)]

@@ -182,7 +182,7 @@ def test_config_yaml_round_trip_and_unknown_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
-    with pytest.raises(ValueError, match="pack: unknown keys \\['window'\\]"):
+    with pytest.raises(ValueError, match="unknown key 'window' in section 'pack' \\(did you mean 'window_length'\\?\\)"):
         config_from_dict({"pack": {"window": 5}})
 
 

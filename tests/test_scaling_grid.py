@@ -85,9 +85,13 @@ def test_grid_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="'bad'.*not a multiple of head_dim 16"):
         G.GridConfig.from_dict({"head_dim": 16, "sizes": [{"name": "bad", "layers": 1, "hidden": 40}],
                                 "budgets": [1]})
-    with pytest.raises(ValueError, match=r"sizes\[0\]: missing key 'hidden'"):
+    with pytest.raises(ValueError, match=r"grid.sizes\[0\]: expected the keys name, layers, hidden"):
         G.GridConfig.from_dict({"sizes": [{"name": "x", "layers": 1}], "budgets": [1]})
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown key 'bogus' in section 'grid'"):
         G.GridConfig.from_dict({"sizes": [{"name": "x", "layers": 1, "hidden": 64}], "budgets": [1], "bogus": 1})
+    with pytest.raises(ValueError, match=r"grid.budgets\[0\]: expected int, got 'many'"):
+        G.GridConfig.from_dict({"sizes": [{"name": "x", "layers": 1, "hidden": 64}], "budgets": ["many"]})
+    grid = G.GridConfig.from_dict({"sizes": [{"name": "x", "layers": "1", "hidden": 64}], "budgets": ["1e8", 3.6e7]})
+    assert grid.budgets == (100_000_000, 36_000_000) and grid.sizes[0].num_hidden_layers == 1
     with pytest.raises(ValueError, match="unknown families"):
         dataclasses.replace(GRID, families=("sparse", "moe"))

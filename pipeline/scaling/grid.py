@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import typed_config
 from model import TimeMoeConfig
 from model.flops import count_parameters, training_flops_per_point
 
@@ -72,23 +73,15 @@ class GridConfig:
             raise ValueError(f"grid: budgets must be positive point counts, got {list(self.budgets)}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GridConfig":
-        d = dict(d)
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "GridConfig":
+        """From the YAML section, whose sizes are written ``{name, layers, hidden}``."""
+        d = dict(d or {})
         sizes = []
-        for i, s in enumerate(d.pop("sizes", [])):
-            try:
-                sizes.append(SizeKnobs(name=str(s["name"]), num_hidden_layers=int(s["layers"]),
-                                       hidden_size=int(s["hidden"])))
-            except KeyError as exc:
-                raise ValueError(f"grid.sizes[{i}]: missing key {exc}; expected name, layers, hidden") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - known
-        if extra:
-            raise ValueError(f"grid: unknown keys {sorted(extra)}; known: {sorted(known)}")
-        d["budgets"] = tuple(int(float(b)) for b in d.get("budgets", ()))
-        if "families" in d:
-            d["families"] = tuple(d["families"])
-        return cls(sizes=tuple(sizes), **d)
+        for i, s in enumerate(d.pop("sizes", None) or []):
+            if not isinstance(s, dict) or set(s) != {"name", "layers", "hidden"}:
+                raise typed_config.ConfigError(f"{where}: grid.sizes[{i}]: expected the keys name, layers, hidden; got {s!r}")
+            sizes.append({"name": s["name"], "num_hidden_layers": s["layers"], "hidden_size": s["hidden"]})
+        return typed_config.build(cls, {"sizes": sizes, **d}, where, "grid")
 
 
 def sparse_config(grid: GridConfig, size: SizeKnobs) -> TimeMoeConfig:

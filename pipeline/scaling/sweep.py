@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
+import typed_config
 from pipeline import evaluation
 from pipeline.inference import InferenceOptions, ModelForecaster
 from pipeline.scaling import report as R
@@ -76,31 +76,23 @@ class SweepConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SweepConfig":
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"sweep config {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        try:
-            return cls.from_dict(data)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: {err}") from err
+        return cls.from_dict(typed_config.read_yaml(path), str(path))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SweepConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "SweepConfig":
+        """Every section type-checked (``typed_config``); ``training`` is checked per trial, when
+        the sweep merges it into each trial's ``pipeline.config.TrainConfig``."""
         unknown = set(data) - {"sweep", "grid", "training", "evaluation"}
         if unknown:
-            raise ValueError(f"unknown top-level keys {sorted(unknown)}; expected sweep, grid, training, evaluation")
+            raise typed_config.ConfigError(f"{where}: unknown top-level keys {sorted(unknown)}; "
+                                           "expected sweep, grid, training, evaluation")
         training = dict(data.get("training") or {})
         for reserved in ("model", "tracking"):
             if reserved in training:
-                raise ValueError(f"training.{reserved} is set by the sweep per trial; remove it")
-        ev = dict(data.get("evaluation") or {})
-        for k in ("zero_shot_datasets", "zero_shot_horizons"):
-            if k in ev:
-                ev[k] = tuple(ev[k])
-        return cls(sweep=SweepSection(**(data.get("sweep") or {})),
-                   grid=GridConfig.from_dict(data.get("grid") or {}),
-                   training=training, evaluation=EvalSection(**ev))
+                raise typed_config.ConfigError(f"{where}: training.{reserved} is set by the sweep per trial; remove it")
+        return cls(sweep=typed_config.build(SweepSection, data.get("sweep"), where, "sweep"),
+                   grid=GridConfig.from_dict(data.get("grid") or {}, where),
+                   training=training, evaluation=typed_config.build(EvalSection, data.get("evaluation"), where, "evaluation"))
 
 
 # ---------------------------------------------------------------------------------------------
