@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jobs.pipeline: {typed_config.redact_secrets(str(err))}", file=sys.stderr)
         return 2
     eq = qs.eval
-    for key in ("device", "dtype", "batch_size"):  # flags win over the config's eval section
+    for key in ("device", "dtype", "batch_size", "compile"):  # flags win over the config's eval section
         if getattr(args, key) is None:
             setattr(args, key, getattr(eq, key))
     try:
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 "eval": {"benchmarks": args.benchmarks or str(out / "heldout"), "horizons": eval_cfg.horizons,
                          "context": eval_cfg.context, "stride": eval_cfg.stride,
                          "device": inference.device, "dtype": inference.dtype, "batch_size": inference.batch_size,
+                         "compile": inference.compile,
                          "workers": eval_workers,
                          "baselines": list(eq.baselines)},
                 "register": {"name": reg_name}}

@@ -17,6 +17,7 @@ run's up to float summation order (tested).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -114,8 +115,7 @@ def evaluate_model(spec: str, benchmarks_dir: str | Path, cfg: EvalConfig | None
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     actor_cls = ray.remote(**resources)(_EvalWorker)
     # inside an actor Ray sets CUDA_VISIBLE_DEVICES to its one GPU: "cuda" is that GPU
-    actor_opts = InferenceOptions(device=("cuda" if use_gpu and options.device.startswith("cuda") else options.device),
-                                  dtype=options.dtype, batch_size=options.batch_size)
+    actor_opts = dataclasses.replace(options, device="cuda" if use_gpu and options.device.startswith("cuda") else options.device)
     actors = [actor_cls.remote(source_ref, actor_opts, tracking_uri) for _ in range(n)]
     described = ray.get([a.describe.remote() for a in actors])
     items = [(ds, h, c) for ds, hs in plan for h in hs for c in range(ds.values_TC.shape[1])]

@@ -12,6 +12,10 @@ Options (the CLIs' ``--device`` / ``--dtype`` / ``--batch-size``):
   results were computed with, so they reproduce exactly); on a GPU, sized from the free memory
   by a probe forward at the actual context and horizon. A batch that runs out of GPU memory is
   halved with a warning and retried, so a protocol run never dies on a too-large batch.
+- ``compile``: the prefill of every decoder layer compiled with static shapes
+  (``pipeline.parallelize.compile_for_inference``) and every batch padded to the batch size, so
+  one graph serves a whole (context, horizon) pair; the same forecasts to float rounding, a few
+  seconds of compilation per shape. Off by default (docs/evaluation.md gives the measured gain).
 
 Bad options raise :class:`InferenceOptionError`, a ``ValueError`` whose message names the option;
 the CLIs print it as one line.
@@ -29,9 +33,10 @@ import numpy as np
 import torch
 
 from model import TimeMoeModel
+from pipeline.parallelize import compile_for_inference
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEVICE_ENV, DTYPE_ENV = "TIMEMOE_DEVICE", "TIMEMOE_DTYPE"  # read by the pyfunc model
+DEVICE_ENV, DTYPE_ENV, COMPILE_ENV = "TIMEMOE_DEVICE", "TIMEMOE_DTYPE", "TIMEMOE_COMPILE"  # read by the pyfunc model
 CPU_BATCH = 256
 GPU_BATCH_MAX = 1024  # larger batches gave no more windows/s (docs/benchmarks.md)
 PROBE_BATCH = 8
@@ -47,6 +52,7 @@ class InferenceOptions:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int | None = None
+    compile: bool = False
 
     @classmethod
     def from_env(cls, model_config: dict[str, Any] | None = None) -> "InferenceOptions":
@@ -56,7 +62,8 @@ class InferenceOptions:
         bs = mc.get("batch_size")
         return cls(device=str(mc.get("device") or os.environ.get(DEVICE_ENV) or "auto"),
                    dtype=str(mc.get("dtype") or os.environ.get(DTYPE_ENV) or "auto"),
-                   batch_size=None if bs in (None, "", "auto") else int(bs))
+                   batch_size=None if bs in (None, "", "auto") else int(bs),
+                   compile=str(mc.get("compile", os.environ.get(COMPILE_ENV, ""))).lower() in ("1", "true", "yes"))
 
 
 def add_cli_options(parser: Any, from_config: bool = False) -> None:
@@ -67,6 +74,9 @@ def add_cli_options(parser: Any, from_config: bool = False) -> None:
     parser.add_argument("--dtype", default=auto, help="auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, fp16")
     parser.add_argument("--batch-size", default=None, help="windows per forecast batch (default: 256 on CPU, "
                         "from free GPU memory on a GPU)")
+    parser.add_argument("--compile", action="store_true", default=None if from_config else False,
+                        help="compile the model's prefill for static shapes (faster on a GPU after a few "
+                             "seconds of compilation per context length)")
 
 
 def options_from_args(args: Any) -> InferenceOptions:
@@ -81,7 +91,8 @@ def options_from_args(args: Any) -> InferenceOptions:
             raise InferenceOptionError(f"--batch-size {bs}: must be >= 1")
     else:
         bs = None
-    opts = InferenceOptions(device=str(args.device or "auto"), dtype=str(args.dtype or "auto"), batch_size=bs)
+    opts = InferenceOptions(device=str(args.device or "auto"), dtype=str(args.dtype or "auto"), batch_size=bs,
+                            compile=bool(getattr(args, "compile", False)))
     resolve(opts)  # fail at start, not after training
     return opts
 
@@ -141,6 +152,8 @@ class ModelForecaster:
         self.options = options or InferenceOptions()
         self.device, self.dtype = resolve(self.options)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if self.options.compile:
+            compile_for_inference(self.model)
         self.name = name
         self._batch_cache: dict[tuple[int, int], int] = {}
         self._warned: set[int] = set()
@@ -192,8 +205,8 @@ class ModelForecaster:
             chunk = series[start : start + batch]
             try:
                 # on the CPU the model's own default sub-batch, which earlier CPU results used
-                inner = batch if self.device.type == "cuda" else 64
-                out.append(self.model.forecast(chunk, horizon, batch_size=inner))
+                inner = batch if self.device.type == "cuda" or self.options.compile else 64
+                out.append(self.model.forecast(chunk, horizon, batch_size=inner, fixed_batch=self.options.compile))
                 start += len(chunk)
                 continue
             except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -214,6 +227,8 @@ class ModelForecaster:
         """What produced the results (stated beside them; not part of the protocol key)."""
         d: dict[str, Any] = {"device": str(self.device), "dtype": dtype_name(self.dtype),
                              "batch_size": self.options.batch_size or ("auto" if self.device.type == "cuda" else CPU_BATCH)}
+        if self.options.compile:
+            d["compiled"] = True
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)
         return d
@@ -262,10 +277,10 @@ def load_forecaster(spec: str, options: InferenceOptions | None = None,
 
 def forecast(model: str | TimeMoeModel, series: np.ndarray | Sequence[np.ndarray], horizon: int,
              device: str = "auto", dtype: str = "auto", batch_size: int | None = None,
-             tracking_uri: str | None = None) -> np.ndarray:
+             tracking_uri: str | None = None, compile: bool = False) -> np.ndarray:
     """One call from a checkpoint (or a loaded model) to forecasts ``[B, horizon]`` in the
     series' units, on the chosen device (the model's ``forecast`` contract: any lengths, NaNs)."""
-    opts = InferenceOptions(device=device, dtype=dtype, batch_size=batch_size)
+    opts = InferenceOptions(device=device, dtype=dtype, batch_size=batch_size, compile=compile)
     fc = load_forecaster(model, opts, tracking_uri) if isinstance(model, str) else ModelForecaster(model, opts)
     return fc.forecast(series, horizon)
 

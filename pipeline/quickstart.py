@@ -47,6 +47,7 @@ class EvalStage:
     device: str | None = None  # None: auto (pipeline.inference); the CLI's --device wins
     dtype: str | None = None
     batch_size: int | None = None
+    compile: bool = False  # pipeline.inference: compiled prefill (faster on a GPU); the CLI's --compile wins
     workers: int | str = "auto"  # pipeline.eval_workers: auto, N or 0
     heldout_seed: int = 10_000  # synthetic held-out series when no --benchmarks is given
     baselines: list[str] = field(default_factory=lambda: ["naive", "seasonal_naive"])

@@ -94,6 +94,16 @@ def test_cpu_fp32_forecaster_equals_the_model_exactly(checkpoint):
     assert fc.describe() == {"device": "cpu", "dtype": "fp32", "batch_size": 256}
 
 
+def test_compiled_forecaster_equals_eager_and_pads_batches(checkpoint):
+    """``--compile``: the compiled prefill gives the eager forecasts (fp32, float rounding), for a
+    short last batch too (padded to the batch size: one graph per shape), and says so."""
+    series = _series(10, 200, seed=4)
+    eager = ModelForecaster(load_checkpoint(str(checkpoint))[0], InferenceOptions("cpu", "fp32", 4))
+    compiled = ModelForecaster(load_checkpoint(str(checkpoint))[0], InferenceOptions("cpu", "fp32", 4, compile=True))
+    np.testing.assert_allclose(compiled.forecast(series, 16), eager.forecast(series, 16), rtol=1e-4, atol=1e-4)
+    assert compiled.describe()["compiled"] is True and "compiled" not in eager.describe()
+
+
 def test_bf16_on_cpu_is_close_to_fp32(checkpoint):
     series = _series(16, 256)
     fp32 = forecast(str(checkpoint), series, 16, device="cpu", dtype="fp32")
@@ -111,11 +121,11 @@ def test_out_of_memory_batches_are_halved_with_a_warning(checkpoint, capsys):
     real = fc.model.forecast
     sizes = []
 
-    def limited(chunk, horizon, batch_size=64):
+    def limited(chunk, horizon, batch_size=64, fixed_batch=False):
         sizes.append(len(chunk))
         if len(chunk) > 9:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(chunk, horizon, batch_size=batch_size)
+        return real(chunk, horizon, batch_size=batch_size, fixed_batch=fixed_batch)
 
     fc.model.forecast = limited
     np.testing.assert_allclose(fc.forecast(series, 8), ref, rtol=1e-6, atol=1e-6)
