@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.baselines import LastValue, SeasonalNaive
 from pipeline.eval_workers import evaluate_model
 from pipeline.evaluation import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
-from pipeline.inference import InferenceOptionError, add_cli_options, options_from_args
+from pipeline.inference import InferenceOptionError, InferenceOptions, add_cli_options, options_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--run-id", default=None, help="MLflow run to log to")
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return p.parse_args(argv)
 
 
@@ -70,6 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.horizons:
         cfg.horizons = args.horizons
     print(f"[eval] {args.model} on {args.benchmarks}: {cfg.protocol_key()}", flush=True)
+    try:
+        return run(args, cfg, options)
+    except (FileNotFoundError, ValueError) as err:  # a user's input; the message names it
+        if args.debug:
+            raise
+        print(f"jobs.evaluate: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, cfg: EvalConfig, options: InferenceOptions) -> int:
     if args.model.startswith("baseline:"):
         forecaster, name = load_forecaster(args.model, args.tracking_uri)
         result = evaluate(forecaster, args.benchmarks, cfg, model_name=name)

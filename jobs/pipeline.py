@@ -39,7 +39,7 @@ from pipeline.evaluation import EvalConfig, evaluate, load_forecaster, log_to_ml
 from pipeline.inference import InferenceOptionError, add_cli_options, options_from_args
 from pipeline.quickstart import (alias_of, ensure_experiment, load_quickstart_config, resolve_tracking_uri,
                                  training_run_id, write_heldout_benchmarks)
-from pipeline.registry import promote_if_better, record_zero_shot_score, register_checkpoint
+from pipeline.registry import PromotionDecision, promote_if_better, record_zero_shot_score, register_checkpoint
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
@@ -241,10 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     t = stage("5/5 register + promote")
     reg = register_checkpoint(final_model, reg_name, training_run_id=run_id,
                               manifest_path=str(Path(pre.output) / "manifest.json"), tracking_uri=uri)
-    # the candidate's score is stage 4's evaluation of the same checkpoint on the same protocol
-    record_zero_shot_score(reg_name, reg.version, bench, model_result, tracking_uri=uri)
-    decision = promote_if_better(reg_name, reg.version, bench, eval_cfg, tracking_uri=uri, options=inference,
-                                 workers=eval_workers)
+    if reg.new:
+        # the candidate's score is stage 4's evaluation of the same checkpoint on the same protocol
+        record_zero_shot_score(reg_name, reg.version, bench, model_result, tracking_uri=uri)
+        decision = promote_if_better(reg_name, reg.version, bench, eval_cfg, tracking_uri=uri, options=inference,
+                                     workers=eval_workers)
+    else:  # a finished run resumed: its version and the registry's aliases stay as they are
+        decision = PromotionDecision(False, reg.version, model_result.average_mse(), None, None,
+                                     f"version {reg.version} already registered by this run; aliases unchanged")
     aliases = alias_of(reg_name, reg.version, uri)
     timings["register"] = time.time() - t
     timings["total"] = time.time() - t_start

@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=1)
     add_cli_options(p)  # where the promotion gate's evaluation runs
     p.add_argument("--eval-workers", default="auto", help="gate evaluation on Ray actors: auto, N, or 0")
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return p.parse_args(argv)
 
 
@@ -48,11 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     except InferenceOptionError as e:
         print(f"jobs.register: {e}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.checkpoint or download_run_checkpoint(args.run_id, tmp, args.artifact_path, args.tracking_uri)
-        reg = register_checkpoint(ckpt, args.name, training_run_id=args.run_id, manifest_path=args.manifest,
-                                  tracking_uri=args.tracking_uri)
-    print(f"[register] {reg.model_uri} (alias candidate)", flush=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = args.checkpoint or download_run_checkpoint(args.run_id, tmp, args.artifact_path, args.tracking_uri)
+            reg = register_checkpoint(ckpt, args.name, training_run_id=args.run_id, manifest_path=args.manifest,
+                                      tracking_uri=args.tracking_uri)
+    except (FileNotFoundError, ValueError) as err:  # nothing was registered; the message names the file
+        if args.debug:
+            raise
+        print(f"jobs.register: {err}", file=sys.stderr)
+        return 2
+    print(f"[register] {reg.model_uri} (alias candidate)" if reg.new else f"[register] {reg.model_uri} (unchanged)",
+          flush=True)
     if args.promote:
         cfg = EvalConfig(context=args.context, stride=args.stride, batch_size=options.batch_size)
         if args.datasets:

@@ -360,7 +360,11 @@ class TimeMoeModel(nn.Module):
             if not (d / name).exists():
                 raise FileNotFoundError(f"{d}: missing {name} (expected config.json + model.safetensors)")
         config = TimeMoeConfig.from_json(d / "config.json")
-        state = ckpt.from_published(load_file(str(d / "model.safetensors")), config, source=str(d / "model.safetensors"))
+        try:
+            published = load_file(str(d / "model.safetensors"))
+        except Exception as err:  # safetensors' own error names neither the file nor the cause clearly
+            raise ValueError(f"{d / 'model.safetensors'}: not a readable safetensors file ({err})") from None
+        state = ckpt.from_published(published, config, source=str(d / "model.safetensors"))
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state, strict=True, assign=True)

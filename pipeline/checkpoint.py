@@ -19,6 +19,13 @@ without relying on that, e.g. for a run that loads module weights only.
 
 Every rank writes its own ZeRO partition into the same directory (on one host, or on a shared
 filesystem, or per-worker directories that Ray Train merges on upload).
+
+Trust boundary: DeepSpeed unpickles its ``.pt`` files with ``torch.load(weights_only=False)``,
+which runs any code a crafted file carries. A resume reads them with ``weights_only=True``
+instead, allowing only tensors, containers and the three DeepSpeed classes its ZeRO 0-3
+checkpoints hold (:data:`DEEPSPEED_CHECKPOINT_CLASSES`); anything else is refused with
+:class:`UntrustedCheckpointError` before it is constructed. The JSON state and the expert shards
+(safetensors) carry no code.
 """
 from __future__ import annotations
 
@@ -32,6 +39,40 @@ import torch
 from pipeline.data import DataPosition
 
 STATE_FILE = "resume_state.json"
+# what DeepSpeed 0.19's ZeRO 0-3 checkpoints (fp32/bf16, with and without expert parallelism)
+# pickle besides tensors and containers: found by loading each kind with weights_only=True
+DEEPSPEED_CHECKPOINT_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+class UntrustedCheckpointError(RuntimeError):
+    """A checkpoint file holds a pickled object outside the allowed classes."""
+
+
+def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
+    """``torch.load`` of a DeepSpeed checkpoint file with ``weights_only=True`` and only the
+    DeepSpeed classes of :data:`DEEPSPEED_CHECKPOINT_CLASSES` allowed (module doc)."""
+    import importlib
+    import pickle
+
+    allowed = []
+    for name in DEEPSPEED_CHECKPOINT_CLASSES:
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: fewer classes to allow
+            pass
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UntrustedCheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and DeepSpeed's known "
+            f"checkpoint classes, and unpickling them could run code ({str(err).splitlines()[0]}). "
+            "Resume only from checkpoints this pipeline wrote.") from None
 
 
 @dataclass
@@ -95,10 +136,14 @@ def load(engine: Any, directory: Path, fingerprint: str) -> ResumeState:
     had_moe = getattr(engine, "has_moe_layers", False)
     if experts:
         engine.has_moe_layers = False  # skip DeepSpeed's per-expert files (see module docstring)
+    reader = engine.checkpoint_engine
+    unsafe_load = reader.load
+    reader.load = lambda path, map_location=None: safe_torch_load(path, map_location)
     try:
         load_path, _ = engine.load_checkpoint(str(directory), tag=tag)
     finally:
         engine.has_moe_layers = had_moe
+        reader.load = unsafe_load
     if load_path is None:
         raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint for step {state.step}")
     if experts:

@@ -29,8 +29,9 @@ import torch
 
 from model import TimeMoeModel
 from pipeline.benchmark_data import BenchmarkDataset
-from pipeline.evaluation import EvalConfig, EvalResult, ErrorSums, error_sums, evaluate, load_forecaster, protocol_plan
-from pipeline.inference import InferenceOptions, ModelForecaster, is_model_uri
+from pipeline.evaluation import (EvalConfig, EvalResult, ErrorSums, check_context, error_sums, evaluate, load_forecaster,
+                                 protocol_plan)
+from pipeline.inference import InferenceOptions, ModelForecaster, is_model_uri, max_context_of
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
@@ -102,6 +103,7 @@ def evaluate_model(spec: str, benchmarks_dir: str | Path, cfg: EvalConfig | None
     or on Ray actors (module doc). The result states the device, dtype and worker count."""
     cfg = cfg or EvalConfig()
     options = options or InferenceOptions()
+    check_context(cfg, max_context_of(spec))  # before any worker starts
     n, use_gpu = plan_workers(workers, options)
     if n == 0:
         fc, name = load_forecaster(spec, tracking_uri, options)

@@ -130,11 +130,24 @@ def batch_size_of(forecaster: Forecaster, cfg: EvalConfig, context: int, horizon
     return int(pick(context, horizon)) if pick is not None else 256
 
 
+def check_context(cfg: EvalConfig, max_context: int | None) -> None:
+    """Refuse contexts the model cannot see whole (it would silently use only the last
+    ``max_context`` points, and the results would not be what the protocol key says)."""
+    if max_context is None:
+        return
+    for h in cfg.horizons:
+        if cfg.context_for(h) > max_context:
+            given = "--context" if cfg.context is not None else f"the paper's context for horizon {h}"
+            raise ValueError(f"{given} {cfg.context_for(h)} is longer than the model's maximum context "
+                             f"{max_context} (max_position_embeddings)")
+
+
 def error_sums(forecaster: Forecaster, ds: BenchmarkDataset, horizon: int, cfg: EvalConfig,
                channels: Sequence[int] | None = None) -> ErrorSums:
     """Error sums of one forecaster on one dataset at one horizon over ``channels`` (default
     all), batching windows across channels."""
     context = cfg.context_for(horizon)
+    check_context(cfg, getattr(forecaster, "max_context", None))
     scaled_TC, borders = scaled_values(ds)
     starts = window_starts(borders.test, horizon, cfg.stride, cfg.include_last_window)
     if len(starts) == 0:

@@ -158,6 +158,11 @@ class ModelForecaster:
         self._batch_cache: dict[tuple[int, int], int] = {}
         self._warned: set[int] = set()
 
+    @property
+    def max_context(self) -> int:
+        """The longest context the model sees whole."""
+        return int(self.model.config.max_position_embeddings)
+
     # ------------------------------------------------------------------ batch size
     def batch_size_for(self, context: int, horizon: int) -> int:
         """Windows per batch at this context length and horizon (module doc)."""
@@ -266,6 +271,17 @@ def _load_logged(uri: str, tracking_uri: str | None) -> TimeMoeModel:
             raise FileNotFoundError(f"{uri}: not a model logged by pipeline.registry (no 'checkpoint' artifact "
                                     f"with config.json in its MLmodel)")
         return TimeMoeModel.from_pretrained(str(ckpt))
+
+
+def max_context_of(spec: str) -> int | None:
+    """The longest context of the checkpoint folder ``spec`` (read from its config.json), or None
+    for an MLflow URI (checked where the model is loaded)."""
+    path = Path(spec) / "config.json"
+    if is_model_uri(spec) or not path.exists():
+        return None
+    from model import TimeMoeConfig
+
+    return int(TimeMoeConfig.from_json(path).max_position_embeddings)
 
 
 def load_forecaster(spec: str, options: InferenceOptions | None = None,

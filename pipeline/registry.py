@@ -33,6 +33,7 @@ from pipeline.inference import InferenceOptions, ModelForecaster, load_checkpoin
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 DEFAULT_HORIZON = 96
+WEIGHTS_FILE = "model.safetensors"
 TRAIN_ARTIFACT_PATH = "final_model"  # where pipeline.train_loop logs the exported model
 MANIFEST_ARTIFACT = "data/manifest.json"  # where pipeline.train_loop logs the data manifest
 
@@ -105,9 +106,11 @@ def _git_commit() -> str:
 
 def lineage_tags(checkpoint_dir: str | Path, training_run_id: str | None = None,
                  manifest_path: str | Path | None = None, client=None) -> dict[str, str]:
-    """training_run_id, data_manifest_fingerprint (sha256 of the run's data/manifest.json or of
+    """training_run_id, weights_sha256 (of model.safetensors: what makes a registration the same
+    model), data_manifest_fingerprint (sha256 of the run's data/manifest.json or of
     ``manifest_path``), config_hash, code_version (the run's git tag, else this checkout's HEAD)."""
     tags = {"training_run_id": training_run_id or "none", "config_hash": config_hash(checkpoint_dir),
+            "weights_sha256": _sha256_file(Path(checkpoint_dir) / WEIGHTS_FILE),
             "data_manifest_fingerprint": "unknown", "code_version": "unknown"}
     if manifest_path is not None:
         tags["data_manifest_fingerprint"] = _sha256_file(Path(manifest_path))
@@ -147,6 +150,7 @@ class Registered:
     version: str
     model_uri: str  # models:/NAME/VERSION
     tags: dict[str, str]
+    new: bool = True  # False: these weights were already registered (that version is returned)
 
 
 def register_checkpoint(checkpoint_dir: str | Path, name: str, *, training_run_id: str | None = None,
@@ -155,12 +159,16 @@ def register_checkpoint(checkpoint_dir: str | Path, name: str, *, training_run_i
     """Log ``checkpoint_dir`` as a pyfunc model (in a registration run of its own), register it
     under ``name``, tag the version with its lineage and point the ``candidate`` alias at it."""
     ckpt = Path(checkpoint_dir)
-    if not (ckpt / "config.json").exists():
-        raise FileNotFoundError(f"{ckpt}: not a save_pretrained checkpoint (no config.json)")
+    check_checkpoint(ckpt)
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     tags = lineage_tags(ckpt, training_run_id, manifest_path, client)
+    existing = registered_version_of(client, name, tags)
+    if existing is not None:  # e.g. a finished pipeline run resumed: the same weights again
+        print(f"[register] {name} version {existing} already holds these weights from the same training "
+              f"run ({tags['weights_sha256'][:12]}); not registered again", flush=True)
+        return Registered(name, existing, f"models:/{name}/{existing}", tags, new=False)
     if training_run_id is not None:  # register from the training run's experiment
         mlflow.set_experiment(experiment_id=client.get_run(training_run_id).info.experiment_id)
     else:
@@ -184,6 +192,42 @@ def register_checkpoint(checkpoint_dir: str | Path, name: str, *, training_run_i
     client.set_registered_model_alias(name, CANDIDATE, version)
     print(f"[register] {name} version {version} <- {ckpt} (alias {CANDIDATE}); lineage {tags}", flush=True)
     return Registered(name, version, f"models:/{name}/{version}", tags)
+
+
+def check_checkpoint(ckpt: Path) -> None:
+    """A registrable ``save_pretrained`` folder: config.json that parses, model.safetensors whose
+    header reads; otherwise an error naming the file and what is wrong (nothing is registered)."""
+    from safetensors import safe_open
+
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint folder")
+    for name in ("config.json", WEIGHTS_FILE):
+        if not (ckpt / name).is_file():
+            raise FileNotFoundError(f"{ckpt}: not a save_pretrained checkpoint: {name} is missing "
+                                    f"(files: {sorted(p.name for p in ckpt.iterdir()) or 'none'})")
+    try:
+        json.loads((ckpt / "config.json").read_text())
+    except ValueError as err:
+        raise ValueError(f"{ckpt / 'config.json'}: not valid JSON ({err})") from None
+    try:
+        with safe_open(str(ckpt / WEIGHTS_FILE), framework="pt") as f:
+            if not list(f.keys()):
+                raise ValueError("it holds no tensors")
+    except Exception as err:  # safetensors raises its own error type without the path
+        raise ValueError(f"{ckpt / WEIGHTS_FILE}: not a readable safetensors file ({err})") from None
+
+
+def registered_version_of(client, name: str, tags: dict[str, str]) -> str | None:
+    """The version of ``name`` already registered with the same weights and training run."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:  # no such registered model yet
+        return None
+    for mv in versions:
+        if (mv.tags.get("weights_sha256") == tags["weights_sha256"]
+                and mv.tags.get("training_run_id") == tags["training_run_id"]):
+            return str(mv.version)
+    return None
 
 
 # --------------------------------------------------------------------------------- promotion
@@ -253,8 +297,8 @@ def promote_if_better(name: str, candidate_version: str, benchmarks_dir: str | P
     cand_mse = zero_shot_score(name, cand, benchmarks_dir, cfg, client, tracking_uri, options, workers)
     if champ is None:
         decision = PromotionDecision(True, cand, cand_mse, None, None, "no champion yet")
-    elif champ == cand:
-        decision = PromotionDecision(False, cand, cand_mse, champ, cand_mse, "candidate is already champion")
+    elif champ == cand:  # nothing to decide, and its promotion tags stay as they were
+        return PromotionDecision(False, cand, cand_mse, champ, cand_mse, "candidate is already champion")
     else:
         champ_mse = zero_shot_score(name, champ, benchmarks_dir, cfg, client, tracking_uri, options, workers)
         better = cand_mse < champ_mse

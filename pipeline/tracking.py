@@ -17,6 +17,7 @@ from pipeline.console import say
 from typed_config import redact_secrets
 
 log = logging.getLogger("pipeline.tracking")
+PROGRESS_METRIC = "loss"  # logged at every logging step: its last step is where a run's metrics end
 
 
 def resolve_uri(section: TrackingSection) -> str:
@@ -40,6 +41,7 @@ class Tracker:
         self.active = section.enabled and rank == 0
         self.run_id: str | None = None
         self._client = None
+        self._logged_until = 0  # steps up to this one were logged before a resume
 
     def _guard(self, what: str, fn, *args, **kwargs) -> Any:
         if not self.active:
@@ -67,6 +69,10 @@ class Tracker:
             self._client = MlflowClient(tracking_uri=resolve_uri(self.section))
             if run_id is not None:
                 self._client.update_run(run_id, status="RUNNING")
+                # a resume redoes the steps after its checkpoint that the run had already logged:
+                # those are not logged twice
+                logged = self._client.get_metric_history(run_id, PROGRESS_METRIC)
+                self._logged_until = max((m.step for m in logged), default=0)
                 return run_id
             exp = self._client.get_experiment_by_name(self.section.experiment)
             exp_id = exp.experiment_id if exp else self._client.create_experiment(self.section.experiment)
@@ -82,6 +88,9 @@ class Tracker:
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self._logged_until:
+            return
+
         def send() -> None:
             from mlflow.entities import Metric
 

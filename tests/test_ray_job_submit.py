@@ -361,6 +361,14 @@ def test_stopped_job_resumes_from_its_checkpoint(stopped, resumed):
     # the steps after the checkpoint that the stopped job had done are done again, once
     redone = 2 if resumed_at < stopped["steps_at_stop"] else 1
     assert steps[-1] == resumed["target"] and steps.count(resumed_at + 1) == redone, steps
+    # MLflow: one training run across the stop, each step's metrics once (the redone steps are
+    # not logged twice)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{stopped['run'].parent / 'mlflow.db'}")
+    run_id = json.loads((run / "summary.json").read_text())["mlflow_run_id"]
+    logged = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(logged) == sorted(set(logged)) and max(logged) == resumed["target"], logged
     # the run folder now holds what a finished run has, in the same place
     assert (run / "train" / "final_model" / "model.safetensors").exists()
     assert (run / "eval" / "summary.json").exists()

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """``good``: a tiny random-init model; ``broken``: the same with output heads scaled by 100
-    (deterministically much worse forecasts)."""
+    (deterministically much worse forecasts); ``broken2``: scaled by 90 (other weights, as bad)."""
     import torch
 
     root = tmp_path_factory.mktemp("ckpt")
@@ -44,7 +44,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     heads = [k for k in sd if "lm_head" in k]
     assert heads, f"no lm_head tensors in {sorted(sd)[:10]}"
     save_file({k: (v * 100 if k in heads else v).contiguous() for k, v in sd.items()}, str(f))
-    return {"good": root / "good", "broken": root / "broken"}
+    m.save_pretrained(str(root / "broken2"))
+    save_file({k: (v * 90 if k in heads else v).contiguous() for k, v in sd.items()}, str(root / "broken2" / "model.safetensors"))
+    return {"good": root / "good", "broken": root / "broken", "broken2": root / "broken2"}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ print(json.dumps({{"bad": bad, "ids": out["id"].tolist(), "fc": out["forecast"].
     np.testing.assert_allclose(fc, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_register_cli_from_training_run(checkpoints, synth_bench, mlflow_server, tmp_path):
+def test_register_cli_from_training_run(checkpoints, synth_bench, mlflow_server, tmp_path, capsys):
     """The training run logs the exported model under ``final_model/`` and the data manifest under
     ``data/``; ``jobs.register --run-id`` finds both."""
     from jobs.register import main
@@ -127,9 +129,9 @@ def test_register_cli_from_training_run(checkpoints, synth_bench, mlflow_server,
     assert mv.tags["training_run_id"] == run.info.run_id
     assert mv.tags["code_version"] == "abc123"
     assert mv.tags["data_manifest_fingerprint"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
-    with pytest.raises(FileNotFoundError, match="no artifact 'nowhere'"):
-        main(["--run-id", run.info.run_id, "--name", name, "--tracking-uri", mlflow_server,
-              "--artifact-path", "nowhere"])
+    assert main(["--run-id", run.info.run_id, "--name", name, "--tracking-uri", mlflow_server,
+                 "--artifact-path", "nowhere"]) == 2  # one line naming the run and the path
+    assert f"jobs.register: run {run.info.run_id}: no artifact 'nowhere'" in capsys.readouterr().err
 
 
 def test_promotion_refused_for_worse_and_granted_for_better(checkpoints, synth_bench, mlflow_server):
@@ -146,7 +148,7 @@ def test_promotion_refused_for_worse_and_granted_for_better(checkpoints, synth_b
     assert d2.promoted and d2.champion_version == broken.version and d2.candidate_mse < d2.champion_mse
     assert client.get_model_version_by_alias(name, CHAMPION).version == good.version
 
-    worse = register_checkpoint(checkpoints["broken"], name, tracking_uri=mlflow_server)
+    worse = register_checkpoint(checkpoints["broken2"], name, tracking_uri=mlflow_server)
     d3 = promote_if_better(name, worse.version, synth_bench, cfg, tracking_uri=mlflow_server)
     assert not d3.promoted and d3.candidate_mse > d3.champion_mse
     assert client.get_model_version_by_alias(name, CHAMPION).version == good.version
