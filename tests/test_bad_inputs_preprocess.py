@@ -410,7 +410,9 @@ def test_output_that_is_a_file_and_bad_config_and_catalog_are_one_line_errors(ca
     config = tmp_path / "c.yaml"
     config.write_text("clean: {outlier_limt: 10}\n")
     code, _, err = run_cli(capsys, "--input", str(corpus), "--output", str(tmp_path / "o"), "--config", str(config))
-    assert code == 2 and "clean: unknown keys ['outlier_limt']" in error_line(err)
+    line = error_line(err)
+    assert code == 2 and "unknown key 'outlier_limt' in section 'clean' (did you mean 'outlier_limit'?)" in line
+    assert str(config) in line
     code, _, err = run_cli(capsys, "--input", str(corpus), "--output", str(tmp_path / "o"), "--catalog",
                            str(tmp_path / "absent.yaml"))
     assert code == 2 and f"--catalog {tmp_path / 'absent.yaml'}" in error_line(err)

@@ -31,7 +31,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
         build_config(parse_args(["--output", "o"]))
     bad = tmp_path / "bad.yaml"
     bad.write_text("clean: {windw: 64}\n")
-    with pytest.raises(ValueError, match="clean: unknown keys \\['windw'\\]"):
+    with pytest.raises(ValueError, match="unknown key 'windw' in section 'clean' \\(did you mean 'window'\\?\\)"):
         build_config(parse_args(["--input", "a", "--output", "o", "--config", str(bad)]))
 
 
