@@ -17,7 +17,7 @@ forward row exchange, ``overlap`` (the default) also runs its backward during th
 exchange of the row gradients, ``overlap-cN`` additionally pipelines the layer in N chunks of
 tokens (``parallel.ep_chunks``); ``-ce`` runs the routed experts compiled with dynamic rows.
 On CUDA the EP rows compile the shared expert on its own, as the train loop does under EP
-(``pipeline.parallelize.compile_expert_parallel_parts``); ``local`` (the reference of the
+(``pipeline.parallel.parallelize.compile_expert_parallel_parts``); ``local`` (the reference of the
 ``vs ep1`` column) is the eager ep = 1 layer, ``local-compiled`` the compiled one.
 
 Per (preset, regime, ep, dispatcher) it prints the slowest rank's median ms per layer step and
@@ -57,8 +57,8 @@ sys.path.insert(0, str(REPO))
 
 from model import TimeMoeConfig  # noqa: E402
 from model.moe import LocalDispatcher, MoeFeedForward  # noqa: E402
-from pipeline.ep_dispatch import AllToAllDispatcher  # noqa: E402
-from pipeline.parallelize import compile_expert_parallel_parts  # noqa: E402
+from pipeline.parallel.ep_dispatch import AllToAllDispatcher  # noqa: E402
+from pipeline.parallel.parallelize import compile_expert_parallel_parts  # noqa: E402
 
 
 def prescribed_routing(regime: str, tokens: int, k: int, num_experts: int, offset: int, device) -> torch.Tensor:

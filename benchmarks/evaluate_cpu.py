@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipeline.baselines import LastValue, SeasonalNaive, TrainMean
-    from pipeline.evaluation import EvalConfig, evaluate, window_starts
-    from pipeline.benchmark_data import load_benchmark, split_borders
+    from pipeline.evaluation.baselines import LastValue, SeasonalNaive, TrainMean
+    from pipeline.evaluation.benchmark_data import load_benchmark, split_borders
+    from pipeline.evaluation.protocol import EvalConfig, evaluate, window_starts
 
     torch.set_num_threads(args.threads)
     cfg = EvalConfig(datasets=[args.dataset], horizons=[args.horizon], context=args.context,

@@ -24,7 +24,7 @@ measured at the same shape, and the released model runs OUR weights (converted b
 The full stride-1 protocol estimate per (code, preset, dtype, variant) is the sum over pairs of
 windows(pair) / best windows/s(pair); window counts come from ``--benchmarks`` files where
 present, else from the paper's split sizes. The end-to-end check runs ``forecast`` through
-``pipeline.evaluation.evaluate_dataset`` on one real dataset at one pair and compares its
+``pipeline.evaluation.protocol.evaluate_dataset`` on one real dataset at one pair and compares its
 windows/s with the generate-only rate the estimate uses.
 
     python benchmarks/evaluate_gpu.py --json results.json --budget-s 400 \\
@@ -60,9 +60,9 @@ from model.attention import apply_rope, rope_cos_sin  # noqa: E402
 from model.flops import H100_BF16_PEAK_FLOPS, generate_flops_per_window  # noqa: E402
 
 try:  # without it only the compiled rows fail, with this message
-    from pipeline.parallelize import compile_for_inference  # noqa: E402
+    from pipeline.parallel.parallelize import compile_for_inference  # noqa: E402
 except ImportError as _err:
-    def compile_for_inference(model, decode="eager", _why=f"pipeline.parallelize: {_err}"):
+    def compile_for_inference(model, decode="eager", _why=f"pipeline.parallel.parallelize: {_err}"):
         raise RuntimeError(_why)
 
 PAPER_PAIRS = ((512, 96), (1024, 192), (2048, 336), (3072, 720))
@@ -160,8 +160,8 @@ def protocol_windows(pairs, benchmarks_dir: str | None) -> dict:
     """Stride-1 test windows per pair over the five datasets (released code's count: the very
     last window skipped), from the files where given, else from the paper's split sizes."""
     try:
-        from pipeline.benchmark_data import load_benchmark, split_borders
-        from pipeline.evaluation import window_starts
+        from pipeline.evaluation.benchmark_data import load_benchmark, split_borders
+        from pipeline.evaluation.protocol import window_starts
     except ImportError:  # the same rules written out: ETT borders fixed, else a 20% test split
         load_benchmark = None
 
@@ -174,7 +174,7 @@ def protocol_windows(pairs, benchmarks_dir: str | None) -> dict:
             return range(max(test[1] - test[0] - horizon, 0))
 
     per_dataset, totals = {}, {f"{T}/{H}": 0 for T, H in pairs}
-    for name in PAPER_SPLITS:  # pipeline.benchmark_data.DEFAULT_DATASETS
+    for name in PAPER_SPLITS:  # pipeline.evaluation.benchmark_data.DEFAULT_DATASETS
         rows, channels = PAPER_SPLITS[name]
         source = "paper split sizes"
         if benchmarks_dir and load_benchmark is not None:
@@ -381,8 +381,8 @@ class Bench:
 
     def e2e_row(self, spec: dict) -> dict:
         """``forecast`` on one real dataset at one pair through the evaluation harness."""
-        from pipeline.benchmark_data import load_benchmark
-        from pipeline.evaluation import EvalConfig, evaluate_dataset
+        from pipeline.evaluation.benchmark_data import load_benchmark
+        from pipeline.evaluation.protocol import EvalConfig, evaluate_dataset
 
         model = self.ours(spec["preset"], spec["dtype"], spec["variant"])
         B, T, H = spec["batch"], spec["context"], spec["horizon"]

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Wheels the lent GPU image (Python 3.12, torch, no DeepSpeed) lacks for the real train loop
-# (pipeline.torchrun_entry): DeepSpeed and what it needs beyond the image. Run here, in the repo
+# (pipeline.train.torchrun): DeepSpeed and what it needs beyond the image. Run here, in the repo
 # root; .whl/ is git-ignored and travels with the device tool's `carry: [".whl"]`.
 # Versions: those the CPU venv resolved (pydantic needs the typing-inspection it was released with).
-# Ray and MLflow are not carried: torchrun_entry needs neither (metrics go to files).
+# Ray and MLflow are not carried: pipeline.train.torchrun needs neither (metrics go to files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl

@@ -1,5 +1,5 @@
 """bf16 vs fp32 accuracy of one checkpoint on the zero-shot protocol: the same windows through
-the same code path (``pipeline.evaluation.evaluate`` with a ``pipeline.inference.ModelForecaster``),
+the same code path (``pipeline.evaluation.protocol.evaluate`` with a ``pipeline.evaluation.inference.ModelForecaster``),
 once per dtype, and the relative MSE/MAE difference per (dataset, horizon) and on average.
 
     python benchmarks/precision_accuracy.py --model RUN/train/final_model --benchmarks DIR \\
@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.evaluation import EvalConfig, evaluate  # noqa: E402
-from pipeline.inference import InferenceOptions, ModelForecaster, load_checkpoint  # noqa: E402
+from pipeline.evaluation.inference import InferenceOptions, ModelForecaster, load_checkpoint  # noqa: E402
+from pipeline.evaluation.protocol import EvalConfig, evaluate  # noqa: E402
 
 TOLERANCE = 0.005  # bf16 average MSE within 0.5% of fp32's
 

@@ -134,9 +134,10 @@ def ray_series(root: Path):
 
     if os.environ.get("BENCH_READER", "ingest") == "ingest":
         try:
-            from preprocessing.ingest import read_series  # the product's reader when present
-
-            from preprocessing.ingest import IngestConfig
+            from preprocessing.ingest import (
+                IngestConfig,
+                read_series,  # the product's reader when present
+            )
 
             block = int(os.environ.get("BENCH_BLOCK_ELEMENTS", 32 * 2**20))
             return read_series([str(root)], config=IngestConfig(block_elements=block)), "preprocessing.ingest.read_series"
@@ -164,7 +165,6 @@ def bench_config(corpus: Path, out: Path) -> "PreprocessConfig":
 def worker_ray(corpus: Path, out: Path, cpus: int, warm_corpus: Path | None = None) -> dict:
     import ray
 
-    from preprocessing.config import PreprocessConfig
     from preprocessing.job import run_preprocess
 
     # A fixed object-store budget (Ray's default is 30% of RAM): Ray Data's backpressure then
@@ -216,7 +216,6 @@ def worker_single(corpus: Path, out: Path) -> dict:
     import pyarrow as pa
 
     from preprocessing.accounting import Accounting, check_invariant
-    from preprocessing.config import PreprocessConfig
     from preprocessing.job import StageContext, clean_batch, duplicate_losers, fingerprint_batch, pack_and_write
 
     cfg = bench_config(corpus, out)

@@ -1,6 +1,6 @@
-"""Multi-GPU training throughput of the REAL train loop (``pipeline.torchrun_entry``): data
+"""Multi-GPU training throughput of the REAL train loop (``pipeline.train.torchrun``): data
 parallel vs expert parallel, 1 to 8 GPUs, with DeepSpeed ZeRO and bf16 on packed 4096-point
-windows. Each run is ``torchrun -m pipeline.torchrun_entry`` on a set of GPUs; runs on disjoint
+windows. Each run is ``torchrun -m pipeline.train.torchrun`` on a set of GPUs; runs on disjoint
 GPU sets of one host go at the same time (a "wave") to use the machine's time well.
 
     python benchmarks/train_distributed.py data --out /tmp/packed            # synthetic packed shards
@@ -8,7 +8,7 @@ GPU sets of one host go at the same time (a "wave") to use the machine's time we
 
 Per run it reads rank 0's ``metrics.jsonl`` (points/s, MFU, peak memory per GPU) and every rank's
 ``profile/rankR.json`` (``train.profile_steps``: all-to-all share of the step, kernel time by
-category; ``pipeline.profiling``), and prints one table row. Weak scaling: every GPU gets the
+category; ``pipeline.train.profiling``), and prints one table row. Weak scaling: every GPU gets the
 same micro-batch, so the global batch grows with the GPU count (no gradient accumulation).
 Scaling efficiency = points/s on G GPUs / (G x points/s on 1 GPU) for the same preset.
 
@@ -229,7 +229,7 @@ def _command(spec: RunSpec, data: str, out_dir: Path, port: int, cpu: bool) -> l
         f"scaling.num_workers={world}", f"scaling.use_gpu={'false' if cpu else 'true'}", "tracking.enabled=false",
     ] + spec.overrides
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", f"--master-port={port}",
-            "-m", "pipeline.torchrun_entry", "--config", str(REPO / "configs/timemoe-200m.yaml")] + overrides
+            "-m", "pipeline.train.torchrun", "--config", str(REPO / "configs/timemoe-200m.yaml")] + overrides
 
 
 def summarize_run(spec: RunSpec, out_dir: Path, rc: int, seconds: float, log_tail: str) -> dict:

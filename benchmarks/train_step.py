@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import TimeMoeConfig, TimeMoeModel  # noqa: E402
 from model.flops import count_parameters, mfu, training_flops_per_point  # noqa: E402
-from model.modeling import DecoderLayer  # noqa: E402
 from model.moe import MoeFeedForward  # noqa: E402
 
 

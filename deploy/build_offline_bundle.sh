@@ -65,7 +65,7 @@ DEEPSPEED_DEPS=(hjson==3.1.0)
 # (installed with --no-deps). The sqlalchemy model registry imports cryptography (Fernet, for
 # webhook secrets) at import time, hence cryptography + cffi; databricks-sdk because
 # mlflow.genai probes find_spec("databricks.agents"), which raises without a `databricks`
-# package. GitPython is left out: runs then carry no git tags (pipeline.registry falls back to
+# package. GitPython is left out: runs then carry no git tags (pipeline.evaluation.registry falls back to
 # `git rev-parse`), and mlflow logs a warning.
 MLFLOW_DEPS=(
     mlflow==${MLFLOW_VERSION}

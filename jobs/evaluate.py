@@ -1,4 +1,4 @@
-"""Zero-shot evaluation with the paper's protocol (the logic lives in ``pipeline.evaluation``).
+"""Zero-shot evaluation with the paper's protocol (the logic lives in ``pipeline.evaluation.protocol``).
 
     python -m jobs.evaluate --model runs/exp1/final_model --benchmarks /data/benchmarks
     python -m jobs.evaluate --model models:/timemoe@champion --benchmarks DIR --datasets ETTh1 --horizons 96 --stride 16
@@ -8,7 +8,7 @@
 
 Runs on the first CUDA GPU in bf16 when there is one (``--device``/``--dtype``), and spreads the
 work over one Ray actor per GPU when Ray is running or several GPUs are visible
-(``--eval-workers``; ``pipeline.eval_workers``).
+(``--eval-workers``; ``pipeline.evaluation.workers``).
 
 Writes ``results.json``, ``results.csv``, ``results.txt`` and ``forecasts.png`` to ``--output``
 and, when a run id is given (or an MLflow run is active), logs metrics ``zeroshot/<ds>/<h>/mse``
@@ -20,10 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.baselines import LastValue, SeasonalNaive
-from pipeline.eval_workers import evaluate_model
-from pipeline.evaluation import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
-from pipeline.inference import InferenceOptionError, InferenceOptions, add_cli_options, options_from_args
+from pipeline.evaluation.baselines import LastValue, SeasonalNaive
+from pipeline.evaluation.inference import InferenceOptionError, InferenceOptions, add_cli_options, options_from_args
+from pipeline.evaluation.protocol import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
+from pipeline.evaluation.workers import evaluate_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

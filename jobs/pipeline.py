@@ -32,14 +32,25 @@ from pathlib import Path
 import yaml
 
 import typed_config
-from pipeline.baselines import make_baseline
 from pipeline.config import load_config
-from pipeline.eval_workers import evaluate_model
-from pipeline.evaluation import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
-from pipeline.inference import InferenceOptionError, add_cli_options, options_from_args
-from pipeline.quickstart import (alias_of, ensure_experiment, load_quickstart_config, resolve_tracking_uri,
-                                 training_run_id, write_heldout_benchmarks)
-from pipeline.registry import PromotionDecision, promote_if_better, record_zero_shot_score, register_checkpoint
+from pipeline.evaluation.baselines import make_baseline
+from pipeline.evaluation.inference import InferenceOptionError, add_cli_options, options_from_args
+from pipeline.evaluation.protocol import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
+from pipeline.evaluation.registry import (
+    PromotionDecision,
+    promote_if_better,
+    record_zero_shot_score,
+    register_checkpoint,
+)
+from pipeline.evaluation.workers import evaluate_model
+from pipeline.quickstart import (
+    alias_of,
+    ensure_experiment,
+    load_quickstart_config,
+    resolve_tracking_uri,
+    training_run_id,
+    write_heldout_benchmarks,
+)
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 3. pretraining (Ray Train + DeepSpeed) -> RUN/train/final_model + MLflow run
     t = stage("3/5 pretrain (Ray Train + DeepSpeed)")
     ensure_experiment(uri, train_cfg.tracking.experiment, out / "mlartifacts")
-    from pipeline.trainer import RUN_NAME, run_ray
+    from pipeline.train.ray_runtime import RUN_NAME, run_ray
 
     resume = bool(args.resume) and (Path(train_cfg.train.output_dir) / "ray" / RUN_NAME).exists()
     result = run_ray(train_cfg, resume=resume)
@@ -215,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     forecasters = {"timemoe": model} | {b: make_baseline(b) for b in resolved["eval"]["baselines"]}
     results, tables = {}, []
     for name, fc in forecasters.items():
-        if name == "timemoe":  # on the GPU workers (pipeline.eval_workers)
+        if name == "timemoe":  # on the GPU workers (pipeline.evaluation.workers)
             res = evaluate_model(str(final_model), bench, eval_cfg, inference, eval_workers, uri, model_name=name)
         else:
             res = evaluate(fc, bench, eval_cfg, model_name=name)

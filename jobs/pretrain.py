@@ -10,7 +10,7 @@ On a cluster::
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m jobs.pretrain --config configs/timemoe-50m.yaml --data s3://bucket/packed
 
-Without Ray (e.g. a GPU box): ``torchrun --nproc-per-node 8 -m pipeline.torchrun_entry ...``.
+Without Ray (e.g. a GPU box): ``torchrun --nproc-per-node 8 -m pipeline.train.torchrun ...``.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no data: pass --data or set data.path in the config")
     print("# resolved config\n" + cfg.to_yaml(), flush=True)
 
-    from pipeline.trainer import run_ray
+    from pipeline.train.ray_runtime import run_ray
 
     result = run_ray(cfg, resume=args.resume)
     if getattr(result, "error", None):

@@ -5,7 +5,7 @@
     python -m jobs.register --checkpoint runs/exp1/final_model --name timemoe --tracking-uri http://mlflow:5000
 
 Registration points the ``candidate`` alias at the new version; ``--promote`` moves ``champion``
-to it only if its average zero-shot MSE beats the current champion's (``pipeline.registry``).
+to it only if its average zero-shot MSE beats the current champion's (``pipeline.evaluation.registry``).
 """
 from __future__ import annotations
 
@@ -13,9 +13,14 @@ import argparse
 import sys
 import tempfile
 
-from pipeline.evaluation import EvalConfig
-from pipeline.inference import InferenceOptionError, add_cli_options, options_from_args
-from pipeline.registry import TRAIN_ARTIFACT_PATH, download_run_checkpoint, promote_if_better, register_checkpoint
+from pipeline.evaluation.inference import InferenceOptionError, add_cli_options, options_from_args
+from pipeline.evaluation.protocol import EvalConfig
+from pipeline.evaluation.registry import (
+    TRAIN_ARTIFACT_PATH,
+    download_run_checkpoint,
+    promote_if_better,
+    register_checkpoint,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pipeline.scaling.report import FIT_METRICS, rebuild_from_mlflow
+from pipeline.scaling_laws.report import FIT_METRICS, rebuild_from_mlflow
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,8 @@ import argparse
 import os
 import sys
 
-from pipeline.scaling.grid import format_grid
-from pipeline.scaling.sweep import SweepConfig, plan_trials
+from pipeline.scaling_laws.grid import format_grid
+from pipeline.scaling_laws.sweep import SweepConfig, plan_trials
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{p.spec.name:<28} hash={p.config_hash} steps={p.steps} points={p.points_seen}")
         return 0
     if args.offline_records:
-        from pipeline.scaling.offline import parse_shard, run_offline
+        from pipeline.scaling_laws.offline import parse_shard, run_offline
 
         shard = parse_shard(args.shard)
         if args.gpu_id is not None:  # before anything initialises CUDA
@@ -76,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         off = run_offline(cfg, args.offline_records, shard=shard)
         return 1 if off.failed else 0
     if args.import_records:
-        from pipeline.scaling.offline import import_records
+        from pipeline.scaling_laws.offline import import_records
 
         imp = import_records(cfg, args.import_records, report=not args.no_report)
         print(f"parent run {imp.parent_run_id}: imported {len(imp.imported)}, skipped {len(imp.skipped)}, "
               f"foreign {len(imp.foreign)}")
         return 1 if imp.foreign else 0
-    from pipeline.scaling.sweep import run_sweep
+    from pipeline.scaling_laws.sweep import run_sweep
 
     result = run_sweep(cfg, report=not args.no_report)
     print(f"parent run {result.parent_run_id}: ran {len(result.ran)}, skipped {len(result.skipped)}, "

@@ -21,8 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import checkpoint as ckpt
-from model.attention import (Attention, KVCache, flex_block_mask, resolve_backend, rope_cos_sin, rope_table,
-                             segment_positions)
+from model.attention import (
+    Attention,
+    KVCache,
+    flex_block_mask,
+    resolve_backend,
+    rope_cos_sin,
+    rope_table,
+    segment_positions,
+)
 from model.config import TimeMoeConfig
 from model.forecast import horizon_schedule, prepare_contexts
 from model.loss import head_loss, router_aux_loss

@@ -1,6 +1,6 @@
 """The typed root training config: one dataclass per component, loaded from YAML.
 
-Each component receives only its own section (``cfg.optim`` goes to ``pipeline.optim``,
+Each component receives only its own section (``cfg.optim`` goes to ``pipeline.parallel.optim``,
 ``cfg.tracking`` to ``pipeline.tracking``, ...). The model itself is named by a preset of
 ``model.TimeMoeConfig`` plus field overrides, so the model config stays owned by ``model/``.
 
@@ -62,7 +62,7 @@ class OptimSection:
 class ParallelSection:
     zero_stage: int = 1  # 1, 2 (expert parallel allowed) or 3 (no EP; MoE blocks are Z3 leaves)
     ep_size: int = 1
-    # EP only: pipeline each MoE layer in this many chunks of tokens (pipeline.ep_dispatch), so
+    # EP only: pipeline each MoE layer in this many chunks of tokens (pipeline.parallel.ep_dispatch), so
     # the exchanges of one chunk overlap the experts of the next. 1 = no pipelining. Each chunk
     # adds ~150 kernel launches per layer; on one H200 that cost more than any exchange on one
     # NVLink host could hide (docs/expert_parallel.md): leave 1 unless the exchange is slow.
@@ -90,7 +90,7 @@ class TrainSection:
     export: bool = True  # save_pretrained the final model to <output_dir>/final_model
     checkpoint_at_end: bool = True  # False for throughput benchmarks (an ultra checkpoint is ~30 GB)
     # (first, last) optimizer steps to profile on every rank (torch.profiler); summary per rank
-    # in <output_dir>/profile/ (pipeline.profiling). Empty: no profiling.
+    # in <output_dir>/profile/ (pipeline.train.profiling). Empty: no profiling.
     profile_steps: tuple[int, ...] = ()
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 import typed_config
-from pipeline.checkpoint import STATE_FILE
 from pipeline.tracking import keep_credentials_out_of_logs
+from pipeline.train.checkpoint import STATE_FILE
 from preprocessing.config import PreprocessConfig
 from preprocessing.synthetic import kernelsynth, random_walk, seasonal
 
@@ -44,11 +44,11 @@ class EvalStage:
     horizons: list[int] = field(default_factory=lambda: [96])
     context: int | None = None  # None: the paper's context for each horizon
     stride: int = 96
-    device: str | None = None  # None: auto (pipeline.inference); the CLI's --device wins
+    device: str | None = None  # None: auto (pipeline.evaluation.inference); the CLI's --device wins
     dtype: str | None = None
     batch_size: int | None = None
-    compile: bool = False  # pipeline.inference: compiled prefill (faster on a GPU); the CLI's --compile wins
-    workers: int | str = "auto"  # pipeline.eval_workers: auto, N or 0
+    compile: bool = False  # pipeline.evaluation.inference: compiled prefill (faster on a GPU); the CLI's --compile wins
+    workers: int | str = "auto"  # pipeline.evaluation.workers: auto, N or 0
     heldout_seed: int = 10_000  # synthetic held-out series when no --benchmarks is given
     baselines: list[str] = field(default_factory=lambda: ["naive", "seasonal_naive"])
 
@@ -113,7 +113,7 @@ def training_run_id(result: Any) -> str | None:
 def write_heldout_benchmarks(out_dir: str | Path, seed: int = 10_000, rows: int = 4000,
                              channels: int = 3) -> list[str]:
     """Benchmark-style CSVs (``date`` column + channels, hourly) of synthetic series drawn with a
-    seed the training corpus never uses; ``pipeline.benchmark_data`` reads them with its 70/10/20
+    seed the training corpus never uses; ``pipeline.evaluation.benchmark_data`` reads them with its 70/10/20
     split. Returns the dataset names."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,10 +21,10 @@ hashes and per-dataset counters.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
-import base64
 import math
 import os
 import pickle
@@ -40,8 +40,14 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from preprocessing import report as report_mod
-from preprocessing.accounting import (INFORMATIONAL_QUARANTINE, Accounting, AccountingError, check_invariant,
-                                      empty_result_reason, length_bin)
+from preprocessing.accounting import (
+    INFORMATIONAL_QUARANTINE,
+    Accounting,
+    AccountingError,
+    check_invariant,
+    empty_result_reason,
+    length_bin,
+)
 from preprocessing.clean import clean_series
 from preprocessing.config import OutputConfig, PreprocessConfig, validate
 from preprocessing.contamination import ContaminationIndex
@@ -50,8 +56,15 @@ from preprocessing.formats_table import IngestError
 from preprocessing.normalize import apply_stats, normalize_run
 from preprocessing.pack import REASON_SHORT_TAIL, assemble_rows, chunk_bounds
 from preprocessing.schema import MANIFEST_FILE, SCHEMA_VERSION, SHARD_PATTERN, TRAIN_DIR, VAL_DIR
-from preprocessing.writer import (check_no_foreign_files, check_output_location, exists, join, publish, resolve,
-                                  write_packed)
+from preprocessing.writer import (
+    check_no_foreign_files,
+    check_output_location,
+    exists,
+    join,
+    publish,
+    resolve,
+    write_packed,
+)
 
 if TYPE_CHECKING:
     from preprocessing.catalog import SourceCatalog

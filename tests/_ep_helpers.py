@@ -37,7 +37,7 @@ def run_two_ranks(fn: Callable, out_dir: Path, *args, timeout_s: float = 240.0) 
 
 def init_deepspeed_gloo() -> None:
     """The training code's own process-group set-up (gloo, shared-memory op build skipped)."""
-    from pipeline.parallelize import init_distributed
+    from pipeline.parallel.parallelize import init_distributed
 
     init_distributed(use_gpu=False)
 
@@ -114,7 +114,7 @@ def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim:
     import torch.distributed as dist
 
     from model.moe import GroupedExperts, LocalDispatcher
-    from pipeline.ep_dispatch import AllToAllDispatcher
+    from pipeline.parallel.ep_dispatch import AllToAllDispatcher
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     half, k = num_experts // 2, 2
@@ -208,7 +208,7 @@ def train_worker(rank: int, world: int, runs: list[tuple[int, int, float, str]],
     so the SGD runs are the ones that catch expert-gradient scaling mistakes."""
     import deepspeed
 
-    from pipeline.expert_parallel import apply_expert_parallel, expert_param_groups, gather_expert_params
+    from pipeline.parallel.expert_parallel import apply_expert_parallel, expert_param_groups, gather_expert_params
 
     init_deepspeed_gloo()
     # one batch per rank, repeated: the loss must fall, so the comparison is not vacuous
@@ -257,7 +257,7 @@ def timing_worker(rank: int, world: int, ep: int, steps: int, batch: int, length
 
     import deepspeed
 
-    from pipeline.expert_parallel import apply_expert_parallel, expert_param_groups
+    from pipeline.parallel.expert_parallel import apply_expert_parallel, expert_param_groups
 
     init_deepspeed_gloo()
     model = make_model(seed=0)

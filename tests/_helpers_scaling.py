@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.scaling.report import TrialRecord
+from pipeline.scaling_laws.report import TrialRecord
 
 SPARSE_LAW = dict(E=0.18, A=30.0, B=60.0, a=0.32, b=0.27)
 SIZES = {"xs": 1.2e6, "s": 3.5e6, "m": 1.1e7, "l": 3.3e7}  # active params

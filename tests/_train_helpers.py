@@ -125,8 +125,8 @@ def torchrun_worker(rank: int, world: int, cfg_dicts: list[dict], resume: bool =
     import torch
 
     from pipeline.config import config_from_dict
-    from pipeline.torchrun_entry import TorchrunRuntime
-    from pipeline.train_loop import run_training
+    from pipeline.train.loop import run_training
+    from pipeline.train.torchrun import TorchrunRuntime
 
     out = []
     for cfg_dict in cfg_dicts:

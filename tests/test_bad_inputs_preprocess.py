@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from _helpers_preprocess import series_table
+
 from preprocessing.accounting import check_invariant
 from preprocessing.clean import (
     REASON_NONFINITE,

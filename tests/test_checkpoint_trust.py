@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from pipeline.checkpoint import UntrustedCheckpointError, safe_torch_load
+from pipeline.train.checkpoint import UntrustedCheckpointError, safe_torch_load
 
 
 class _RunsCode:

@@ -18,10 +18,9 @@ import shlex
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 from packaging.requirements import Requirement
-
-import ray
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.baselines import LastValue, SeasonalNaive, TrainMean, make_baseline
-from pipeline.benchmark_data import infer_period, load_benchmark, split_borders
-from pipeline.evaluation import EvalConfig, evaluate, log_to_mlflow, plot_forecasts, window_starts
+from pipeline.evaluation.baselines import LastValue, SeasonalNaive, TrainMean, make_baseline
+from pipeline.evaluation.benchmark_data import infer_period, load_benchmark, split_borders
+from pipeline.evaluation.protocol import EvalConfig, evaluate, log_to_mlflow, plot_forecasts, window_starts
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.ep_dispatch import regroup_by_local_expert
+from pipeline.parallel.ep_dispatch import regroup_by_local_expert
 from tests._ep_helpers import dispatcher_worker, run_two_ranks, train_worker
 
 moe = pytest.importorskip("model.moe", reason="model.moe not written yet")
@@ -160,7 +160,7 @@ def test_zero3_with_expert_parallel_is_refused(ep_runs):
 
 
 def test_apply_expert_parallel_rejects_bad_sizes_and_dense_models():
-    from pipeline.expert_parallel import apply_expert_parallel
+    from pipeline.parallel.expert_parallel import apply_expert_parallel
     from tests._ep_helpers import make_model
 
     _require_full_model()
@@ -214,7 +214,7 @@ def test_compile_under_ep_wraps_the_parts_the_dispatcher_calls(routed):
     shared expert always and the routed experts as parallel.ep_compile_experts says; without EP
     neither is compiled on its own (they are inside the compiled layer)."""
     from model import TimeMoeConfig, TimeMoeModel
-    from pipeline.parallelize import apply_compile
+    from pipeline.parallel.parallelize import apply_compile
 
     def compiled(module) -> bool:
         return getattr(module, "_compiled_call_impl", None) is not None

@@ -15,8 +15,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import TimeMoeConfig, TimeMoeModel, horizon_schedule
-from model import moe
+from model import TimeMoeConfig, TimeMoeModel, horizon_schedule, moe
 from model.flops import count_parameters, generate_flops_per_window
 
 

@@ -11,7 +11,7 @@ import torch
 from model import TimeMoeConfig, TimeMoeModel, horizon_schedule
 from model.attention import rope_cos_sin, rope_table
 from model.forecast import prepare_contexts
-from pipeline.parallelize import compile_for_inference
+from pipeline.parallel.parallelize import compile_for_inference
 
 HORIZONS = (1, 45, 96, 200)  # one step; 32,8,1x5; 64,32; 64x3,8
 assert horizon_schedule(200, (1, 8, 32, 64)) == [64, 64, 64, 8]

@@ -33,7 +33,7 @@ def test_routed_experts_compiled_with_dynamic_rows_match_the_eager_grouped_gemm(
     """What EP runs (``compile_expert_parallel_parts``): the grouped experts compiled with a
     dynamic row count, fed the ragged counts a rank receives (odd totals, empty experts, one
     row), forward and weight/input gradients against eager grouped_mm on the same weights."""
-    from pipeline.parallelize import compile_expert_parallel_parts
+    from pipeline.parallel.parallelize import compile_expert_parallel_parts
 
     eager = _experts(4, 128, 256)
     compiled = _experts(4, 128, 256)
@@ -79,8 +79,8 @@ def test_all_to_all_dispatcher_on_a_group_of_one_equals_the_local_dispatcher(chu
     shared-expert gradients equal LocalDispatcher's on the same layer."""
     import torch.distributed as dist
 
-    from pipeline.ep_dispatch import AllToAllDispatcher
-    from pipeline.parallelize import compile_expert_parallel_parts
+    from pipeline.parallel.ep_dispatch import AllToAllDispatcher
+    from pipeline.parallel.parallelize import compile_expert_parallel_parts
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

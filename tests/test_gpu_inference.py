@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import TimeMoeConfig, TimeMoeModel
-from pipeline.inference import GPU_BATCH_MAX, InferenceOptions, ModelForecaster
+from pipeline.evaluation.inference import GPU_BATCH_MAX, InferenceOptions, ModelForecaster
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,5 +1,5 @@
-"""Device-aware inference (``pipeline.inference``) and the protocol spread over Ray actors
-(``pipeline.eval_workers``), on the CPU: the CPU path of every GPU feature.
+"""Device-aware inference (``pipeline.evaluation.inference``) and the protocol spread over Ray actors
+(``pipeline.evaluation.workers``), on the CPU: the CPU path of every GPU feature.
 
 The references are the paths earlier results came from: ``TimeMoeModel.forecast`` called
 directly, and the single-process ``evaluate``.
@@ -17,9 +17,17 @@ import pytest
 import torch
 
 from model import TimeMoeConfig, TimeMoeModel
-from pipeline.evaluation import EvalConfig, evaluate
-from pipeline.inference import (InferenceOptionError, InferenceOptions, ModelForecaster, forecast, load_checkpoint,
-                                resolve, resolve_device, resolve_dtype)
+from pipeline.evaluation.inference import (
+    InferenceOptionError,
+    InferenceOptions,
+    ModelForecaster,
+    forecast,
+    load_checkpoint,
+    resolve,
+    resolve_device,
+    resolve_dtype,
+)
+from pipeline.evaluation.protocol import EvalConfig, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,7 +152,7 @@ def test_missing_checkpoint_names_the_path(tmp_path):
 
 # ------------------------------------------------------------------------- Ray actors
 def test_sharded_evaluation_on_cpu_actors_equals_one_process(checkpoint, bench, ray_local):
-    from pipeline.eval_workers import evaluate_model, plan_workers
+    from pipeline.evaluation.workers import evaluate_model, plan_workers
 
     cfg = EvalConfig(datasets=["long", "short"], horizons=[16, 40], context=300, stride=9, progress=False)
     opts = InferenceOptions("cpu", "fp32")

@@ -2,8 +2,6 @@
 subset uploaded to a real moto S3 server read back from s3:// with identical series."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc

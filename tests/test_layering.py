@@ -56,3 +56,84 @@ def test_training_frameworks_live_only_in_pipeline(framework):
             if any(m == framework or m.startswith(framework + ".") for m in mods):
                 offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, f"{framework} imported outside pipeline/: {offenders}"
+
+
+# --------------------------------------------------------------------------- pipeline/'s inner borders
+# Which part of pipeline/ may import which (function-level imports count too). Reading down the
+# table is reading up the stack: a part imports only parts listed for it.
+PIPELINE_PARTS = {
+    "config": set(),          # the typed training config
+    "console": set(),         # one-line progress output
+    "tracking": {"config", "console"},  # MLflow behind one object
+    "parallel": {"config"},   # model -> distributed training engine (EP, AC, compile, optimizer, ZeRO)
+    "train": {"config", "console", "tracking", "parallel"},  # the loop, its runtimes, data, checkpoints
+    "evaluation": {"parallel"},  # the zero-shot protocol, inference, Ray workers, registry
+    "scaling_laws": {"config", "train", "evaluation"},  # sweeps, fits, reports
+    "quickstart": {"config", "tracking", "train"},  # the one-machine job's config and helpers
+}
+
+
+def _pipeline_modules() -> dict[str, Path]:
+    mods = {}
+    for path in package_files("pipeline"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = path
+    return mods
+
+
+def _pipeline_edges() -> dict[str, set[str]]:
+    mods = _pipeline_modules()
+
+    def owner(target: str) -> str | None:
+        while target and target not in mods:
+            target = target.rpartition(".")[0]
+        return target or None
+
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pipeline"):
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("pipeline")]
+            for t in targets:
+                dep = owner(t)
+                if dep and dep not in (name, "pipeline"):
+                    edges[name].add(dep)
+    return edges
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1]
+
+
+def test_pipeline_has_few_top_level_modules_and_named_parts():
+    top = sorted(p.stem for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__")
+    parts = sorted(p.name for p in (ROOT / "pipeline").iterdir() if (p / "__init__.py").exists())
+    assert set(top) | set(parts) == set(PIPELINE_PARTS), (top, parts)
+    assert len(top) <= 4, top
+
+
+def test_pipeline_parts_import_only_downwards():
+    upward = sorted(f"{m} -> {d}" for m, deps in _pipeline_edges().items() for d in deps
+                    if _part(d) != _part(m) and _part(d) not in PIPELINE_PARTS[_part(m)])
+    assert not upward, f"imports against pipeline/'s layering (PIPELINE_PARTS): {upward}"
+
+
+def test_no_import_cycles_in_pipeline():
+    edges, state, cycles = _pipeline_edges(), {}, []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = "open"
+        for d in sorted(edges[m]):
+            if state.get(d) == "open":
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, f"import cycles (function-level imports included): {cycles}"

@@ -85,7 +85,7 @@ def test_preprocessing_on_data_node_and_trainers_on_trainer_node(cluster, tmp_pa
     from ray.util.state import list_actors, list_tasks
 
     from pipeline.config import config_from_dict
-    from pipeline.trainer import run_ray
+    from pipeline.train.ray_runtime import run_ray
     from preprocessing.config import config_from_dict as preprocess_config
     from preprocessing.job import run_preprocess
     from preprocessing.synthetic import generate_default_corpus

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from _helpers_preprocess import series_table, synthetic_rows
+
 from preprocessing.accounting import Accounting, AccountingError, check_invariant
 from preprocessing.clean import clean_series
 from preprocessing.config import MixtureConfig, PackConfig, PreprocessConfig, config_from_dict, load_config
@@ -234,7 +234,7 @@ def test_blocks_pack_in_task_and_dedup_fixup_redoes_only_affected_blocks(ray_loc
     copy; re-runs are byte-identical."""
     import logging
 
-    from preprocessing.job import ACCOUNTING_SPLIT, process_block, StageContext
+    from preprocessing.job import ACCOUNTING_SPLIT, StageContext, process_block
 
     cfg = make_config(tmp_path / "x", pack_batch_chunks=4)
     table = series_table(rows)

@@ -6,9 +6,8 @@ import json
 from html.parser import HTMLParser
 
 import numpy as np
-import pytest
-
 from _helpers_preprocess import series_table, synthetic_rows
+
 from preprocessing.config import PackConfig, PreprocessConfig
 from preprocessing.contamination import ContaminationIndex, benchmark_test_rows, load_test_channels
 from preprocessing.job import run_preprocess

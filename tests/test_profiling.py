@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.profiling import categorize, summarize
+from pipeline.train.profiling import categorize, summarize
 from tests._train_helpers import run_ranks, tiny_config, torchrun_worker, write_shards
 
 

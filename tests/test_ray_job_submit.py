@@ -384,7 +384,7 @@ def test_final_model_export_is_all_or_nothing(tmp_path, monkeypatch):
     leaves the previous complete model, or none, never a partial directory."""
     from model import TimeMoeConfig, TimeMoeModel
     from pipeline.config import config_from_dict
-    from pipeline.train_loop import export_model
+    from pipeline.train.loop import export_model
 
     cfg = config_from_dict({"model": {"preset": "tiny"}})
     engine = type("Engine", (), {"module": TimeMoeModel(TimeMoeConfig.preset("tiny"))})()

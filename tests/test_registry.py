@@ -22,8 +22,8 @@ import mlflow  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from model import TimeMoeConfig, TimeMoeModel  # noqa: E402
-from pipeline.evaluation import EvalConfig  # noqa: E402
-from pipeline.registry import CANDIDATE, CHAMPION, promote_if_better, register_checkpoint  # noqa: E402
+from pipeline.evaluation.protocol import EvalConfig  # noqa: E402
+from pipeline.evaluation.registry import CANDIDATE, CHAMPION, promote_if_better, register_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ def test_promotion_refused_for_worse_and_granted_for_better(checkpoints, synth_b
 def test_evaluate_cli_accepts_checkpoint_dir_and_models_uri(checkpoints, synth_bench, mlflow_server, tmp_path):
     """The same weights score identically as a checkpoint directory and as a registered model,
     and a fresh process (the CLI) resolves ``models:/NAME@candidate`` via --tracking-uri."""
-    from pipeline.evaluation import evaluate, load_forecaster
+    from pipeline.evaluation.protocol import evaluate, load_forecaster
 
     name = _name()
     register_checkpoint(checkpoints["good"], name, tracking_uri=mlflow_server)

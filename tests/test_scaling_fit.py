@@ -1,4 +1,4 @@
-"""The scaling-law fits recover known laws from synthetic noisy points (pipeline/scaling/fit.py).
+"""The scaling-law fits recover known laws from synthetic noisy points (pipeline/scaling_laws/fit.py).
 
 References are independent of the fitting code: the ground-truth laws are written out here
 in closed form, and the compute-optimal allocation is checked against a brute-force grid.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.scaling import fit as F
+from pipeline.scaling_laws import fit as F
 
 
 def _power_law_points(seed: int, n: int = 14, noise: float = 0.01, E: float = 0.3, A: float = 2.0e3,

@@ -19,9 +19,9 @@ model = pytest.importorskip("model")
 sys.path.insert(0, str(Path(__file__).parent))
 import _helpers_scaling as H  # noqa: E402
 
-from pipeline.scaling import offline as O  # noqa: E402
-from pipeline.scaling import report as R  # noqa: E402
-from pipeline.scaling import sweep as S  # noqa: E402
+from pipeline.scaling_laws import offline as O  # noqa: E402
+from pipeline.scaling_laws import report as R  # noqa: E402
+from pipeline.scaling_laws import sweep as S  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_BENCH = Path(os.environ.get("TIMEMOE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "benchmarks"

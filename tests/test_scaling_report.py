@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.scaling import report as R
+from pipeline.scaling_laws import report as R
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _helpers_scaling import SPARSE_LAW, fake_trials  # noqa: E402

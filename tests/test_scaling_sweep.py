@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -19,8 +18,8 @@ if not hasattr(model, "TimeMoeModel"):
 sys.path.insert(0, str(Path(__file__).parent))
 import _helpers_scaling as H  # noqa: E402
 
-from pipeline.scaling import report as R  # noqa: E402
-from pipeline.scaling import sweep as S  # noqa: E402
+from pipeline.scaling_laws import report as R  # noqa: E402
+from pipeline.scaling_laws import sweep as S  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = H.TINY_WINDOW
@@ -133,17 +132,17 @@ def test_tiny_sweep_plain_training_skips_and_resumes(ray_local, mlflow_server, t
 
 def _trainer_ready() -> str | None:
     try:
-        from pipeline import trainer
+        from pipeline.train import ray_runtime as trainer
     except Exception as exc:  # noqa: BLE001
-        return f"pipeline.trainer not importable yet ({type(exc).__name__}: {exc})"
+        return f"pipeline.train.ray_runtime not importable yet ({type(exc).__name__}: {exc})"
     if not hasattr(trainer, "run_ray"):
-        return "pipeline.trainer has no run_ray(cfg, resume) entry point yet"
+        return "pipeline.train.ray_runtime has no run_ray(cfg, resume) entry point yet"
     # The loop must accept a dense model's output (no router: aux_loss is None).
     import dataclasses
 
     import torch
 
-    from pipeline import train_loop
+    from pipeline.train import loop as train_loop
 
     cfg = dataclasses.replace(model.TimeMoeConfig.preset("tiny"), use_dense=True)
     x = torch.randn(1, 16)
@@ -151,14 +150,14 @@ def _trainer_ready() -> str | None:
     try:
         train_loop.StepStats().add(out)
     except Exception as exc:  # noqa: BLE001
-        return (f"pipeline/train_loop.py StepStats.add cannot take a dense model's output "
+        return (f"pipeline/train/loop.py StepStats.add cannot take a dense model's output "
                 f"({type(exc).__name__}: {exc}); the dense twins cannot train through Ray Train yet")
     return None
 
 
 @pytest.mark.slow
 def test_tiny_sweep_with_ray_train_trainer(ray_local, mlflow_server, tmp_path):
-    """The real path: every trial trains through pipeline.trainer (Ray Train + DeepSpeed)."""
+    """The real path: every trial trains through pipeline.train.ray_runtime (Ray Train + DeepSpeed)."""
     missing = _trainer_ready()
     if missing:
         pytest.skip(missing)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig, load_config
-from pipeline.deepspeed_config import deepspeed_config
-from pipeline.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
+from pipeline.parallel.deepspeed_config import deepspeed_config
+from pipeline.parallel.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
 
 
 def reference_lr(step: int, peak: float, warmup: int, total: int, floor_ratio: float) -> float:
@@ -117,7 +117,7 @@ def test_deepspeed_config_batch_geometry_and_precision():
 def test_init_from_loads_checkpoint_weights_and_checks_the_shape(tmp_path):
     from model import TimeMoeConfig, TimeMoeModel
     from pipeline.config import ModelSection
-    from pipeline.parallelize import build_model
+    from pipeline.parallel.parallelize import build_model
 
     torch.manual_seed(5)
     saved = TimeMoeModel(TimeMoeConfig.preset("tiny"))
@@ -146,7 +146,7 @@ def test_float_keys_accept_exponents_without_a_dot_and_reject_words(tmp_path):
 
 
 def test_expert_imbalance_per_expert_and_per_ep_rank():
-    from pipeline.train_loop import expert_imbalance
+    from pipeline.train.loop import expert_imbalance
 
     # layer 0: all tokens on experts 0 and 1; layer 1: perfectly balanced (4 experts)
     counts = torch.tensor([[5, 5, 0, 0], [3, 3, 3, 3]])
@@ -160,7 +160,7 @@ def test_expert_imbalance_per_expert_and_per_ep_rank():
 def test_step_clock_eta_ignores_the_slow_first_steps():
     """A run whose first step compiles for 60 s and then steps at 0.5 s: the ETA after 5 steps is
     the steady pace times the steps left, not the mean since the start (~12.4 s per step)."""
-    from pipeline.train_loop import StepClock, _fmt_eta
+    from pipeline.train.loop import StepClock, _fmt_eta
 
     clock = StepClock(window=20, start=0.0)
     assert _fmt_eta(clock.eta_s(100)) == "?"  # nothing measured yet

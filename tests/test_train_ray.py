@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests._train_helpers import (read_metrics, run_ranks, start_mlflow_server, tiny_config, torchrun_worker,
-                                  wait_for_step, write_shards)
+from tests._train_helpers import (
+    read_metrics,
+    run_ranks,
+    start_mlflow_server,
+    tiny_config,
+    torchrun_worker,
+    wait_for_step,
+    write_shards,
+)
 
 STEPS = 14
 
@@ -38,7 +45,7 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unbroken(ray_local, mlflow_server, data_root, tmp_path_factory):
-    from pipeline.trainer import run_ray
+    from pipeline.train.ray_runtime import run_ray
 
     out = tmp_path_factory.mktemp("unbroken")
     exp = f"unbroken-{uuid.uuid4().hex[:6]}"
@@ -77,7 +84,7 @@ def test_ray_run_tracks_params_metrics_artifacts(unbroken, mlflow_server):
 def test_killed_worker_is_restored_and_resumes_exactly(unbroken, mlflow_server, data_root, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.trainer import run_ray
+    from pipeline.train.ray_runtime import run_ray
 
     out = tmp_path / "killed"
     exp = f"killed-{uuid.uuid4().hex[:6]}"

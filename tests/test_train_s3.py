@@ -37,7 +37,7 @@ def _losses(history: list[dict]) -> list[tuple[int, float]]:
 
 
 def test_plain_loader_trains_from_s3_exactly_as_from_disk(local_and_s3, tmp_path):
-    from pipeline.data import list_shards
+    from pipeline.train.data import list_shards
 
     local, s3_uri = local_and_s3
     assert list_shards(s3_uri, "train") == [f"{s3_uri}/train/{Path(p).name}" for p in list_shards(str(local), "train")]
@@ -55,7 +55,7 @@ def test_plain_loader_trains_from_s3_exactly_as_from_disk(local_and_s3, tmp_path
 
 def test_ray_data_loader_trains_from_s3_exactly_as_from_disk(ray_local, local_and_s3, tmp_path):
     from pipeline.config import config_from_dict
-    from pipeline.trainer import run_ray
+    from pipeline.train.ray_runtime import run_ray
 
     local, s3_uri = local_and_s3
     losses = {}
@@ -70,7 +70,7 @@ def test_ray_data_loader_trains_from_s3_exactly_as_from_disk(ray_local, local_an
 
 
 def test_empty_s3_prefix_fails_naming_the_path(local_and_s3):
-    from pipeline.data import list_shards
+    from pipeline.train.data import list_shards
 
     _, s3_uri = local_and_s3
     missing = s3_uri.rsplit("/", 1)[0] + "/not-there"

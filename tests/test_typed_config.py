@@ -3,8 +3,8 @@ numeric strings accepted where YAML makes them, errors naming source, field, typ
 unknown keys with a suggestion, overrides blamed for their own mistakes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import typing
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -127,7 +127,7 @@ def test_every_shipped_config_loads_with_its_typed_class():
 
     from pipeline.config import load_config
     from pipeline.quickstart import load_quickstart_config
-    from pipeline.scaling.sweep import SweepConfig
+    from pipeline.scaling_laws.sweep import SweepConfig
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert len(configs) >= 8

@@ -1,4 +1,4 @@
-"""Ray Train wiring: the TorchTrainer around ``pipeline.train_loop``.
+"""Ray Train wiring: the TorchTrainer around ``pipeline.train.loop``.
 
 Ray builds the world around the plain loop function: workers (fractional CPUs on CPU hosts so
 Ray Data tasks still schedule), dataset shards, checkpoint storage and restarts. Checkpoints:
@@ -18,9 +18,10 @@ from typing import Any, Iterator
 
 import torch
 
-from pipeline import checkpoint, data
-from pipeline.checkpoint import ResumeState
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, config_from_dict
+from pipeline.train import checkpoint, data
+from pipeline.train.checkpoint import ResumeState
+from pipeline.train.loop import run_training
 
 RUN_NAME = "pretrain"
 
@@ -47,7 +48,7 @@ class RayRuntime:
         import ray.train
 
         it = data.ray_batches(ray.train.get_dataset_shard("train"), self.cfg.train.micro_batch_size, d.prefetch_batches)
-        for _ in range(skip_batches):  # exact: the split order is deterministic (see pipeline.data)
+        for _ in range(skip_batches):  # exact: the split order is deterministic (see pipeline.train.data)
             next(it)
         return it
 
@@ -89,13 +90,17 @@ class RayRuntime:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What Ray Train runs on every worker (config = ``TrainConfig.to_dict()``)."""
+    cfg = config_from_dict(config)
+    run_training(cfg, RayRuntime(cfg))
+
+
 def run_ray(cfg: TrainConfig, resume: bool = False) -> Any:
     """Launch ``cfg.scaling.num_workers`` Ray Train workers; return Ray's ``Result``."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from pipeline.train_loop import train_loop_per_worker
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS set -> connect to that cluster; else a local instance

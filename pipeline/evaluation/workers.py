@@ -28,10 +28,18 @@ import ray
 import torch
 
 from model import TimeMoeModel
-from pipeline.benchmark_data import BenchmarkDataset
-from pipeline.evaluation import (EvalConfig, EvalResult, ErrorSums, check_context, error_sums, evaluate, load_forecaster,
-                                 protocol_plan)
-from pipeline.inference import InferenceOptions, ModelForecaster, is_model_uri, max_context_of
+from pipeline.evaluation.benchmark_data import BenchmarkDataset
+from pipeline.evaluation.inference import InferenceOptions, ModelForecaster, is_model_uri, max_context_of
+from pipeline.evaluation.protocol import (
+    ErrorSums,
+    EvalConfig,
+    EvalResult,
+    check_context,
+    error_sums,
+    evaluate,
+    load_forecaster,
+    protocol_plan,
+)
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 

@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from pipeline.benchmark_data import BenchmarkDataset, infer_period
+from pipeline.evaluation.benchmark_data import BenchmarkDataset, infer_period
 
 
 class Forecaster(Protocol):

@@ -7,7 +7,7 @@ On the GPU node (one process per GPU, each taking every N-th trial of the same p
 
 Each process plans the trials exactly like the online sweep (``sweep.plan_trials``: same config
 hashes, steps and output folders), keeps its shard, and for each trial of it trains in-process
-through ``pipeline.train_loop.run_training`` with the torchrun runtime (world size 1, plain
+through ``pipeline.train.loop.run_training`` with the torchrun runtime (world size 1, plain
 pyarrow reader, tracking off), measures it with ``sweep.run_trial`` (held-out loss/MSE, zero-shot
 subset) and appends one JSON line to the records file (``OfflineRecord``). A trial whose hash is
 already in that file is skipped, so re-running the command resumes; a trial that fails writes
@@ -35,11 +35,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pipeline.scaling import report as R
-from pipeline.scaling.grid import format_grid
-from pipeline.scaling.sweep import (SweepConfig, TrainFn, TrialPlan, build_sweep_report, create_trial_run,
-                                    open_sweep, plan_trials, run_trial, steady_speed, trial_param_values,
-                                    trial_runs)
+from pipeline.config import config_from_dict
+from pipeline.scaling_laws import report as R
+from pipeline.scaling_laws.grid import format_grid
+from pipeline.scaling_laws.sweep import (
+    SweepConfig,
+    TrainFn,
+    TrialPlan,
+    build_sweep_report,
+    create_trial_run,
+    open_sweep,
+    plan_trials,
+    run_trial,
+    steady_speed,
+    trial_param_values,
+    trial_runs,
+)
+from pipeline.train.loop import run_training
+from pipeline.train.torchrun import TorchrunRuntime
 
 RECORD_VERSION = 1
 SOURCE_TAG = "scaling.source"  # on imported child runs: "offline:<records file name>"
@@ -152,9 +165,6 @@ def train_local(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     import torch
 
     from model import TimeMoeModel
-    from pipeline.config import config_from_dict
-    from pipeline.torchrun_entry import TorchrunRuntime
-    from pipeline.train_loop import run_training
 
     tc = {k: dict(v) if isinstance(v, dict) else v for k, v in train_config.items()}
     tc["data"] = dict(tc.get("data") or {}, loader="plain")

@@ -3,7 +3,7 @@
 Protocol, per dataset and horizon H:
 1. every channel is an independent univariate series;
 2. splits: ETTh fixed borders 12/4/4 months, ETTm the same times 4, others 70/10/20
-   (``pipeline.benchmark_data.split_borders``);
+   (``pipeline.evaluation.benchmark_data.split_borders``);
 3. a per-channel StandardScaler is fitted on the train split and applied to all rows;
 4. test windows: the forecast start t runs over the test split at stride 1 (``stride`` > 1 for
    quick runs); the context is the ``context`` rows before t and may reach back before the test
@@ -38,10 +38,16 @@ from typing import Any, Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from pipeline.baselines import Forecaster, make_baseline
-from pipeline.benchmark_data import DEFAULT_DATASETS, BenchmarkDataset, load_benchmark, scaled_values, split_borders
-from pipeline.inference import InferenceOptions
-from pipeline.inference import load_forecaster as load_model_forecaster
+from pipeline.evaluation.baselines import Forecaster, make_baseline
+from pipeline.evaluation.benchmark_data import (
+    DEFAULT_DATASETS,
+    BenchmarkDataset,
+    load_benchmark,
+    scaled_values,
+    split_borders,
+)
+from pipeline.evaluation.inference import InferenceOptions
+from pipeline.evaluation.inference import load_forecaster as load_model_forecaster
 
 PAPER_HORIZONS = (96, 192, 336, 720)
 PAPER_CONTEXTS = {96: 512, 192: 1024, 336: 2048, 720: 3072}
@@ -287,7 +293,7 @@ class EvalResult:
 def evaluate(forecaster: Forecaster, benchmarks_dir: str | Path, cfg: EvalConfig | None = None,
              model_name: str | None = None) -> EvalResult:
     """Run the protocol in this process for every dataset x horizon of ``cfg``
-    (``pipeline.eval_workers.evaluate_model`` spreads the same work over GPU workers)."""
+    (``pipeline.evaluation.workers.evaluate_model`` spreads the same work over GPU workers)."""
     cfg = cfg or EvalConfig()
     rows: list[EvalRow] = []
     for ds, horizons in protocol_plan(benchmarks_dir, cfg):
@@ -372,7 +378,7 @@ def log_to_mlflow(result: EvalResult, files: Sequence[Path], run_id: str | None 
 
 def load_forecaster(spec: str, tracking_uri: str | None = None,
                     options: InferenceOptions | None = None) -> tuple[Forecaster, str]:
-    """``baseline:NAME``, else a model through ``pipeline.inference.load_forecaster``
+    """``baseline:NAME``, else a model through ``pipeline.evaluation.inference.load_forecaster``
     (checkpoint directory, ``models:/NAME@ALIAS``, ``runs:/ID/PATH``) on ``options``' device."""
     if spec.startswith("baseline:"):
         return make_baseline(spec.split(":", 1)[1]), spec

@@ -13,7 +13,7 @@ Options (the CLIs' ``--device`` / ``--dtype`` / ``--batch-size``):
   by a probe forward at the actual context and horizon. A batch that runs out of GPU memory is
   halved with a warning and retried, so a protocol run never dies on a too-large batch.
 - ``compile``: the prefill of every decoder layer compiled with static shapes
-  (``pipeline.parallelize.compile_for_inference``) and every batch padded to the batch size, so
+  (``pipeline.parallel.parallelize.compile_for_inference``) and every batch padded to the batch size, so
   one graph serves a whole (context, horizon) pair; the same forecasts to float rounding, a few
   seconds of compilation per shape. Off by default (docs/evaluation.md gives the measured gain).
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from model import TimeMoeModel
-from pipeline.parallelize import compile_for_inference
+from pipeline.parallel.parallelize import compile_for_inference
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_ENV, DTYPE_ENV, COMPILE_ENV = "TIMEMOE_DEVICE", "TIMEMOE_DTYPE", "TIMEMOE_COMPILE"  # read by the pyfunc model
@@ -268,7 +268,7 @@ def _load_logged(uri: str, tracking_uri: str | None) -> TimeMoeModel:
         relative = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
         ckpt = local / relative if relative else None
         if ckpt is None or not (ckpt / "config.json").exists():
-            raise FileNotFoundError(f"{uri}: not a model logged by pipeline.registry (no 'checkpoint' artifact "
+            raise FileNotFoundError(f"{uri}: not a model logged by pipeline.evaluation.registry (no 'checkpoint' artifact "
                                     f"with config.json in its MLmodel)")
         return TimeMoeModel.from_pretrained(str(ckpt))
 

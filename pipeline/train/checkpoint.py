@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from pipeline.data import DataPosition
+from pipeline.train.data import DataPosition
 
 STATE_FILE = "resume_state.json"
 # what DeepSpeed 0.19's ZeRO 0-3 checkpoints (fp32/bf16, with and without expert parallelism)
@@ -124,7 +124,7 @@ def load(engine: Any, directory: Path, fingerprint: str) -> ResumeState:
     """Restore the engine (weights, optimizer, scheduler) and return the resume state."""
     state_path = directory / STATE_FILE
     if not state_path.exists():
-        raise FileNotFoundError(f"{directory}: no {STATE_FILE}; not a checkpoint written by pipeline.checkpoint")
+        raise FileNotFoundError(f"{directory}: no {STATE_FILE}; not a checkpoint written by pipeline.train.checkpoint")
     state = ResumeState.from_json(state_path.read_text())
     if state.config_fingerprint and state.config_fingerprint != fingerprint:
         raise ValueError(

@@ -11,7 +11,7 @@ The pyfunc imports only ``model`` + numpy/pandas/torch at load time (no Ray, no 
 module keeps everything else out of its top-level imports, and the checkpoint is an artifact.
 
 Aliases, not stages: ``candidate`` is set on registration; ``champion`` moves to a candidate
-only when its average zero-shot MSE (``pipeline.evaluation``) beats the champion's, or when
+only when its average zero-shot MSE (``pipeline.evaluation.protocol``) beats the champion's, or when
 there is no champion. The decision and both scores are written as tags on both versions.
 """
 from __future__ import annotations
@@ -28,21 +28,21 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline.evaluation import EvalConfig
-from pipeline.inference import InferenceOptions, ModelForecaster, load_checkpoint
+from pipeline.evaluation.inference import InferenceOptions, ModelForecaster, load_checkpoint
+from pipeline.evaluation.protocol import EvalConfig
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 DEFAULT_HORIZON = 96
 WEIGHTS_FILE = "model.safetensors"
-TRAIN_ARTIFACT_PATH = "final_model"  # where pipeline.train_loop logs the exported model
-MANIFEST_ARTIFACT = "data/manifest.json"  # where pipeline.train_loop logs the data manifest
+TRAIN_ARTIFACT_PATH = "final_model"  # where pipeline.train.loop logs the exported model
+MANIFEST_ARTIFACT = "data/manifest.json"  # where pipeline.train.loop logs the data manifest
 
 
 class TimeMoePyfunc(mlflow.pyfunc.PythonModel):
     """Forecasts with ``TimeMoeModel.forecast`` from the ``checkpoint`` artifact, on the device
     and dtype of ``model_config`` (``device``, ``dtype``, ``batch_size``) or of
     ``$TIMEMOE_DEVICE`` / ``$TIMEMOE_DTYPE``; by default the first CUDA GPU in bf16 when there
-    is one, else the CPU in fp32 (``pipeline.inference``)."""
+    is one, else the CPU in fp32 (``pipeline.evaluation.inference``)."""
 
     def load_context(self, context) -> None:
         options = InferenceOptions.from_env(getattr(context, "model_config", None))
@@ -251,7 +251,7 @@ def zero_shot_score(name: str, version: str, benchmarks_dir: str | Path, cfg: Ev
                     workers: int | str = "auto") -> float:
     """Average zero-shot MSE of one version; cached as version tags, reused only for the same
     protocol and benchmark files (the device and dtype that produced it are tagged beside it)."""
-    from pipeline.eval_workers import evaluate_model  # Ray: not for the pyfunc's imports
+    from pipeline.evaluation.workers import evaluate_model  # Ray: not for the pyfunc's imports
 
     mv = client.get_model_version(name, version)
     if mv.tags.get("zeroshot.protocol") == _score_key(cfg, benchmarks_dir) and "zeroshot.avg_mse" in mv.tags:

@@ -1,6 +1,6 @@
 """The DeepSpeed JSON config, generated from the typed sections (never hand-written).
 
-The optimizer and LR scheduler are built by ``pipeline.optim`` and handed to
+The optimizer and LR scheduler are built by ``pipeline.parallel.optim`` and handed to
 ``deepspeed.initialize``, so this config only carries batch geometry, ZeRO, precision and
 gradient clipping.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import ParallelSection, TrainSection, OptimSection
+from pipeline.config import OptimSection, ParallelSection, TrainSection
 
 
 def resolve_precision(parallel: ParallelSection, use_gpu: bool) -> str:

@@ -1,7 +1,7 @@
 """Model -> training engine, in ONE ordered function (:func:`parallelize`). Reading it tells
 you the whole recipe:
 
-1. expert parallel (``pipeline.expert_parallel``: shard experts, all-to-all dispatcher, groups)
+1. expert parallel (``pipeline.parallel.expert_parallel``: shard experts, all-to-all dispatcher, groups)
 2. activation checkpointing of each decoder layer (optional)
 3. per-layer ``torch.compile`` (optional)
 4. ZeRO-3 only: MoE blocks become leaf modules, so ZeRO gathers an MoE block's parameters at
@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import optim
 from pipeline.config import ModelSection, TrainConfig
-from pipeline.deepspeed_config import deepspeed_config
+from pipeline.parallel import optim
+from pipeline.parallel.deepspeed_config import deepspeed_config
+from pipeline.parallel.expert_parallel import apply_expert_parallel, split_moe_param_groups
 
 
 def init_distributed(use_gpu: bool) -> None:
@@ -180,7 +181,6 @@ def parallelize(model: nn.Module, cfg: TrainConfig, world_size: int, use_gpu: bo
     par = cfg.parallel
     ep_info = None
     if par.ep_size > 1:  # 1.
-        from pipeline.expert_parallel import apply_expert_parallel
 
         ep_info = apply_expert_parallel(model, ep_size=par.ep_size, ep_chunks=par.ep_chunks)
     if par.activation_checkpointing:  # 2.
@@ -193,7 +193,6 @@ def parallelize(model: nn.Module, cfg: TrainConfig, world_size: int, use_gpu: bo
         set_z3_leaf_modules(model, moe_leaf_classes())
     groups = optim.param_groups(model, cfg.optim.weight_decay)  # 5.
     if ep_info is not None:
-        from pipeline.expert_parallel import split_moe_param_groups
 
         groups = split_moe_param_groups(groups)
     optimizer = optim.build_optimizer(groups, cfg.optim)

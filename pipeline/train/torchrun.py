@@ -1,6 +1,6 @@
 """The same training loop without Ray, for GPU boxes that lack it::
 
-    torchrun --nproc-per-node 8 -m pipeline.torchrun_entry --config configs/timemoe-50m.yaml \\
+    torchrun --nproc-per-node 8 -m pipeline.train.torchrun --config configs/timemoe-50m.yaml \\
         --data /data/packed train.max_steps=200
 
 Reads shards with the plain pyarrow reader; checkpoints go to ``<output_dir>/checkpoints/``
@@ -16,9 +16,10 @@ from typing import Any, Iterator
 
 import torch
 
-from pipeline import checkpoint, data
-from pipeline.checkpoint import ResumeState
 from pipeline.config import TrainConfig, load_config
+from pipeline.train import checkpoint, data
+from pipeline.train.checkpoint import ResumeState
+from pipeline.train.loop import run_training
 
 
 class TorchrunRuntime:
@@ -56,8 +57,6 @@ class TorchrunRuntime:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.train_loop import run_training
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--data", default=None)

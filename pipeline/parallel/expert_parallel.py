@@ -4,10 +4,10 @@ The model (``model/``) stays plain PyTorch: each MoE layer owns a router, groupe
 (stacked ``gate_proj/up_proj [E, F_e, D]``, ``down_proj [E, D, F_e]``) and a dispatcher object.
 EP only (1) slices the stacked expert tensors so EP rank r keeps experts
 ``[r*E/ep, (r+1)*E/ep)``, (2) swaps the dispatcher for the all-to-all one
-(:mod:`pipeline.ep_dispatch`) and (3) hands over the process group. Attention, router, shared
+(:mod:`pipeline.parallel.ep_dispatch`) and (3) hands over the process group. Attention, router, shared
 expert and its gate stay data parallel. See docs/expert_parallel.md for the AutoEP verdict.
 
-Use, in this order (``pipeline/parallelize.py``)::
+Use, in this order (``pipeline/parallel/parallelize.py``)::
 
     deepspeed.init_distributed(dist_backend="gloo" | "nccl")         # 1. process group exists
     model = TimeMoeModel(cfg)                                          # same seed on every rank
@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.ep_dispatch import AllToAllDispatcher
+from pipeline.parallel.ep_dispatch import AllToAllDispatcher
 
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -136,7 +136,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, ep_group=None, ep_chun
     (the training path) creates DeepSpeed's EP/EDP groups and marks the model for ZeRO;
     an explicit ``ep_group`` (a torch process group of ``ep_size`` ranks) is for use without
     DeepSpeed (inference, dispatcher tests): no DeepSpeed groups, no marker. ``ep_chunks``: the
-    dispatcher's pipelining depth (:class:`pipeline.ep_dispatch.AllToAllDispatcher`).
+    dispatcher's pipelining depth (:class:`pipeline.parallel.ep_dispatch.AllToAllDispatcher`).
     """
     layers = find_moe_layers(model)
     if not layers:

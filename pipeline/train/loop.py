@@ -1,6 +1,5 @@
-"""The per-worker training loop. Ray Train's TorchTrainer runs :func:`train_loop_per_worker` on
-every worker (``pipeline.trainer``); ``python -m pipeline.torchrun_entry`` runs the same
-:func:`run_training` without Ray. What differs between the two (where batches come from, where
+"""The per-worker training loop, :func:`run_training`. Ray Train's TorchTrainer runs it on every
+worker (``pipeline.train.ray_runtime``); ``python -m pipeline.train.torchrun`` runs it without Ray. What differs between the two (where batches come from, where
 checkpoints go) is a :class:`Runtime`.
 
 The loop reads like a table of contents: fetch micro-batches, step, then the components decide
@@ -9,7 +8,6 @@ whether to log, evaluate, checkpoint; at the end, export the model in the publis
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import math
 import os
@@ -24,15 +22,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint
-from pipeline.checkpoint import ResumeState
+from pipeline.config import TrainConfig
 from pipeline.console import say
-from pipeline.config import TrainConfig, config_from_dict
-from pipeline.data import DataPosition
-from pipeline.deepspeed_config import resolve_precision
-from pipeline.parallelize import build_model, init_distributed, model_config, parallelize
-from pipeline.profiling import StepProfiler
+from pipeline.parallel.expert_parallel import gather_expert_params
+from pipeline.parallel.parallelize import build_model, init_distributed, model_config, parallelize
 from pipeline.tracking import Tracker
+from pipeline.train import checkpoint
+from pipeline.train.checkpoint import ResumeState
+from pipeline.train.data import DataPosition
+from pipeline.train.profiling import StepProfiler
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 
@@ -158,7 +156,6 @@ def export_model(engine: Any, ep_info: Any, cfg: TrainConfig, out_dir: Path, ran
     else:
         state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
     if ep_info is not None:
-        from pipeline.expert_parallel import gather_expert_params
 
         state.update({k: v.float().cpu() for k, v in gather_expert_params(module, ep_info).items()})
     if rank != 0:
@@ -364,11 +361,3 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             say(f"[train] exported {exported}")
     tracker.finish()
     return TrainResult(history, engine, ep_info, state.mlflow_run_id)
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point for Ray Train's TorchTrainer (config = ``TrainConfig.to_dict()``)."""
-    from pipeline.trainer import RayRuntime
-
-    cfg = config_from_dict(config)
-    run_training(cfg, RayRuntime(cfg))

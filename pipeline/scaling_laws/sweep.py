@@ -11,12 +11,12 @@ same sweep finds the parent by its name, then for each trial:
 * no child -> started.
 
 Trials run as Ray tasks with fractional resources (``resources_per_trial``), at most
-``max_concurrent`` at a time; each trains through ``pipeline.trainer``, then measures the
+``max_concurrent`` at a time; each trains through ``pipeline.train.ray_runtime``, then measures the
 held-out loss/MSE on the val shards and the zero-shot metrics on a documented benchmark
 subset, and logs one summary (see ``report.TrialRecord``) on its child run.
 
-Air-gapped GPU nodes (no Ray, no MLflow) run the same plan through ``pipeline.scaling.offline``:
-trials train in-process through ``pipeline.train_loop.run_training`` and their records go to a
+Air-gapped GPU nodes (no Ray, no MLflow) run the same plan through ``pipeline.scaling_laws.offline``:
+trials train in-process through ``pipeline.train.loop.run_training`` and their records go to a
 JSON-lines file, which ``offline.import_records`` later logs as FINISHED child runs with the
 bookkeeping below (``open_sweep``, ``create_trial_run``, ``trial_runs``, ``build_sweep_report``).
 """
@@ -34,10 +34,12 @@ from typing import Any, Callable
 import numpy as np
 
 import typed_config
-from pipeline import evaluation
-from pipeline.inference import InferenceOptions, ModelForecaster
-from pipeline.scaling import report as R
-from pipeline.scaling.grid import GridConfig, TrialSpec, expand_grid, format_grid
+from pipeline.config import config_from_dict
+from pipeline.evaluation import protocol as evaluation
+from pipeline.evaluation.inference import InferenceOptions, ModelForecaster
+from pipeline.scaling_laws import report as R
+from pipeline.scaling_laws.grid import GridConfig, TrialSpec, expand_grid, format_grid
+from pipeline.train import ray_runtime as trainer
 
 
 @dataclass
@@ -51,7 +53,7 @@ class EvalSection:
     zero_shot_stride: int = 16      # every stride-th test window (1 = the paper's full protocol)
     zero_shot_context: int | None = None  # None: the paper's context for the horizon (512 at 96)
     zero_shot_data_dir: str | None = None  # folder with the benchmark CSVs; None: skip zero-shot
-    zero_shot_device: str = "auto"  # pipeline.inference: the trial's GPU when it has one
+    zero_shot_device: str = "auto"  # pipeline.evaluation.inference: the trial's GPU when it has one
     zero_shot_dtype: str = "auto"   # bf16 on a GPU, fp32 on CPU
     report_n_boot: int = 200
 
@@ -191,7 +193,7 @@ def heldout_metrics(model: Any, data_path: str, max_windows: int, batch_size: in
 
 
 def zero_shot_metrics(model: Any, ev: EvalSection) -> dict[str, float]:
-    """Zero-shot MSE/MAE on the configured benchmark subset through ``pipeline.evaluation``
+    """Zero-shot MSE/MAE on the configured benchmark subset through ``pipeline.evaluation.protocol``
     (the paper's protocol; ``zero_shot_stride`` > 1 keeps every stride-th test window, the
     quick documented subset), on ``zero_shot_device`` in ``zero_shot_dtype`` (the model is moved
     and cast in place: call it last)."""
@@ -212,15 +214,13 @@ TrainFn = Callable[[dict[str, Any]], tuple[Any, dict[str, float]]]
 
 def train_trial(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     """Train one trial through the training engineer's Ray Train launcher
-    (``pipeline.trainer.run_ray``); returns (exported model, info).
+    (``pipeline.train.ray_runtime.run_ray``); returns (exported model, info).
 
     The single adapter to the trainer. A folder that already holds this trial's Ray run is
     resumed (the trainer restores from its latest checkpoint). ``info`` has ``train_seconds``
     and, from the loop's ``metrics.jsonl``, the median steady-state ``points_per_s`` and ``mfu``.
     """
     from model import TimeMoeModel
-    from pipeline import trainer
-    from pipeline.config import config_from_dict
 
     cfg = config_from_dict(train_config)
     out = Path(cfg.train.output_dir).resolve()

@@ -3,7 +3,7 @@
 The MoE layer (``model.moe.MoeFeedForward``) owns a dispatcher object and calls it as
 ``dispatcher(x_TD, topk_idx_TK, topk_weight_TK, experts, concurrent_branch) -> y_TD`` (the routed
 output plus ``concurrent_branch()``, the gated shared expert). With EP = 1 that is
-``model.moe.LocalDispatcher``; ``pipeline.expert_parallel.apply_expert_parallel`` swaps in
+``model.moe.LocalDispatcher``; ``pipeline.parallel.expert_parallel.apply_expert_parallel`` swaps in
 :class:`AllToAllDispatcher` when EP > 1. Nothing here knows about DeepSpeed: the dispatcher
 only receives the expert-parallel process group.
 

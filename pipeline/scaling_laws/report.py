@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from pipeline.scaling import fit as F
+from pipeline.scaling_laws import fit as F
 
 SWEEP_TAG = "scaling.sweep"
 ROLE_TAG = "scaling.role"
