@@ -45,12 +45,11 @@ from pipeline.evaluation.registry import (
 from pipeline.evaluation.workers import evaluate_model
 from pipeline.quickstart import (
     alias_of,
-    ensure_experiment,
     load_quickstart_config,
-    resolve_tracking_uri,
     training_run_id,
     write_heldout_benchmarks,
 )
+from pipeline.tracking import experiment_id, tracking_uri
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         # run's shards or Ray Train state); the MLflow store is shared, so champions compete.
         run_dir = out / time.strftime("run-%Y%m%d-%H%M%S")
         run_dir.mkdir(parents=True, exist_ok=False)
-    uri = resolve_tracking_uri(out)
+    uri = tracking_uri(store_dir=out)
 
     # ---- resolve every stage's config up front, print it, keep a copy next to the outputs
     pre = qs.preprocess
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 3. pretraining (Ray Train + DeepSpeed) -> RUN/train/final_model + MLflow run
     t = stage("3/5 pretrain (Ray Train + DeepSpeed)")
-    ensure_experiment(uri, train_cfg.tracking.experiment, out / "mlartifacts")
+    experiment_id(uri, train_cfg.tracking.experiment, out / "mlartifacts")
     from pipeline.train.ray_runtime import RUN_NAME, run_ray
 
     resume = bool(args.resume) and (Path(train_cfg.train.output_dir) / "ray" / RUN_NAME).exists()

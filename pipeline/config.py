@@ -109,7 +109,7 @@ class ScalingSection:
 @dataclass
 class TrackingSection:
     enabled: bool = True
-    tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in cwd
+    tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in cwd (pipeline.tracking)
     experiment: str = "timemoe-pretrain"
     run_name: str | None = None
 

@@ -8,7 +8,6 @@ checkpoint's ``resume_state.json``) and files on disk.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 import typed_config
-from pipeline.tracking import keep_credentials_out_of_logs
 from pipeline.train.checkpoint import STATE_FILE
 from preprocessing.config import PreprocessConfig
 from preprocessing.synthetic import kernelsynth, random_walk, seasonal
@@ -72,30 +70,6 @@ class QuickstartConfig:
 
 def load_quickstart_config(path: str | Path) -> QuickstartConfig:
     return typed_config.load(QuickstartConfig, path)
-
-
-def resolve_tracking_uri(output_dir: str | Path) -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in ``output_dir/mlflow.db``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        keep_credentials_out_of_logs(env)
-        return env
-    return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
-
-
-def ensure_experiment(tracking_uri: str, name: str, artifact_dir: str | Path | None = None) -> str:
-    """Create experiment ``name`` (artifacts under ``artifact_dir`` for a local store, so that
-    they do not land in whatever cwd a Ray worker has); return its id."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if artifact_dir is not None and tracking_uri.startswith("sqlite:"):
-        location = Path(artifact_dir).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
 
 
 def training_run_id(result: Any) -> str | None:

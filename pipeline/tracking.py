@@ -20,10 +20,30 @@ log = logging.getLogger("pipeline.tracking")
 PROGRESS_METRIC = "loss"  # logged at every logging step: its last step is where a run's metrics end
 
 
-def resolve_uri(section: TrackingSection) -> str:
-    uri = section.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
+def tracking_uri(explicit: str | None = None, store_dir: str | Path | None = None) -> str:
+    """The MLflow tracking URI every job uses: ``explicit`` (a config key or ``--tracking-uri``),
+    else ``$MLFLOW_TRACKING_URI``, else a sqlite store ``mlflow.db`` in ``store_dir`` (the job's
+    output folder; the working directory when it has none)."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(store_dir or Path.cwd()) / 'mlflow.db').resolve()}"
     keep_credentials_out_of_logs(uri)
     return uri
+
+
+def experiment_id(client: Any, name: str, artifact_dir: str | Path | None = None) -> str:
+    """The id of experiment ``name``, created when missing; ``client`` is an ``MlflowClient`` or a
+    tracking URI. With a local (sqlite) store its artifacts go under ``artifact_dir``, so that they
+    do not land in whatever working directory a Ray worker has."""
+    if isinstance(client, str):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=client)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if artifact_dir is not None and str(client.tracking_uri).startswith("sqlite:"):
+        location = Path(artifact_dir).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 def keep_credentials_out_of_logs(uri: str) -> None:
@@ -66,7 +86,7 @@ class Tracker:
         def open_run() -> str:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=resolve_uri(self.section))
+            self._client = MlflowClient(tracking_uri=tracking_uri(self.section.tracking_uri))
             if run_id is not None:
                 self._client.update_run(run_id, status="RUNNING")
                 # a resume redoes the steps after its checkpoint that the run had already logged:
@@ -74,8 +94,7 @@ class Tracker:
                 logged = self._client.get_metric_history(run_id, PROGRESS_METRIC)
                 self._logged_until = max((m.step for m in logged), default=0)
                 return run_id
-            exp = self._client.get_experiment_by_name(self.section.experiment)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.section.experiment)
+            exp_id = experiment_id(self._client, self.section.experiment)
             run = self._client.create_run(exp_id, run_name=self.section.run_name)
             items = [(k, str(v)[:6000]) for k, v in params.items()]
             from mlflow.entities import Param

@@ -56,13 +56,13 @@ from preprocessing.formats_table import IngestError
 from preprocessing.normalize import apply_stats, normalize_run
 from preprocessing.pack import REASON_SHORT_TAIL, assemble_rows, chunk_bounds
 from preprocessing.schema import MANIFEST_FILE, SCHEMA_VERSION, SHARD_PATTERN, TRAIN_DIR, VAL_DIR
+from preprocessing.storage import resolve_filesystem
 from preprocessing.writer import (
     check_no_foreign_files,
     check_output_location,
     exists,
     join,
     publish,
-    resolve,
     write_packed,
 )
 
@@ -291,7 +291,7 @@ def pack_and_write(table: pa.Table, window_length: int, output: str, tmp_name: s
     keys = table.column("key").to_pylist()
     means = table.column("mean").to_numpy()
     stds = table.column("std").to_numpy()
-    fs, out_path = resolve(output)
+    fs, out_path = resolve_filesystem(output)
     meta: dict[str, list] = {"split": [], "path": [], "rows": [], "points": [], "dataset_points": []}
     carrier = pc.invert(pc.is_in(split_col, pa.array([TRAIN_DIR, VAL_DIR]))).to_numpy(zero_copy_only=False)
     for i in np.flatnonzero(carrier):
@@ -459,7 +459,7 @@ def input_fingerprints(inputs: list[str], max_files: int = 100_000) -> list[dict
     """Size and mtime of every file under each input (a cheap change detector for the manifest)."""
     out = []
     for url in inputs:
-        fs, path = resolve(url)
+        fs, path = resolve_filesystem(url)
         info = fs.get_file_info(path)
         infos = [info] if info.type == pafs.FileType.File else (
             fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)) if info.type == pafs.FileType.Directory else [])
@@ -585,7 +585,7 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
         raise ValueError("config.output is empty: give --output")
     # Refused before any work: an output the inputs would read back, or files in it the job
     # did not write (the trainer would read them as shards).
-    fs, out_path = resolve(config.output)
+    fs, out_path = resolve_filesystem(config.output)
     if config.inputs:
         check_output_location(config.inputs, config.output)
     check_no_foreign_files(fs, out_path, config.output)

@@ -43,10 +43,14 @@ This module imports no torch: the trainer turns the numpy arrays it returns into
 """
 from __future__ import annotations
 
+import json
 from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+
+from preprocessing.storage import resolve_filesystem
 
 SCHEMA_VERSION = 1
 TRAIN_DIR = "train"
@@ -149,29 +153,14 @@ def split_windows(values: np.ndarray, segment_ids: np.ndarray, loss_mask: np.nda
 
 
 # ----------------------------------------------------------------------------- manifest reading
-# Added by the preprocessing engineer: the trainer finds the shards through the manifest, never
-# by listing folders (a folder may hold a half-written run; the manifest is written last).
-
-
-def _resolve(url: str):
-    import os
-
-    import pyarrow.fs as pafs
-
-    if "://" in url and not url.startswith("file://"):
-        fs, path = pafs.FileSystem.from_uri(url)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+# Readers find the shards through the manifest, never by listing folders: a folder may hold a
+# half-written run, and the manifest is written last.
 
 
 def read_manifest(url: str) -> dict:
     """The ``manifest.json`` of a finished run at ``url`` (folder or s3:// prefix). Raises
     ``FileNotFoundError`` when absent: the run is incomplete or never happened."""
-    import json
-
-    import pyarrow.fs as pafs
-
-    fs, base = _resolve(url)
+    fs, base = resolve_filesystem(url)
     path = base + "/" + MANIFEST_FILE
     if fs.get_file_info(path).type != pafs.FileType.File:
         raise FileNotFoundError(f"{url}: no {MANIFEST_FILE} (run incomplete or output missing)")

@@ -71,12 +71,17 @@ def _s3_filesystem(options: StorageOptions) -> pafs.S3FileSystem:
 
 
 def resolve_filesystem(url: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path inside it)`` for a local path or an ``s3://bucket/key`` URL."""
+    """``(filesystem, path inside it)`` for a local path, an ``s3://bucket/key`` URL (with the S3
+    settings of ``options``, else the AWS environment) or another URI pyarrow knows (``gs://``,
+    ``hdfs://``). The one place every job turns a location into a filesystem."""
     url = str(url)
     if is_s3(url):
         return _s3_filesystem(options or StorageOptions()), url.split("://", 1)[1].rstrip("/")
     if url.startswith("file://"):
         url = url[len("file://"):]
+    elif "://" in url:
+        fs, path = pafs.FileSystem.from_uri(url)
+        return fs, path.rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(url))
 
 

@@ -48,19 +48,8 @@ log = logging.getLogger(__name__)
 SHARD_COLUMNS = ("values", "segment_ids", "loss_mask", "seg_mean", "seg_std", "seg_series")
 
 
-def resolve(url: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a local path or an ``s3://bucket/prefix`` URL. S3 endpoints and
-    credentials come from the standard AWS environment (``AWS_ENDPOINT_URL`` etc.)."""
-    if "://" in url and not url.startswith("file://"):
-        fs, path = pafs.FileSystem.from_uri(url)
-        return fs, path.rstrip("/")
-    path = url[len("file://"):] if url.startswith("file://") else url
-    import os
-
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 def join(base: str, *parts: str) -> str:
+    """A path inside a filesystem (always '/'-separated, also for S3 keys)."""
     return posixpath.join(base, *parts)
 
 

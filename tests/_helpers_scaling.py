@@ -72,8 +72,9 @@ def write_test_shards(root, window_length: int, n_train: int = 64, n_val: int = 
         (root / split).mkdir(parents=True, exist_ok=True)
         pq.write_table(table, root / split / schema.SHARD_PATTERN.format(index=0))
     manifest = {"schema_version": schema.SCHEMA_VERSION, "window_length": window_length,
-                "splits": {schema.TRAIN_DIR: {"windows": n_train, "shards": [schema.SHARD_PATTERN.format(index=0)]},
-                           schema.VAL_DIR: {"windows": n_val, "shards": [schema.SHARD_PATTERN.format(index=0)]}}}
+                "shards": {schema.TRAIN_DIR: [{"file": schema.SHARD_PATTERN.format(index=0), "rows": n_train}],
+                           schema.VAL_DIR: [{"file": schema.SHARD_PATTERN.format(index=0), "rows": n_val}]},
+                "rows": {schema.TRAIN_DIR: n_train, schema.VAL_DIR: n_val}}
     (root / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
     return root
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing.schema import MANIFEST_FILE, SHARD_PATTERN, window_schema
+from preprocessing.schema import MANIFEST_FILE, SCHEMA_VERSION, SHARD_PATTERN, window_schema
 
 
 def free_port() -> int:
@@ -62,7 +62,10 @@ def write_shards(root: Path, window_length: int = 32, train_rows: int = 64, val_
             pq.write_table(table, root / split / SHARD_PATTERN.format(index=n_shards))
             n_shards += 1
         counts[split] = {"windows": total, "shards": n_shards}
-    (root / MANIFEST_FILE).write_text(json.dumps({"window_length": window_length, "splits": counts}))
+    shards = {split: [{"file": SHARD_PATTERN.format(index=i), "rows": min(rows_per_shard, c["windows"] - i * rows_per_shard)}
+                      for i in range(c["shards"])] for split, c in counts.items()}
+    (root / MANIFEST_FILE).write_text(json.dumps({"schema_version": SCHEMA_VERSION, "window_length": window_length,
+                                                  "shards": shards, "rows": {k: c["windows"] for k, c in counts.items()}}))
     return root
 
 

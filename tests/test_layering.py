@@ -67,8 +67,8 @@ PIPELINE_PARTS = {
     "tracking": {"config", "console"},  # MLflow behind one object
     "parallel": {"config"},   # model -> distributed training engine (EP, AC, compile, optimizer, ZeRO)
     "train": {"config", "console", "tracking", "parallel"},  # the loop, its runtimes, data, checkpoints
-    "evaluation": {"parallel"},  # the zero-shot protocol, inference, Ray workers, registry
-    "scaling_laws": {"config", "train", "evaluation"},  # sweeps, fits, reports
+    "evaluation": {"parallel", "tracking"},  # the zero-shot protocol, inference, Ray workers, registry
+    "scaling_laws": {"config", "tracking", "train", "evaluation"},  # sweeps, fits, reports
     "quickstart": {"config", "tracking", "train"},  # the one-machine job's config and helpers
 }
 

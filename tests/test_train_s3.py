@@ -74,5 +74,5 @@ def test_empty_s3_prefix_fails_naming_the_path(local_and_s3):
 
     _, s3_uri = local_and_s3
     missing = s3_uri.rsplit("/", 1)[0] + "/not-there"
-    with pytest.raises(FileNotFoundError, match="not-there/train"):
+    with pytest.raises(FileNotFoundError, match="not-there: no manifest.json"):
         list_shards(missing, "train")

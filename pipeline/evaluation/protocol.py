@@ -48,6 +48,8 @@ from pipeline.evaluation.benchmark_data import (
 )
 from pipeline.evaluation.inference import InferenceOptions
 from pipeline.evaluation.inference import load_forecaster as load_model_forecaster
+from pipeline.tracking import experiment_id
+from pipeline.tracking import tracking_uri as resolve_tracking_uri
 
 PAPER_HORIZONS = (96, 192, 336, 720)
 PAPER_CONTEXTS = {96: 512, 192: 1024, 336: 2048, 720: 3072}
@@ -349,15 +351,14 @@ def log_to_mlflow(result: EvalResult, files: Sequence[Path], run_id: str | None 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     created = False
     if run_id is None:
         active = mlflow.active_run()
         if active is not None:
             run_id = active.info.run_id
         elif new_run_experiment is not None:
-            exp = client.get_experiment_by_name(new_run_experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(new_run_experiment)
+            exp_id = experiment_id(client, new_run_experiment)
             run_id = client.create_run(exp_id, run_name=f"zeroshot-{result.model}"[:250]).info.run_id
             created = True
         else:

@@ -39,7 +39,11 @@ from pipeline.evaluation import protocol as evaluation
 from pipeline.evaluation.inference import InferenceOptions, ModelForecaster
 from pipeline.scaling_laws import report as R
 from pipeline.scaling_laws.grid import GridConfig, TrialSpec, expand_grid, format_grid
+from pipeline.tracking import experiment_id, tracking_uri
 from pipeline.train import ray_runtime as trainer
+from pipeline.train.heldout import HeldOut
+from preprocessing.schema import VAL_DIR, decode_batch, list_shards, split_windows
+from preprocessing.storage import resolve_filesystem
 
 
 @dataclass
@@ -148,29 +152,20 @@ def plan_trials(cfg: SweepConfig) -> list[TrialPlan]:
 # ---------------------------------------------------------------------------------------------
 
 def heldout_metrics(model: Any, data_path: str, max_windows: int, batch_size: int) -> tuple[float, float]:
-    """(held-out loss, one-step MSE) on the first ``max_windows`` val windows (local or s3://).
-
-    The loss is the mean of the horizon heads' masked Huber losses (the forecasting objective,
-    without the router's aux term, so sparse and dense are compared on the same quantity); the
-    MSE is that of the horizon-1 head on the observed targets, in normalised units.
-    """
+    """(held-out loss, held-out MSE) as ``pipeline.train.heldout`` defines them, on the first
+    ``max_windows`` windows of the val shards (local or s3://), in the manifest's order."""
     import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
     import torch
 
-    from preprocessing.schema import VAL_DIR, decode_batch, split_windows
-
-    fs, root = pafs.FileSystem.from_uri(data_path) if "://" in data_path else (pafs.LocalFileSystem(), data_path)
-    val = f"{root.rstrip('/')}/{VAL_DIR}"
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(val, allow_not_found=True))
-                   if i.path.endswith(".parquet"))
-    if not files:
+    urls = list_shards(data_path, VAL_DIR)
+    if not urls:
         raise FileNotFoundError(f"{data_path}/{VAL_DIR}: no val shards for the held-out metrics")
-    ds = pads.dataset(files, format="parquet", filesystem=fs)
+    fs, _ = resolve_filesystem(urls[0])
+    ds = pads.dataset([resolve_filesystem(u)[1] for u in urls], format="parquet", filesystem=fs)
     model.eval()
     device = next(model.parameters()).device
     cols = ("values", "segment_ids", "loss_mask")
-    loss_sum, n_batches, se, n_pts, seen = 0.0, 0, 0.0, 0, 0
+    held, seen = HeldOut(), 0
     with torch.no_grad():
         for rb in ds.to_batches(columns=list(cols), batch_size=batch_size):
             if seen >= max_windows:
@@ -181,15 +176,11 @@ def heldout_metrics(model: Any, data_path: str, max_windows: int, batch_size: in
             w = split_windows(d["values"], d["segment_ids"], d["loss_mask"])
             t = {k: torch.from_numpy(np.array(v)).to(device) for k, v in w.items()}  # arrow-backed: read-only
             out = model(t["inputs"], segment_ids=t["segment_ids"], labels=t["labels"], loss_mask=t["loss_mask"])
-            loss_sum += float(torch.stack([v.float() for v in out.head_losses.values()]).mean())
-            n_batches += 1
-            pred_BL = out.predictions[min(out.predictions)][..., 0].float()
-            mask_BL = t["loss_mask"].bool()
-            se += float(((pred_BL - t["labels"].float()) ** 2)[mask_BL].sum())
-            n_pts += int(mask_BL.sum())
-    if n_batches == 0 or n_pts == 0:
+            held.add(out, t["labels"], t["loss_mask"])
+    m = held.metrics()
+    if not m:
         raise ValueError(f"{data_path}/{VAL_DIR}: no held-out windows with observed targets")
-    return loss_sum / n_batches, se / n_pts
+    return m["eval_loss"], m["eval_mse"]
 
 
 def zero_shot_metrics(model: Any, ev: EvalSection) -> dict[str, float]:
@@ -314,10 +305,9 @@ def open_sweep(cfg: SweepConfig) -> SweepRuns:
     """Find or create the sweep's experiment and parent run (by sweep name)."""
     from mlflow.tracking import MlflowClient
 
-    uri = cfg.sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri(cfg.sweep.tracking_uri)
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.sweep.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.sweep.experiment)
+    exp_id = experiment_id(client, cfg.sweep.experiment)
     return SweepRuns(client, uri, exp_id, _parent_run(client, exp_id, cfg))
 
 

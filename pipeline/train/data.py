@@ -15,7 +15,6 @@ Legend: B windows per micro-batch, L = window length, W = L + 1 points stored pe
 """
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from preprocessing.schema import MANIFEST_FILE, TRAIN_DIR, VAL_DIR, decode_batch, split_windows
+from preprocessing.schema import MANIFEST_FILE, TRAIN_DIR, VAL_DIR, decode_batch, list_shards, split_windows
+from preprocessing.storage import resolve_filesystem
 
 COLUMNS = ["values", "segment_ids", "loss_mask"]
 
@@ -38,31 +37,13 @@ class DataPosition:
     batches: int = 0  # micro-batches this worker consumed in ``epoch``
 
 
-def _fs_and_root(path: str) -> tuple[pafs.FileSystem, str]:
-    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    return fs, root.rstrip("/")
-
-
-def list_shards(data_path: str, split: str) -> list[str]:
-    """Sorted shard paths (with the URI scheme kept) of ``<data>/<split>/shard-*.parquet``."""
-    fs, root = _fs_and_root(data_path)
-    selector = pafs.FileSelector(f"{root}/{split}", allow_not_found=True)
-    names = sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet"))
-    if not names and split == TRAIN_DIR:
-        raise FileNotFoundError(f"no shards under {data_path}/{split}/ (expected shard-*.parquet)")
-    prefix = data_path.split("://", 1)[0] + "://" if "://" in data_path else ""
-    return [prefix + n for n in names]
-
-
-def read_manifest(data_path: str) -> dict[str, Any]:
-    fs, root = _fs_and_root(data_path)
-    try:
-        with fs.open_input_stream(f"{root}/{MANIFEST_FILE}") as f:
-            return json.loads(f.read().decode())
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"{data_path}/{MANIFEST_FILE} is missing: the preprocessing run is incomplete or the path is wrong"
-        ) from err
+def shard_files(data_path: str, split: str) -> list[str]:
+    """The shard URLs of ``split`` in the order the packed run's manifest lists them (the manifest
+    is written last, so a half-written run is never read); the training split must not be empty."""
+    files = list_shards(data_path, split)
+    if not files and split == TRAIN_DIR:
+        raise FileNotFoundError(f"{data_path}/{MANIFEST_FILE} lists no training shards")
+    return files
 
 
 def to_torch_batch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -80,7 +61,7 @@ def ray_datasets(data_path: str) -> dict[str, Any]:
 
     out = {}
     for split in (TRAIN_DIR, VAL_DIR):
-        files = list_shards(data_path, split)
+        files = shard_files(data_path, split)
         if files:
             # File order is the shard order; one read task per file keeps blocks deterministic.
             out[split] = ray.data.read_parquet(files, columns=COLUMNS, shuffle=None)
@@ -146,7 +127,7 @@ class PlainReader:
         pending: list[pa.Table] = []
         n_pending, index = 0, 0
         for shard in self._file_order(epoch):
-            fs, path = _fs_and_root(shard)
+            fs, path = resolve_filesystem(shard)
             with fs.open_input_file(path) as f:
                 pending.append(pq.read_table(f, columns=COLUMNS))
             n_pending += pending[-1].num_rows

@@ -30,6 +30,7 @@ from pipeline.tracking import Tracker
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import ResumeState
 from pipeline.train.data import DataPosition
+from pipeline.train.heldout import HeldOut
 from pipeline.train.profiling import StepProfiler
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
@@ -117,27 +118,22 @@ def expert_imbalance(counts_LE: torch.Tensor, experts_per_group: int = 1) -> lis
 
 @torch.no_grad()
 def evaluate(engine: Any, batches: Iterator[dict[str, torch.Tensor]] | None, max_batches: int, device: torch.device, world: int) -> dict[str, float]:
-    """Eval loss (the training objective) and MSE of the 1-step head on normalised values,
-    over the loss mask; sums reduced across ranks. Every rank sees the same number of batches
-    (equal split, tail dropped), which ZeRO-3's gathers need."""
+    """The held-out metrics (``pipeline.train.heldout``) over at most ``max_batches`` batches,
+    reduced across ranks. Every rank sees the same number of batches (equal split, tail
+    dropped), which ZeRO-3's gathers need."""
     if batches is None:
         return {}
     engine.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, squared error, points
+    held = HeldOut()
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
         b = {k: v.to(device) for k, v in batch.items()}
         out = engine(b["inputs"], segment_ids=b["segment_ids"], labels=b["labels"], loss_mask=b["loss_mask"])
-        pred_BL = out.predictions[1][..., 0].float()
-        mask_BL = b["loss_mask"].bool()
-        err = ((pred_BL - b["labels"].float()) ** 2)[mask_BL]
-        sums += torch.tensor([float(out.loss), 1.0, float(err.sum()), float(mask_BL.sum())], dtype=torch.float64)
+        held.add(out, b["labels"], b["loss_mask"])
     engine.train()
-    sums = all_reduce_sum(sums, world, device)
-    if sums[1] == 0:
-        return {}
-    return {"eval_loss": float(sums[0] / sums[1]), "eval_mse": float(sums[2] / sums[3].clamp_min(1))}
+    held.sums = all_reduce_sum(held.sums, world, device)
+    return held.metrics()
 
 
 def export_model(engine: Any, ep_info: Any, cfg: TrainConfig, out_dir: Path, rank: int) -> Path | None:

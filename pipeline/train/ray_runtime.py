@@ -38,7 +38,7 @@ class RayRuntime:
         self.use_gpu = cfg.scaling.use_gpu
         self._reader = None
         if cfg.data.loader == "plain":
-            self._reader = data.PlainReader(data.list_shards(cfg.data.path, data.TRAIN_DIR), cfg.train.micro_batch_size,
+            self._reader = data.PlainReader(data.shard_files(cfg.data.path, data.TRAIN_DIR), cfg.train.micro_batch_size,
                                             self.rank, self.world_size, cfg.train.seed)
 
     def train_epoch(self, epoch: int, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -56,7 +56,7 @@ class RayRuntime:
         import ray.train
 
         if self.cfg.data.loader == "plain":
-            files = data.list_shards(self.cfg.data.path, data.VAL_DIR)
+            files = data.shard_files(self.cfg.data.path, data.VAL_DIR)
             if not files:
                 return None
             reader = data.PlainReader(files, self.cfg.train.micro_batch_size, self.rank, self.world_size, 0, shuffle=False)

@@ -35,14 +35,14 @@ class TorchrunRuntime:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         self.ckpt_root = Path(cfg.train.output_dir) / "checkpoints"
         self.resume = resume
-        self.reader = data.PlainReader(data.list_shards(cfg.data.path, data.TRAIN_DIR), cfg.train.micro_batch_size,
+        self.reader = data.PlainReader(data.shard_files(cfg.data.path, data.TRAIN_DIR), cfg.train.micro_batch_size,
                                        self.rank, self.world_size, cfg.train.seed)
 
     def train_epoch(self, epoch: int, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
         return data.plain_batches(self.reader, epoch, skip_batches, self.cfg.data.prefetch_batches)
 
     def val_batches(self) -> Iterator[dict[str, torch.Tensor]] | None:
-        files = data.list_shards(self.cfg.data.path, data.VAL_DIR)
+        files = data.shard_files(self.cfg.data.path, data.VAL_DIR)
         if not files:
             return None
         reader = data.PlainReader(files, self.cfg.train.micro_batch_size, self.rank, self.world_size, 0, shuffle=False)
