@@ -29,6 +29,14 @@ import torch
 from model.config import TimeMoeConfig
 
 H100_BF16_PEAK_FLOPS = 989e12
+# dense bf16 tensor-core peak per GPU, by a substring of torch.cuda.get_device_name(): the MFU
+# denominator (the H200 has the H100's compute, with more and faster memory)
+PEAK_BF16_FLOPS = {"H100": H100_BF16_PEAK_FLOPS, "H200": H100_BF16_PEAK_FLOPS, "A100": 312e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``device_name``, None for a GPU not in the table."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 
 @dataclass(frozen=True)

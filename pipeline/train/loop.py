@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.flops import mfu, peak_flops, training_flops_per_point
 from pipeline.config import TrainConfig
 from pipeline.console import say
 from pipeline.parallel.expert_parallel import gather_expert_params
@@ -32,8 +33,6 @@ from pipeline.train.checkpoint import ResumeState
 from pipeline.train.data import DataPosition
 from pipeline.train.heldout import HeldOut
 from pipeline.train.profiling import StepProfiler
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 
 
 class Runtime(Protocol):
@@ -180,20 +179,8 @@ def publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _flops_per_point(mcfg: Any, window_length: int) -> float | None:
-    try:
-        from model.flops import training_flops_per_point
-
-        return float(training_flops_per_point(mcfg, window_length))
-    except Exception:  # the FLOPs helper is optional for the loop; metrics just omit it
-        return None
-
-
 def _peak_flops(use_gpu: bool) -> float | None:
-    if not use_gpu or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_flops(torch.cuda.get_device_name()) if use_gpu and torch.cuda.is_available() else None
 
 
 class StepClock:
@@ -265,7 +252,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
 
     batches = BatchStream(rt, state.data, device)
     window_len: int | None = None
-    flops_pp: float | None = None
+    flops_pp = 0.0
     peak = _peak_flops(rt.use_gpu)
     history: list[dict[str, float]] = []
     metrics_file = out_root / "metrics.jsonl"
@@ -288,7 +275,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                 counts_LE = c if counts_LE is None else counts_LE + c
         if window_len is None:
             window_len = b["inputs"].shape[1]
-            flops_pp = _flops_per_point(mcfg, window_len)
+            flops_pp = training_flops_per_point(mcfg, window_len)
         state.step += 1
         state.data = DataPosition(**vars(batches.pos))
         points = cfg.train.global_batch_size * window_len
@@ -313,10 +300,10 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         gn = engine.get_global_grad_norm()
         if gn is not None:
             m["grad_norm"] = float(gn)
-        if flops_pp is not None:
+        if flops_pp:
             m["train_flops"] = flops_pp * state.points_seen
             if peak:
-                m["mfu"] = flops_pp * points / dt / (peak * rt.world_size)
+                m["mfu"] = mfu(points / dt / rt.world_size, mcfg, window_len, peak)
         if counts_LE is not None:
             per_layer = expert_imbalance(counts_LE)
             for i, r in enumerate(per_layer):
