@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Wheels the lent GPU image (Python 3.12, torch, no DeepSpeed) lacks for the real train loop
-# (pipeline.train.torchrun): DeepSpeed and what it needs beyond the image. Run here, in the repo
-# root; .whl/ is git-ignored and travels with the device tool's `carry: [".whl"]`.
+# Wheels a GPU image with torch but no DeepSpeed (Python 3.12) lacks for the real train loop
+# without Ray (pipeline.train.torchrun): DeepSpeed and what it needs beyond the image. Run where
+# PyPI is reachable, in the repo root; copy .whl/ (git-ignored) to the air-gapped host with the
+# repository. deploy/build_offline_bundle.sh builds the full set (Ray and MLflow too).
 # Versions: those the CPU venv resolved (pydantic needs the typing-inspection it was released with).
 # Ray and MLflow are not carried: pipeline.train.torchrun needs neither (metrics go to files).
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The data configs/sweep-gpu-lent.yaml reads, written under .gpudata/ (ignored by git; the lead
-# carries it to the lent GPU machine, whose working tree may hold 64 MiB in all):
+# The data configs/sweep-8gpu-offline.yaml reads, written under .gpudata/ (ignored by git; copy it
+# to the GPU host together with the repository; kept under 64 MiB so that it travels with it):
 #   .gpudata/sweep-1024   packed 1024-point windows (train/ + val/ + manifest + report) from the
 #                         REAL preprocessing job (python -m jobs.preprocess, Ray Data) over the
 #                         embedded synthetic corpus (preprocessing.synthetic, scale $SCALE) PLUS

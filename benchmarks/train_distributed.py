@@ -101,7 +101,7 @@ ALL8 = list(range(8))
 REAL_DATA = "data.path=.gpudata/sweep-1024"
 PER_LAYER = "model.overrides.router_aux_loss_scope=per_layer"
 GENTLE = ["optim.warmup_steps=50"]  # the 2-step warm-up of the throughput runs spikes the loss
-RUNS_DIR = "/tmp/td/runs"  # where benchmarks/lent_gpu.sh has `run --out /tmp/td` put each run
+RUNS_DIR = "/tmp/td/runs"  # where benchmarks/gpu_host_runs.sh has `run --out /tmp/td` put each run
 
 
 def _init(run_name: str) -> str:
@@ -174,9 +174,8 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-200m", [0, 1, 2, 3], 1, 64, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"])],
         [_r("timemoe-200m", [0, 1, 2, 3], 2, 64, "-bal", steps=10, overrides=[REAL_DATA, PER_LAYER, _init("200m-g1-ep1-pl"), "optim.lr=1e-4"])],
     ],
-    # a 2-GPU machine (nvidia-h200-x2): EP on balanced routers, ep = 1 vs 2, the dispatcher
-    # pipelined in 2 chunks (parallel.ep_chunks), and eager routed experts ("-ee", the A/B of
-    # parallel.ep_compile_experts). Two calls, each under the 600 s limit; the first
+    # a 2-GPU machine: EP on balanced routers, ep = 1 vs 2, and the dispatcher pipelined in 2
+    # chunks (parallel.ep_chunks). Two calls, each under the 600 s limit; the first
     # also trains ultra's per-layer weights, which the second reuses if the machine is still warm.
     "x2_200m": [
         [_r("timemoe-200m", [0], 1, 16, "-pl", steps=600, overrides=[REAL_DATA, PER_LAYER, "train.export=true"] + GENTLE),
@@ -185,7 +184,6 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-200m", [0, 1], 2, 64, "-bal", steps=10, overrides=BAL_200M)],
         [_r("timemoe-200m", [0, 1], 1, 64, "-bal", steps=10, overrides=BAL_200M)],
         [_r("timemoe-200m", [0, 1], 2, 64, "-bal-c2", steps=10, overrides=BAL_200M + ["parallel.ep_chunks=2"])],
-        [_r("timemoe-200m", [0, 1], 2, 64, "-bal-ee", steps=10, overrides=BAL_200M + ["parallel.ep_compile_experts=false"])],
     ],
     "x2_ultra": [
         [_r("timemoe-ultra", [1], 1, 8, "-pl", steps=300, reuse_export=True,
@@ -193,7 +191,6 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-ultra", [0, 1], 2, 32, "-bal", steps=10, overrides=BAL_ULTRA)],
         [_r("timemoe-ultra", [0, 1], 1, 32, "-bal", steps=10, overrides=BAL_ULTRA)],
         [_r("timemoe-ultra", [0, 1], 2, 32, "-bal-c2", steps=10, overrides=BAL_ULTRA + ["parallel.ep_chunks=2"])],
-        [_r("timemoe-ultra", [0, 1], 2, 32, "-bal-ee", steps=10, overrides=BAL_ULTRA + ["parallel.ep_compile_experts=false"])],
     ],
     # a 1-GPU machine (nvidia-h200): the 1-GPU baselines of the scaling table on a quiet host
     # (the 8-GPU call ran them next to other runs); two calls, each under the 600 s limit

@@ -15,14 +15,14 @@ per GPU, each training its shard of the same plan in-process and appending one J
 finished trial (re-running skips the trials already in the file)::
 
     for k in 0 1 2 3 4 5 6 7; do
-        CUDA_VISIBLE_DEVICES=$k python -m jobs.sweep --config configs/sweep-gpu-lent.yaml \
+        CUDA_VISIBLE_DEVICES=$k python -m jobs.sweep --config configs/sweep-8gpu-offline.yaml \
             --offline-records out/records-$k.jsonl --shard $k/8 > out/shard-$k.log 2>&1 &
     done; wait
 
 Then, where MLflow is, the records become FINISHED child runs of the sweep (same tags and
 params as online trials, so an online re-run skips them) and the report is built::
 
-    python -m jobs.sweep --config configs/sweep-gpu-lent.yaml --tracking-uri URI \
+    python -m jobs.sweep --config configs/sweep-8gpu-offline.yaml --tracking-uri URI \
         --import-records out/records-*.jsonl
 """
 from __future__ import annotations

@@ -44,7 +44,6 @@ class DataSection:
     path: str = ""  # packed-shard root (local folder or s3://...), holding manifest.json
     loader: str = "ray"  # "ray": Ray Data shards (Ray Train); "plain": pyarrow reader per worker
     prefetch_batches: int = 4  # batches the iterator prepares ahead so the step never waits
-    max_val_windows: int = 256  # cap on held-out windows read for evaluation
 
 
 @dataclass
@@ -67,10 +66,6 @@ class ParallelSection:
     # adds ~150 kernel launches per layer; on one H200 that cost more than any exchange on one
     # NVLink host could hide (docs/expert_parallel.md): leave 1 unless the exchange is slow.
     ep_chunks: int = 1
-    # EP + compile only: compile the routed experts on their own with a dynamic row count (the
-    # shared expert always is). On one H200 3-5% less GPU work per layer; false = eager experts,
-    # for A/B runs (docs/benchmarks.md, "The EP dispatcher's own cost").
-    ep_compile_experts: bool = True
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
     activation_checkpointing: bool = False
     compile: bool = False

@@ -42,9 +42,6 @@ class CleanConfig:
     # docs/data.md gives the measurements behind 1000.
     outlier_limit: float = 1000.0
     dedup: bool = True                # exact-duplicate series removal (hash of raw values)
-    # No longer used (kept so existing YAML files load): the job fingerprints series in its main
-    # pass and re-reads only when a duplicate is found (preprocessing/job.py: dedup_fixup).
-    dedup_cache_max_bytes: int = 256 * 2**20
 
 
 @dataclass
@@ -71,7 +68,6 @@ class PackConfig:
     min_chunk_length: int = 32        # a tail chunk shorter than this is dropped (short_tail)
     pack_batch_chunks: int = 2048     # chunks bin-packed together (best-fit decreasing)
     val_fraction: float = 0.01        # share of series (by key hash) held out to val/
-    shuffle_buffer_rows: int = 4096   # bounded streaming shuffle before writing (0 = off)
 
 
 @dataclass

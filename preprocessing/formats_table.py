@@ -76,10 +76,6 @@ def quarantine_table(rows: Sequence[tuple[str, str, str, str, str, str, int]]) -
     )
 
 
-def quarantine_one(domain: str, dataset: str, series: str, source: str, err: IngestError) -> pa.Table:
-    return quarantine_table([(domain, dataset, series, source, err.reason, err.message, err.claimed_points)])
-
-
 def concat(tables: Sequence[pa.Table]) -> pa.Table:
     tables = [t for t in tables if t is not None]
     if not tables:

@@ -741,7 +741,3 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
     log.info("reports + publish: %.1fs; preprocess done in %.1fs: train efficiency %.4f",
              time.time() - t_publish, seconds, efficiency[TRAIN_DIR])
     return PreprocessResult(config.output, manifest, rep, acc, efficiency[TRAIN_DIR], seconds)
-
-
-def manifest_url(output: str) -> str:
-    return output.rstrip("/") + "/" + MANIFEST_FILE

@@ -208,7 +208,8 @@ def train_worker(rank: int, world: int, runs: list[tuple[int, int, float, str]],
     so the SGD runs are the ones that catch expert-gradient scaling mistakes."""
     import deepspeed
 
-    from pipeline.parallel.expert_parallel import apply_expert_parallel, expert_param_groups, gather_expert_params
+    from pipeline.parallel.expert_parallel import apply_expert_parallel, gather_expert_params, split_moe_param_groups
+    from pipeline.parallel.optim import param_groups
 
     init_deepspeed_gloo()
     # one batch per rank, repeated: the loss must fall, so the comparison is not vacuous
@@ -217,7 +218,7 @@ def train_worker(rank: int, world: int, runs: list[tuple[int, int, float, str]],
     for stage, ep, clip, opt_name in runs:
         model = make_model(seed=0)
         info = apply_expert_parallel(model, ep_size=ep)
-        groups = expert_param_groups(model, weight_decay=0.1)
+        groups = split_moe_param_groups(param_groups(model, 0.1))
         if opt_name == "sgd":
             opt = torch.optim.SGD(groups, lr=0.1)
         else:
@@ -242,7 +243,7 @@ def train_worker(rank: int, world: int, runs: list[tuple[int, int, float, str]],
     zero3_error = None
     model = make_model(seed=0)
     apply_expert_parallel(model, ep_size=2)
-    opt = torch.optim.AdamW(expert_param_groups(model, weight_decay=0.1), lr=1e-3)
+    opt = torch.optim.AdamW(split_moe_param_groups(param_groups(model, 0.1)), lr=1e-3)
     try:
         deepspeed.initialize(model=model, optimizer=opt, config=ds_config(3, 0.0))
     except Exception as exc:  # DeepSpeed refuses native-MoE groups under ZeRO-3
@@ -257,12 +258,13 @@ def timing_worker(rank: int, world: int, ep: int, steps: int, batch: int, length
 
     import deepspeed
 
-    from pipeline.parallel.expert_parallel import apply_expert_parallel, expert_param_groups
+    from pipeline.parallel.expert_parallel import apply_expert_parallel, split_moe_param_groups
+    from pipeline.parallel.optim import param_groups
 
     init_deepspeed_gloo()
     model = make_model(seed=0)
     apply_expert_parallel(model, ep_size=ep)
-    opt = torch.optim.AdamW(expert_param_groups(model, weight_decay=0.1), lr=1e-3)
+    opt = torch.optim.AdamW(split_moe_param_groups(param_groups(model, 0.1)), lr=1e-3)
     cfg = ds_config(1, 1.0)
     cfg["train_micro_batch_size_per_gpu"] = batch
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)

@@ -208,11 +208,10 @@ def test_ep_layer_benchmark_on_two_gloo_ranks_counts_the_hot_rank_and_matches_ep
             assert r["rows_received_max"] == (copies if regime == "balanced" else 2 * copies), r
 
 
-@pytest.mark.parametrize("routed", [True, False])
-def test_compile_under_ep_wraps_the_parts_the_dispatcher_calls(routed):
+def test_compile_under_ep_wraps_the_parts_the_dispatcher_calls():
     """With EP the dispatcher runs outside the layer's graph, so apply_compile must compile the
-    shared expert always and the routed experts as parallel.ep_compile_experts says; without EP
-    neither is compiled on its own (they are inside the compiled layer)."""
+    shared expert and the routed experts on their own; without EP neither is compiled on its
+    own (they are inside the compiled layer)."""
     from model import TimeMoeConfig, TimeMoeModel
     from pipeline.parallel.parallelize import apply_compile
 
@@ -221,9 +220,9 @@ def test_compile_under_ep_wraps_the_parts_the_dispatcher_calls(routed):
 
     for expert_parallel in (True, False):
         model = TimeMoeModel(TimeMoeConfig.preset("tiny"))
-        apply_compile(model, expert_parallel=expert_parallel, compile_routed_experts=routed)
+        apply_compile(model, expert_parallel=expert_parallel)
         moes = [m for m in model.modules() if hasattr(m, "dispatcher")]
         assert moes
         for moe in moes:
             assert compiled(moe.shared_expert) is expert_parallel
-            assert compiled(moe.experts) is (expert_parallel and routed)
+            assert compiled(moe.experts) is expert_parallel

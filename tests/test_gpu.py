@@ -1,6 +1,6 @@
 """CUDA-only checks of the compiled paths that CPU CI cannot reach (skipped without a GPU).
 
-Run on a lent GPU machine: ``python3 -m pytest -q tests/test_gpu.py``. The references are the
+Run on a GPU node: ``python3 -m pytest -q tests/test_gpu.py``. The references are the
 slow paths the CPU tests already trust: the per-expert loop and ``LocalDispatcher``.
 """
 from __future__ import annotations

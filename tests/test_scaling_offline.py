@@ -159,11 +159,11 @@ def test_records_round_trip_and_shards():
     assert sorted(sum(parts, [])) == items and all(len(p) == 3 for p in parts)
 
 
-def test_lent_gpu_config_plans_and_fits_its_time_box():
-    """configs/sweep-gpu-lent.yaml: 24 trials, ~1M to ~50M active parameters, window 1024, and by
+def test_offline_8gpu_config_plans_and_fits_its_time_box():
+    """configs/sweep-8gpu-offline.yaml: 24 trials, ~1M to ~50M active parameters, window 1024, and by
     the FLOPs estimate (25% of 989 TFLOP/s + 30 s compile per trial) every GPU's shard of 3
     trials ends within 8 minutes."""
-    cfg = S.SweepConfig.from_yaml(ROOT / "configs" / "sweep-gpu-lent.yaml")
+    cfg = S.SweepConfig.from_yaml(ROOT / "configs" / "sweep-8gpu-offline.yaml")
     plans = S.plan_trials(cfg)
     assert len(plans) == 24 and cfg.grid.window_length == 1024 and len(cfg.grid.budgets) == 3
     active = sorted({p.spec.n_active for p in plans})

@@ -12,7 +12,7 @@ Use, in this order (``pipeline/parallel/parallelize.py``)::
     deepspeed.init_distributed(dist_backend="gloo" | "nccl")         # 1. process group exists
     model = TimeMoeModel(cfg)                                          # same seed on every rank
     ep = apply_expert_parallel(model, ep_size=ep_size)                 # 2. shard + swap + DS groups
-    groups = expert_param_groups(model, weight_decay=0.1)              # 3. dense + MoE param groups
+    groups = split_moe_param_groups(param_groups(model, 0.1))         # 3. dense + MoE param groups
     optimizer = torch.optim.AdamW(groups, lr=..., betas=(0.9, 0.95))
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     ...
@@ -32,7 +32,7 @@ Contract with DeepSpeed (read from deepspeed 0.19.8 runtime/engine.py and zero/s
   a parameter-free :class:`_DeepSpeedMoEMarker` (a ``MoE`` subclass) as ``ep_marker`` under each
   MoE layer. It adds no state-dict keys.
 - The optimizer must get param groups in which expert params sit in groups with ``"moe": True``
-  and ``"name": group_name`` (``expert_param_groups`` / ``split_moe_param_groups`` do this via
+  and ``"name": group_name`` (``split_moe_param_groups`` does this via
   ``deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer``).
 - Gradient scaling: ZeRO divides every gradient, expert ones included, by the full data-parallel
   world size and sums expert gradients over the EDP group. The all-to-all backward already
@@ -48,7 +48,7 @@ Contract with DeepSpeed (read from deepspeed 0.19.8 runtime/engine.py and zero/s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -204,27 +204,6 @@ def split_moe_param_groups(param_groups: list[dict]) -> list[dict]:
         return param_groups
     groups = split_params_into_different_moe_groups_for_optimizer([dict(g) for g in param_groups])
     return [g for g in groups if g["params"]]
-
-
-def _default_no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.dim() < 2  # norms and biases; the experts' 3-D stacks do decay
-
-
-def expert_param_groups(
-    model: nn.Module,
-    weight_decay: float,
-    no_decay: Callable[[str, torch.Tensor], bool] = _default_no_decay,
-) -> list[dict]:
-    """AdamW param groups ("decay" / "no_decay"), expert params split into DeepSpeed MoE groups."""
-    decay, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (rest if no_decay(name, p) else decay).append(p)
-    groups = [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": rest, "weight_decay": 0.0},
-    ]
-    return split_moe_param_groups([g for g in groups if g["params"]])
 
 
 def _iter_expert_params(model: nn.Module, info: ExpertParallelInfo) -> Iterable[tuple[str, nn.Parameter]]:

@@ -116,7 +116,7 @@ def compile_expert_parallel_parts(moe: nn.Module, routed_experts: bool = True) -
         moe.experts.compile(dynamic=True)
 
 
-def apply_compile(model: nn.Module, expert_parallel: bool = False, compile_routed_experts: bool = True) -> None:
+def apply_compile(model: nn.Module, expert_parallel: bool = False) -> None:
     """Compile per layer: the layers are identical, so one graph is reused and a graph break
     in the dispatcher stays local. With expert parallelism the parts the dispatcher calls are
     compiled on their own (:func:`compile_expert_parallel_parts`)."""
@@ -125,7 +125,7 @@ def apply_compile(model: nn.Module, expert_parallel: bool = False, compile_route
     if expert_parallel:
         for module in model.modules():
             if hasattr(module, "dispatcher") and isinstance(getattr(module, "shared_expert", None), nn.Module):
-                compile_expert_parallel_parts(module, routed_experts=compile_routed_experts)
+                compile_expert_parallel_parts(module)
 
 
 def compile_for_inference(model: nn.Module, decode: str = "eager") -> nn.Module:
@@ -186,7 +186,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, world_size: int, use_gpu: bo
     if par.activation_checkpointing:  # 2.
         apply_activation_checkpointing(model)
     if par.compile:  # 3.
-        apply_compile(model, expert_parallel=ep_info is not None, compile_routed_experts=par.ep_compile_experts)
+        apply_compile(model, expert_parallel=ep_info is not None)
     if par.zero_stage == 3:  # 4.
         from deepspeed.utils import set_z3_leaf_modules
 

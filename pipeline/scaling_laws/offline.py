@@ -2,7 +2,7 @@
 
 On the GPU node (one process per GPU, each taking every N-th trial of the same plan)::
 
-    CUDA_VISIBLE_DEVICES=k python -m jobs.sweep --config configs/sweep-gpu-lent.yaml \\
+    CUDA_VISIBLE_DEVICES=k python -m jobs.sweep --config configs/sweep-8gpu-offline.yaml \\
         --offline-records out/records-k.jsonl --shard k/8
 
 Each process plans the trials exactly like the online sweep (``sweep.plan_trials``: same config

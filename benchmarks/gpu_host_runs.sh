@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on a lent multi-GPU machine (the device tool's `run`), from the repo root:
-#   bash benchmarks/lent_gpu.sh BUDGET_S PLAN [PLAN ...]
+# The training-speed benchmark plans on one multi-GPU host with no package index (an air-gapped
+# node whose image has torch), from the repo root, results under $OUT:
+#   bash benchmarks/gpu_host_runs.sh BUDGET_S PLAN [PLAN ...]
 # EP_LAYER="timemoe-200m:16 timemoe-ultra:4" first runs benchmarks/ep_layer.py on every GPU
 # (one MoE layer, ep = 1 vs 2/4/8, balanced vs collapsed routing) into $OUT/ep_layer.json;
 # EP_LAYER_ARGS passes more options to it (e.g. "--regimes balanced --iters 30 --gpu-work").
@@ -9,7 +10,7 @@
 # the JSON and the tails of every run's log in $OUT.
 set -u
 budget=$1; shift
-OUT=${OUT:-/tmp/lent_out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/gpu_host_runs}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
