@@ -12,10 +12,10 @@ Routing regimes (the router is bypassed; the expert ids are prescribed):
   initialisation (measured: every layer of an untrained 200M model sends all tokens to the same
   two experts), and what the pooled aux loss of the spec allows to persist per layer.
 
-Dispatchers: ``serial`` runs the shared expert after the combine, ``overlap-fwd`` during the
-forward row exchange, ``overlap`` (the default) also runs its backward during the backward
-exchange of the row gradients, ``overlap-cN`` additionally pipelines the layer in N chunks of
-tokens (``parallel.ep_chunks``); ``-ce`` runs the routed experts compiled with dynamic rows.
+Dispatchers: ``overlap`` runs the shared expert during the forward row exchange and its
+backward during the backward exchange of the row gradients (the dispatcher the train loop
+uses), ``overlap-cN`` additionally pipelines the layer in N chunks of tokens
+(``parallel.ep_chunks``); ``-ce`` runs the routed experts compiled with dynamic rows.
 On CUDA the EP rows compile the shared expert on its own, as the train loop does under EP
 (``pipeline.parallel.parallelize.compile_expert_parallel_parts``); ``local`` (the reference of the
 ``vs ep1`` column) is the eager ep = 1 layer, ``local-compiled`` the compiled one.
@@ -44,15 +44,10 @@ import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
-# (name, overlap, overlap_backward, chunks, compiled routed experts): where the shared expert runs
-# relative to the row exchange, how many token chunks the layer is pipelined in, and whether the
-# routed experts run compiled with dynamic rows (as the train loop runs them under EP). The
-# "-ss" rows of benchmarks/results/ep_layer_h200x1_self_{stream,rep*}.json (shared expert first
-# on a second stream) were measured with commit 12610bb; the option was dropped (no stable gain).
-DISPATCHERS = (("serial", False, False, 1, False), ("overlap-fwd", True, False, 1, False),
-               ("overlap", True, True, 1, False), ("overlap-ce", True, True, 1, True),
-               ("overlap-c2", True, True, 2, False), ("overlap-c2-ce", True, True, 2, True),
-               ("overlap-c4-ce", True, True, 4, True))
+# (name, chunks, compiled routed experts): how many token chunks the layer is pipelined in, and
+# whether the routed experts run compiled with dynamic rows (as the train loop runs them under EP)
+DISPATCHERS = (("overlap", 1, False), ("overlap-ce", 1, True), ("overlap-c2", 2, False),
+               ("overlap-c2-ce", 2, True), ("overlap-c4-ce", 4, True))
 sys.path.insert(0, str(REPO))
 
 from model import TimeMoeConfig  # noqa: E402
@@ -254,15 +249,14 @@ def main() -> None:
             for ep in ep_sizes:
                 group = groups[ep]
                 ep_rank = dist.get_rank(group)
-                for name, overlap, overlap_bwd, chunks, compiled_experts in DISPATCHERS:
+                for name, chunks, compiled_experts in DISPATCHERS:
                     if compiled_experts and not cuda or a.dispatchers and name not in a.dispatchers:
                         continue
                     layer = make_layer(preset, dtype, device)
                     shard_experts(layer, ep_rank, ep)
                     if cuda:
                         compile_expert_parallel_parts(layer, routed_experts=compiled_experts)
-                    disp = AllToAllDispatcher(group, ep, E, overlap=overlap, overlap_backward=overlap_bwd,
-                                              chunks=chunks)
+                    disp = AllToAllDispatcher(group, ep, E, chunks=chunks)
                     x.grad = None
                     y = step_fn(layer, disp, x, idx_all[mine], w, probe_all[mine]).detach()
                     err = max_rel_err(y, ref_y, x.grad, ref_gx)

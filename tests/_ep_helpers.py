@@ -120,12 +120,10 @@ def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim:
     half, k = num_experts // 2, 2
     out = {}
     # "+shared": the layer's shared expert handed over as the concurrent branch, overlapped with
-    # the row exchange in both passes (default), in the forward only ("-fwd"), or run after it
-    # ("-serial"); "-chunks3" pipelines the layer in 3 chunks of tokens
-    for scenario, overlap, overlap_bwd, chunks, with_shared in (
-            ("mixed", True, True, 1, False), ("starve0", True, True, 1, False), ("mixed+shared", True, True, 1, True),
-            ("mixed+shared-fwd", True, False, 1, True), ("mixed+shared-serial", False, False, 1, True),
-            ("mixed+shared-chunks3", True, True, 3, True), ("starve0-chunks3", True, True, 3, False)):
+    # the row exchange in both passes; "-chunks3" pipelines the layer in 3 chunks of tokens
+    for scenario, chunks, with_shared in (
+            ("mixed", 1, False), ("starve0", 1, False), ("mixed+shared", 1, True),
+            ("mixed+shared-chunks3", 3, True), ("starve0-chunks3", 3, False)):
         torch.manual_seed(0)
         experts_full = GroupedExperts(num_experts, dim, ffn)
         shared_proj = torch.nn.Linear(dim, dim, bias=False)
@@ -159,8 +157,7 @@ def dispatcher_worker(rank: int, world: int, num_experts: int, tokens: int, dim:
                 p.copy_(getattr(experts_full, name)[local])
         x = x_all[sl].clone().requires_grad_()
         w = w_all[sl].clone().requires_grad_()
-        dispatcher = AllToAllDispatcher(dist.group.WORLD, world, num_experts, overlap=overlap, overlap_backward=overlap_bwd,
-                                        chunks=chunks)
+        dispatcher = AllToAllDispatcher(dist.group.WORLD, world, num_experts, chunks=chunks)
         y = dispatcher(x, idx_all[sl], w, experts_local, branch_of(x))
         backward_events: list[str] = []  # the order the exchanges and the shared expert's backward were issued in
         if with_shared:

@@ -61,32 +61,6 @@ def regroup_by_local_expert(counts_recv_SE: torch.Tensor, rows: int | None = Non
     return torch.argsort(expert_of_row_R, stable=True)
 
 
-class _AllToAll(torch.autograd.Function):
-    """Differentiable ``all_to_all_single`` with unequal splits: the backward pass is the same
-    exchange with the splits swapped. Written out (rather than torch.distributed.nn) so that
-    empty splits, the group and the asynchronous forward are explicit and tested.
-
-    With ``pending`` (a list) the forward exchange is only *started*: its work handle is appended
-    to ``pending`` and the caller must ``wait()`` on it before reading the output. Work queued on
-    the compute stream in between (the shared expert) then runs while the rows are in flight."""
-
-    @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group, pending) -> torch.Tensor:
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        out = x_ND.new_empty((sum(out_splits),) + tuple(x_ND.shape[1:]))
-        work = dist.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group,
-                                      async_op=pending is not None)
-        if pending is not None:
-            pending.append(work)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_in = grad_out.new_empty((sum(ctx.in_splits),) + tuple(grad_out.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return grad_in, None, None, None, None
-
-
 class _Exchange:
     """State shared by the two halves of an overlapped exchange (:func:`start_all_to_all` and
     :func:`finish_all_to_all`): the forward work handle, then the backward one with its buffers."""
@@ -147,8 +121,10 @@ class _FinishAllToAll(torch.autograd.Function):
 
 
 def start_all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> tuple[torch.Tensor, _Exchange]:
-    """Start the exchange :func:`all_to_all` does; work queued before :func:`finish_all_to_all`
-    overlaps it, in the forward and (mirrored) in the backward pass. Read the rows only through
+    """Start sending ``in_splits[r]`` rows to rank r of ``group`` and receiving ``out_splits[r]``
+    from it (``all_to_all_single`` with unequal splits; the backward pass is the same exchange
+    with the splits swapped). Work queued before :func:`finish_all_to_all` overlaps it, in the
+    forward and (mirrored) in the backward pass. Read the rows only through
     ``finish_all_to_all``'s result."""
     exchange = _Exchange(out_splits, in_splits, group)
     return _StartAllToAll.apply(x_ND, exchange), exchange
@@ -156,12 +132,6 @@ def start_all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[
 
 def finish_all_to_all(started_ND: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
     return _FinishAllToAll.apply(started_ND, exchange)
-
-
-def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group, pending: list | None = None) -> torch.Tensor:
-    """Send ``in_splits[r]`` rows to rank r of ``group``, receive ``out_splits[r]`` from it.
-    With ``pending``, start the exchange and leave its handle there (see :class:`_AllToAll`)."""
-    return _AllToAll.apply(x_ND, out_splits, in_splits, group, pending)
 
 
 class _SplitsOnHost:
@@ -206,34 +176,28 @@ class AllToAllDispatcher:
     ``[r * El, (r + 1) * El)``. Not an nn.Module: it holds no parameters, only the group.
 
     ``concurrent_branch`` (the shared expert) is queued on the compute stream right after the
-    row exchange is started, so it runs while the rows are in flight; with ``overlap_backward``
-    its backward likewise runs while the gradient of those rows travels back. ``overlap=False``
-    queues it after the combine instead (the first behaviour, kept for A/B benchmarks), and
-    ``overlap_backward=False`` keeps only the forward overlap.
+    row exchange is started, so it runs while the rows are in flight; its backward likewise runs
+    while the gradient of those rows travels back.
 
     ``chunks = C > 1`` pipelines the layer: the tokens are split into C chunks, each exchanged
     on its own, so chunk c's experts run while chunk c+1's rows arrive and chunk c-1's outputs
     leave; the backward pass mirrors it (see :class:`_FinishAllToAll`). Only the last chunk's
     return trip stays exposed. Costs: C smaller grouped GEMMs per layer, C exchanges each way."""
 
-    def __init__(self, group, ep_size: int, num_experts: int, overlap: bool = True, overlap_backward: bool = True,
-                 chunks: int = 1) -> None:
+    def __init__(self, group, ep_size: int, num_experts: int, chunks: int = 1) -> None:
         if num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}")
-        if chunks < 1 or (chunks > 1 and not (overlap and overlap_backward)):
-            raise ValueError(f"chunks={chunks}: must be >= 1, and > 1 only with overlap and overlap_backward")
+        if chunks < 1:
+            raise ValueError(f"chunks={chunks}: must be >= 1")
         self.group = group
         self.ep_size = ep_size
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ep_size
-        self.overlap = overlap
-        self.overlap_backward = overlap and overlap_backward
         self.chunks = chunks
         self.last_rows_received = 0  # rows this rank's experts got in the last call (load probes)
 
     def __repr__(self) -> str:
-        return (f"AllToAllDispatcher(ep_size={self.ep_size}, num_experts={self.num_experts}, overlap={self.overlap}, "
-                f"overlap_backward={self.overlap_backward}, chunks={self.chunks})")
+        return f"AllToAllDispatcher(ep_size={self.ep_size}, num_experts={self.num_experts}, chunks={self.chunks})"
 
     def _exchange_counts(self, counts_CE: torch.Tensor) -> torch.Tensor:
         """Tell every rank how many rows it gets from us per chunk and local expert; returns
@@ -270,9 +234,6 @@ class AllToAllDispatcher:
         splits_2CS = torch.stack([counts_CE.view(self.chunks, self.ep_size, -1).sum(2), counts_recv_CSE.sum(2)])
         in_splits_CS, out_splits_CS = _SplitsOnHost(splits_2CS).get()
         self.last_rows_received = sum(map(sum, out_splits_CS))
-        if not self.overlap_backward:
-            return self._call_unpipelined(copies[0], counts_recv_CSE[0], in_splits_CS[0], out_splits_CS[0],
-                                          topk_weight_TK, experts, concurrent_branch)
 
         arriving = [start_all_to_all(x_sorted_ND, out_splits, in_splits, self.group)
                     for (x_sorted_ND, *_), in_splits, out_splits in zip(copies, in_splits_CS, out_splits_CS)]
@@ -289,19 +250,3 @@ class AllToAllDispatcher:
                    zip(y_sorted, copies, torch.tensor_split(topk_weight_TK, self.chunks))]
         y_TD = y_parts[0] if len(y_parts) == 1 else torch.cat(y_parts)
         return y_TD if side_TD is None else y_TD + side_TD
-
-    def _call_unpipelined(self, copies, counts_recv_SE, in_splits, out_splits, topk_weight_TK, experts, concurrent_branch):
-        """The blocking exchanges of the first versions (``overlap_backward=False``), for A/B runs:
-        the shared expert overlaps the forward row exchange (``overlap``) or runs after the combine."""
-        x_sorted_ND, order_N, inverse_N, _ = copies
-        pending: list = []
-        x_recv_RD = all_to_all(x_sorted_ND, out_splits, in_splits, self.group, pending if self.overlap else None)
-        side_TD = concurrent_branch() if concurrent_branch is not None and self.overlap else None
-        for work in pending:
-            work.wait()
-        y_recv_RD = self._local_experts(experts, x_recv_RD, counts_recv_SE, sum(out_splits))
-        y_sorted_ND = all_to_all(y_recv_RD, in_splits, out_splits, self.group)
-        y_TD = _static_part(combine_copies, y_sorted_ND)(y_sorted_ND, order_N, inverse_N, topk_weight_TK)
-        if concurrent_branch is None:
-            return y_TD
-        return y_TD + (side_TD if side_TD is not None else concurrent_branch())
