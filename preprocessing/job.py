@@ -577,158 +577,29 @@ def configure_data_context(data_ctx) -> None:
 def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
     """Run the whole pipeline for ``config``; ``series`` (a Ray Dataset in the series format of
     ``preprocessing/series.py``) replaces reading ``config.inputs`` (tests, custom readers)."""
-    import ray
-
-    if series is None:
-        validate(config)
-    if not config.output:
-        raise ValueError("config.output is empty: give --output")
-    # Refused before any work: an output the inputs would read back, or files in it the job
-    # did not write (the trainer would read them as shards).
-    fs, out_path = resolve_filesystem(config.output)
-    if config.inputs:
-        check_output_location(config.inputs, config.output)
-    check_no_foreign_files(fs, out_path, config.output)
+    fs, out_path = refuse_bad_output(config, check_inputs=series is None)
     catalog = load_run_catalog(config.catalog) if series is None else None
-    contamination = None
-    if config.contamination.benchmarks:
-        try:
-            contamination = ContaminationIndex.from_files(config.contamination.benchmarks,
-                                                          config.contamination.min_match)
-        except OSError as e:
-            raise PreprocessError(f"contamination.benchmarks: {' '.join(str(e).split())}") from e
+    contamination = load_contamination_guard(config)
     t0 = time.time()
-    if not ray.is_initialized():
-        # RAY_ADDRESS set -> connect to that cluster; otherwise start a local instance, with its
-        # dashboard: the State API behind it is what `ray list`, the dashboard's progress views
-        # and Ray Train's placement-group cleaner query (without it the cleaner logs a warning
-        # every few seconds of a training run that reuses this instance).
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
-    configure_data_context(ray.data.DataContext.get_current())
-    ray_data_startup_shim()
-    # The HTML report needs matplotlib (~0.4 s to import); import it while the driver waits
-    # on Ray instead of after the last block.
-    threading.Thread(target=report_mod.preload, daemon=True).start()
+    start_ray_data()
     if series is None:
         series = _read(config, catalog)
-
-    ctx = StageContext(config=config, contamination=contamination)
-    if contamination is not None:
-        log.info("contamination guard: %d benchmark windows indexed", len(contamination.hashes))
-    fingerprints = input_fingerprints(config.inputs) if config.inputs else []
-    window_length = config.pack.window_length
     tmp_name = f"_tmp-{uuid.uuid4().hex[:12]}"
     tmp = join(out_path, tmp_name)
-
-    def main_pass(fingerprint: bool, only_blocks: frozenset[str] | None) -> "ray.data.Dataset":
-        """read -> [fingerprint + clean + pack + write per block] -> small blocks' chunks
-        re-blocked and packed together -> file metadata rows (in order)."""
-        return (
-            series.map_batches(process_block, batch_format="pyarrow", zero_copy_batch=True, batch_size=None,
-                               fn_kwargs={"ctx": ctx, "tmp_name": tmp_name, "fingerprint": fingerprint,
-                                          "only_blocks": only_blocks},
-                               **task_remote_args(config))
-            # A streaming re-block of what the blocks did not pack themselves (chunks of small
-            # blocks + carrier rows) into pack batches: with ``batch_size`` on the pack map
-            # instead, Ray fuses the maps and bundles that many INPUT rows into one task.
-            .repartition(target_num_rows_per_block=config.pack.pack_batch_chunks, strict=True)
-            .map_batches(pack_and_write, batch_format="pyarrow", batch_size=None,
-                         fn_kwargs={"window_length": window_length, "output": config.output, "tmp_name": tmp_name,
-                                    "options": config.output_options, "seed": config.seed},
-                         **task_remote_args(config))
-        )
-
-    def collect(files_meta) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(file entries in stream order, block infos in stream order). A file written by the
-        downstream pack stage belongs to no single block (``block`` None)."""
-        files, blocks = [], []
-        # A Dataset keeps the DataContext of its creation: a ``series`` built by the caller
-        # before this function ran would otherwise run without our settings (preserve_order!).
-        configure_data_context(files_meta.context)
-        for batch in files_meta.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                if row["split"] == ACCOUNTING_SPLIT:
-                    blocks.append(decode_carrier(row["path"]))
-                    problem = first_quarantine(blocks[-1]["acc"]) if config.fail_fast else None
-                    if problem is not None:
-                        raise problem
-                elif row["split"] == FILE_SPLIT:
-                    files.append(json.loads(row["path"]))
-                else:
-                    files.append({**row, "block": None})
-        return files, blocks
-
+    passes = BlockPasses(series, StageContext(config=config, contamination=contamination), tmp_name)
     try:
-        t_main = time.time()
-        # Speculative single read: fingerprints are taken in the same task that cleans, with no
-        # duplicate known yet. Corpora without exact duplicates (the common case) are done
-        # after this pass; otherwise the blocks that hold a dropped copy are redone below.
-        files_meta = main_pass(config.clean.dedup, None)
-        files, blocks = collect(files_meta)
-        log.info("clean/pack/write pass: %.1fs", time.time() - t_main)
-        if os.environ.get("TIMEMOE_DATA_STATS"):
-            log.warning("Ray Data stats:\n%s", files_meta.stats())
-        if config.clean.dedup:
-            files, blocks = dedup_fixup(files, blocks, ctx, main_pass, collect)
-        acc = Accounting()
-        written_by_dataset: dict[str, int] = {}
-        entries: dict[str, list[dict[str, Any]]] = {TRAIN_DIR: [], VAL_DIR: []}
-        for info in blocks:
-            acc.merge(info["acc"])
-        for row in files:
-            entries[row["split"]].append(row)
-            for k, v in json.loads(row["dataset_points"]).items():
-                written_by_dataset[k] = written_by_dataset.get(k, 0) + v
-        # Shard order: a seeded permutation of the (deterministically ordered) files, so that
-        # consecutive shards come from different parts of the corpus.
-        for k, split in enumerate((TRAIN_DIR, VAL_DIR)):
-            perm = np.random.default_rng([config.seed, k]).permutation(len(entries[split]))
-            entries[split] = [entries[split][i] for i in perm]
-        shards = {s: [{"file": SHARD_PATTERN.format(index=i), "rows": e["rows"], "points": e["points"]}
-                      for i, e in enumerate(entries[s])] for s in entries}
-        width = window_length + 1
-        points = {s: sum(e["points"] for e in entries[s]) for s in entries}
-        slots = {s: sum(e["rows"] for e in entries[s]) * width for s in entries}
-
+        files, blocks = passes.run()                       # clean + pack + write per block (+ dedup)
         t_publish = time.time()
-        check_invariant(acc)
-        expected = {k: t.points_kept + t.points_repeated for k, t in acc.datasets.items()}
-        got = written_by_dataset
-        bad = {k: (expected.get(k, 0), got.get(k, 0)) for k in set(expected) | set(got) if expected.get(k, 0) != got.get(k, 0)}
-        if bad:
-            raise AccountingError(f"points written to shards differ from points kept (+repeats): {bad}")
-
-        rows = {s: sum(e["rows"] for e in entries[s]) for s in entries}
-        if not rows[TRAIN_DIR]:
-            # An empty result never replaces a published output, and is never a success.
-            kept = "was left as it was" if exists(fs, join(out_path, MANIFEST_FILE)) else "was not written"
-            raise PreprocessError(f"nothing to publish: {empty_result_reason(acc, rows[VAL_DIR])}; "
-                                  f"--output {config.output} {kept}")
-        efficiency = {s: (points[s] / slots[s] if slots[s] else 1.0) for s in slots}
-        mixture = {d: config.mixture.weight(d) for d in acc.domains()}
-        rep = report_mod.build_report(acc, config, efficiency, shards, mixture)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "window_length": window_length,
-            "width": window_length + 1,
-            "config": config.to_dict(),
-            "inputs": fingerprints,
-            "counts": {"total": rep["totals"], "domains": rep["domain_counts"], "datasets": rep["dataset_counts"]},
-            "packing_efficiency": efficiency,
-            "mixture_weights": mixture,
-            "shards": shards,
-            "rows": rows,
-        }
-        manifest["inputs_digest"] = hashlib.sha256(json.dumps(manifest["inputs"], sort_keys=True).encode()).hexdigest()
-        for line in rep["warnings"][:MAX_WARNINGS_LOGGED]:
-            log.warning("%s", line)
-        if len(rep["warnings"]) > MAX_WARNINGS_LOGGED:
-            log.warning("... and %d more warnings in report.json", len(rep["warnings"]) - MAX_WARNINGS_LOGGED)
-        files = {
+        shards = ShardPlan.of(files, blocks, config)       # accounting checked, shard order fixed
+        shards.refuse_empty(fs, out_path)
+        rep = report_mod.build_report(shards.acc, config, shards.efficiency, shards.manifest_entries, shards.mixture)
+        manifest = build_manifest(config, shards, rep)
+        log_warnings(rep)
+        report_files = {
             "report.json": json.dumps(rep, indent=2, sort_keys=True, default=float).encode(),
             "report.html": report_mod.render_html(rep).encode(),
         }
-        publish(fs, out_path, tmp, {s: [e["path"] for e in entries[s]] for s in entries}, files, manifest)
+        publish(fs, out_path, tmp, shards.paths_by_split(), report_files, manifest)
     except BaseException:
         # Leave no half-published state behind: the tmp folder goes, the manifest was never written.
         try:
@@ -739,5 +610,202 @@ def run_preprocess(config: PreprocessConfig, series=None) -> PreprocessResult:
         raise
     seconds = time.time() - t0
     log.info("reports + publish: %.1fs; preprocess done in %.1fs: train efficiency %.4f",
-             time.time() - t_publish, seconds, efficiency[TRAIN_DIR])
-    return PreprocessResult(config.output, manifest, rep, acc, efficiency[TRAIN_DIR], seconds)
+             time.time() - t_publish, seconds, shards.efficiency[TRAIN_DIR])
+    return PreprocessResult(config.output, manifest, rep, shards.acc, shards.efficiency[TRAIN_DIR], seconds)
+
+
+def refuse_bad_output(config: PreprocessConfig, check_inputs: bool) -> tuple[pafs.FileSystem, str]:
+    """The output's filesystem and path, after the checks that refuse a run before any work: a
+    config that cannot run, an output the inputs would read back, files in the output the job
+    did not write (the trainer would read them as shards)."""
+    if check_inputs:
+        validate(config)
+    if not config.output:
+        raise ValueError("config.output is empty: give --output")
+    fs, out_path = resolve_filesystem(config.output)
+    if config.inputs:
+        check_output_location(config.inputs, config.output)
+    check_no_foreign_files(fs, out_path, config.output)
+    return fs, out_path
+
+
+def load_contamination_guard(config: PreprocessConfig) -> ContaminationIndex | None:
+    if not config.contamination.benchmarks:
+        return None
+    try:
+        index = ContaminationIndex.from_files(config.contamination.benchmarks, config.contamination.min_match)
+    except OSError as e:
+        raise PreprocessError(f"contamination.benchmarks: {' '.join(str(e).split())}") from e
+    log.info("contamination guard: %d benchmark windows indexed", len(index.hashes))
+    return index
+
+
+def start_ray_data() -> None:
+    """Ray (the cluster in RAY_ADDRESS, else a local instance) with this job's Ray Data settings."""
+    import ray
+
+    if not ray.is_initialized():
+        # With its dashboard: the State API behind it is what `ray list`, the dashboard's progress
+        # views and Ray Train's placement-group cleaner query (without it the cleaner logs a
+        # warning every few seconds of a training run that reuses this instance).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+    configure_data_context(ray.data.DataContext.get_current())
+    ray_data_startup_shim()
+    # The HTML report needs matplotlib (~0.4 s to import); import it while the driver waits
+    # on Ray instead of after the last block.
+    threading.Thread(target=report_mod.preload, daemon=True).start()
+
+
+class BlockPasses:
+    """The Ray Data passes over the series: per block fingerprint + clean + pack + write, then
+    what the blocks did not pack themselves packed together; their file and accounting rows
+    collected on the driver in stream order."""
+
+    def __init__(self, series: Any, ctx: StageContext, tmp_name: str) -> None:
+        self.series, self.ctx, self.tmp_name = series, ctx, tmp_name
+        self.config = ctx.config
+
+    def run(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Speculative single read: fingerprints are taken in the same task that cleans, with no
+        duplicate known yet. Corpora without exact duplicates (the common case) are done after
+        this pass; otherwise the blocks that hold a dropped copy are redone (``dedup_fixup``)."""
+        t_main = time.time()
+        files_meta = self.main_pass(self.config.clean.dedup, None)
+        files, blocks = self.collect(files_meta)
+        log.info("clean/pack/write pass: %.1fs", time.time() - t_main)
+        if os.environ.get("TIMEMOE_DATA_STATS"):
+            log.warning("Ray Data stats:\n%s", files_meta.stats())
+        if self.config.clean.dedup:
+            files, blocks = dedup_fixup(files, blocks, self.ctx, self.main_pass, self.collect)
+        return files, blocks
+
+    def main_pass(self, fingerprint: bool, only_blocks: frozenset[str] | None) -> Any:
+        """read -> [fingerprint + clean + pack + write per block] -> small blocks' chunks
+        re-blocked and packed together -> file metadata rows (in order)."""
+        config = self.config
+        return (
+            self.series.map_batches(process_block, batch_format="pyarrow", zero_copy_batch=True, batch_size=None,
+                                    fn_kwargs={"ctx": self.ctx, "tmp_name": self.tmp_name, "fingerprint": fingerprint,
+                                               "only_blocks": only_blocks},
+                                    **task_remote_args(config))
+            # A streaming re-block of what the blocks did not pack themselves (chunks of small
+            # blocks + carrier rows) into pack batches: with ``batch_size`` on the pack map
+            # instead, Ray fuses the maps and bundles that many INPUT rows into one task.
+            .repartition(target_num_rows_per_block=config.pack.pack_batch_chunks, strict=True)
+            .map_batches(pack_and_write, batch_format="pyarrow", batch_size=None,
+                         fn_kwargs={"window_length": config.pack.window_length, "output": config.output,
+                                    "tmp_name": self.tmp_name, "options": config.output_options, "seed": config.seed},
+                         **task_remote_args(config))
+        )
+
+    def collect(self, files_meta: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(file entries in stream order, block infos in stream order). A file written by the
+        downstream pack stage belongs to no single block (``block`` None)."""
+        files, blocks = [], []
+        # A Dataset keeps the DataContext of its creation: a ``series`` built by the caller
+        # before this function ran would otherwise run without our settings (preserve_order!).
+        configure_data_context(files_meta.context)
+        for batch in files_meta.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                if row["split"] == ACCOUNTING_SPLIT:
+                    blocks.append(decode_carrier(row["path"]))
+                    problem = first_quarantine(blocks[-1]["acc"]) if self.config.fail_fast else None
+                    if problem is not None:
+                        raise problem
+                elif row["split"] == FILE_SPLIT:
+                    files.append(json.loads(row["path"]))
+                else:
+                    files.append({**row, "block": None})
+        return files, blocks
+
+
+@dataclass
+class ShardPlan:
+    """What will be published: the merged accounting (checked against the points written), the
+    shard files per split in their final order, and the totals the manifest and report state."""
+
+    config: PreprocessConfig
+    acc: Accounting
+    entries: dict[str, list[dict[str, Any]]]  # split -> written files, in shard order
+
+    @classmethod
+    def of(cls, files: list[dict[str, Any]], blocks: list[dict[str, Any]], config: PreprocessConfig) -> "ShardPlan":
+        acc = Accounting()
+        for info in blocks:
+            acc.merge(info["acc"])
+        written_by_dataset: dict[str, int] = {}
+        entries: dict[str, list[dict[str, Any]]] = {TRAIN_DIR: [], VAL_DIR: []}
+        for row in files:
+            entries[row["split"]].append(row)
+            for k, v in json.loads(row["dataset_points"]).items():
+                written_by_dataset[k] = written_by_dataset.get(k, 0) + v
+        # Shard order: a seeded permutation of the (deterministically ordered) files, so that
+        # consecutive shards come from different parts of the corpus.
+        for k, split in enumerate((TRAIN_DIR, VAL_DIR)):
+            perm = np.random.default_rng([config.seed, k]).permutation(len(entries[split]))
+            entries[split] = [entries[split][i] for i in perm]
+        check_invariant(acc)
+        expected = {k: t.points_kept + t.points_repeated for k, t in acc.datasets.items()}
+        bad = {k: (expected.get(k, 0), written_by_dataset.get(k, 0)) for k in set(expected) | set(written_by_dataset)
+               if expected.get(k, 0) != written_by_dataset.get(k, 0)}
+        if bad:
+            raise AccountingError(f"points written to shards differ from points kept (+repeats): {bad}")
+        return cls(config, acc, entries)
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {s: sum(e["rows"] for e in self.entries[s]) for s in self.entries}
+
+    @property
+    def efficiency(self) -> dict[str, float]:
+        """Share of each split's row slots that hold a real point."""
+        width = self.config.pack.window_length + 1
+        points = {s: sum(e["points"] for e in self.entries[s]) for s in self.entries}
+        return {s: (points[s] / (r * width) if r else 1.0) for s, r in self.rows.items()}
+
+    @property
+    def mixture(self) -> dict[str, float]:
+        return {d: self.config.mixture.weight(d) for d in self.acc.domains()}
+
+    @property
+    def manifest_entries(self) -> dict[str, list[dict[str, Any]]]:
+        return {s: [{"file": SHARD_PATTERN.format(index=i), "rows": e["rows"], "points": e["points"]}
+                    for i, e in enumerate(self.entries[s])] for s in self.entries}
+
+    def paths_by_split(self) -> dict[str, list[str]]:
+        return {s: [e["path"] for e in self.entries[s]] for s in self.entries}
+
+    def refuse_empty(self, fs: pafs.FileSystem, out_path: str) -> None:
+        """An empty result never replaces a published output, and is never a success."""
+        rows = self.rows
+        if not rows[TRAIN_DIR]:
+            kept = "was left as it was" if exists(fs, join(out_path, MANIFEST_FILE)) else "was not written"
+            raise PreprocessError(f"nothing to publish: {empty_result_reason(self.acc, rows[VAL_DIR])}; "
+                                  f"--output {self.config.output} {kept}")
+
+
+def build_manifest(config: PreprocessConfig, shards: ShardPlan, rep: dict[str, Any]) -> dict[str, Any]:
+    """``manifest.json``: the schema version, the shards per split in order, and what produced them."""
+    window_length = config.pack.window_length
+    fingerprints = input_fingerprints(config.inputs) if config.inputs else []
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "window_length": window_length,
+        "width": window_length + 1,
+        "config": config.to_dict(),
+        "inputs": fingerprints,
+        "counts": {"total": rep["totals"], "domains": rep["domain_counts"], "datasets": rep["dataset_counts"]},
+        "packing_efficiency": shards.efficiency,
+        "mixture_weights": shards.mixture,
+        "shards": shards.manifest_entries,
+        "rows": shards.rows,
+    }
+    manifest["inputs_digest"] = hashlib.sha256(json.dumps(manifest["inputs"], sort_keys=True).encode()).hexdigest()
+    return manifest
+
+
+def log_warnings(rep: dict[str, Any]) -> None:
+    for line in rep["warnings"][:MAX_WARNINGS_LOGGED]:
+        log.warning("%s", line)
+    if len(rep["warnings"]) > MAX_WARNINGS_LOGGED:
+        log.warning("... and %d more warnings in report.json", len(rep["warnings"]) - MAX_WARNINGS_LOGGED)
