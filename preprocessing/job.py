@@ -185,96 +185,130 @@ class StageContext:
 def clean_batch(table: pa.Table, ctx: StageContext) -> tuple[pa.Table, Accounting]:
     """Series rows -> normalised chunk rows (train chunks repeated per mixture weight), plus tally."""
     tune_malloc()
-    cfg = ctx.config
-    width = cfg.pack.window_length + 1
-    acc = Accounting()
+    acc, out = Accounting(), ChunkRows()
     flat, offsets = _values_of(table)
-    cols = {c: table.column(c).to_pylist() for c in ("domain", "dataset", "series", "source", "quarantine_reason")}
-    messages = table.column("quarantine_message").to_pylist()
+    cols = {c: table.column(c).to_pylist() for c in ("domain", "dataset", "series", "source", "quarantine_reason",
+                                                       "quarantine_message")}
     claimed = table.column("claimed_points").to_numpy()
-    out_split, out_key, out_vals, out_mean, out_std = [], [], [], [], []
     for i in range(table.num_rows):
         domain, dataset, name = cols["domain"][i], cols["dataset"][i], cols["series"][i]
         tally = acc.tally(domain, dataset)
         if cols["quarantine_reason"][i]:
-            reason = cols["quarantine_reason"][i]
-            if reason == "skipped_column":  # not a series (a label, index or covariate column): listed, not counted
-                pass
-            elif reason == "duplicate_timestamps":  # points of real series, dropped by the reader
-                tally.add_dropped_points(int(claimed[i]), reason)
-            else:
-                tally.add_series(int(claimed[i]), {f"quarantine:{reason}": int(claimed[i])}, 0)
-            acc.quarantine.append({"domain": domain, "dataset": dataset, "series": name, "source": cols["source"][i],
-                                   "reason": reason, "message": messages[i], "claimed_points": int(claimed[i])})
+            account_quarantined(acc, tally, {c: v[i] for c, v in cols.items()}, int(claimed[i]))
             continue
         x = flat[offsets[i]:offsets[i + 1]]
-        n = len(x)
         key = f"{domain}/{dataset}/{name}"
         tally.add_values(x)
-        if len(ctx.drop_key_hashes):
-            kh = np.uint64(hash64(key))
-            pos = np.searchsorted(ctx.drop_key_hashes, kh)
-            if pos < len(ctx.drop_key_hashes) and ctx.drop_key_hashes[pos] == kh:
-                tally.add_series(n, {"duplicate": n}, 0)
+        excluded = exclusion_reason(ctx, key, x)
+        if excluded:
+            tally.add_series(len(x), {excluded: len(x)}, 0)
+            continue
+        chunk_series(x, key, domain, ctx.config, tally, acc, out)
+    return out.to_table(), acc
+
+
+def account_quarantined(acc: Accounting, tally: Any, row: dict[str, Any], claimed: int) -> None:
+    """A row the reader quarantined: its points counted under its reason, and listed."""
+    reason = row["quarantine_reason"]
+    if reason == "skipped_column":  # not a series (a label, index or covariate column): listed, not counted
+        pass
+    elif reason == "duplicate_timestamps":  # points of real series, dropped by the reader
+        tally.add_dropped_points(claimed, reason)
+    else:
+        tally.add_series(claimed, {f"quarantine:{reason}": claimed}, 0)
+    acc.quarantine.append({"domain": row["domain"], "dataset": row["dataset"], "series": row["series"],
+                           "source": row["source"], "reason": reason, "message": row["quarantine_message"],
+                           "claimed_points": claimed})
+
+
+def exclusion_reason(ctx: StageContext, key: str, x: np.ndarray) -> str | None:
+    """Why a whole series is left out before cleaning: an exact duplicate of another (dedup), or
+    overlapping a benchmark's test split (contamination guard); None to keep it."""
+    if len(ctx.drop_key_hashes):
+        kh = np.uint64(hash64(key))
+        pos = np.searchsorted(ctx.drop_key_hashes, kh)
+        if pos < len(ctx.drop_key_hashes) and ctx.drop_key_hashes[pos] == kh:
+            return "duplicate"
+    if ctx.contamination is not None:
+        hit = ctx.contamination.find(x)
+        if hit is not None:
+            return f"contamination:{hit}"
+    return None
+
+
+class ChunkRows:
+    """The chunk rows one block hands to packing (``CHUNK_SCHEMA``)."""
+
+    def __init__(self) -> None:
+        self.split: list[str] = []
+        self.key: list[str] = []
+        self.values: list[np.ndarray] = []
+        self.mean: list[float] = []
+        self.std: list[float] = []
+
+    def add(self, split: str, key: str, values: np.ndarray, mean: float, std: float, repeats: int) -> None:
+        for _ in range(repeats):
+            self.split.append(split)
+            self.key.append(key)
+            self.values.append(values)
+            self.mean.append(mean)
+            self.std.append(std)
+
+    def to_table(self) -> pa.Table:
+        lengths = np.array([len(v) for v in self.values], dtype=np.int64)
+        offs = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = np.concatenate(self.values) if self.values else np.zeros(0, np.float32)
+        return pa.Table.from_arrays(
+            [pa.array(self.split, pa.string()), pa.array(self.key, pa.string()),
+             pa.LargeListArray.from_arrays(pa.array(offs), pa.array(flat)),
+             pa.array(self.mean, pa.float64()), pa.array(self.std, pa.float64())],
+            schema=CHUNK_SCHEMA,
+        )
+
+
+def chunk_series(x: np.ndarray, key: str, domain: str, cfg: PreprocessConfig, tally: Any, acc: Accounting,
+                 out: ChunkRows) -> None:
+    """One series through Time-300B's cleaning rules, then each kept run normalised and cut into
+    window-sized chunks, repeated per the domain's mixture weight (validation series once);
+    every point is counted as kept or dropped with its reason."""
+    width = cfg.pack.window_length + 1
+    cleaned = clean_series(x, cfg.clean)
+    dropped = dict(cleaned.dropped)
+    if cleaned.outliers is not None:
+        note = cleaned.outliers
+        acc.outliers.append({"series": key, "points": note.points, "center": note.center, "bound": note.bound,
+                             "extreme": note.extreme})
+    is_val = unit_hash("val|" + key) < cfg.pack.val_fraction
+    split = VAL_DIR if is_val else TRAIN_DIR
+    weight = 1.0 if is_val else cfg.mixture.weight(domain)
+    reps_base, frac = int(math.floor(weight)), weight - math.floor(weight)
+    if cfg.normalize.scope == "series" and cleaned.runs:
+        _, s_mean, s_std = normalize_run(np.concatenate([x[s:e] for s, e in cleaned.runs]), cfg.normalize.method)
+    kept, chunk_index = 0, 0
+    for s, e in cleaned.runs:
+        tally.run_length_hist[length_bin(e - s)] += 1
+        chunks, tail = chunk_bounds(s, e, width, cfg.pack.min_chunk_length)
+        if tail:
+            dropped[REASON_SHORT_TAIL] = dropped.get(REASON_SHORT_TAIL, 0) + tail
+        if not chunks:
+            continue
+        if cfg.normalize.scope == "series":
+            run_values, mean, std = apply_stats(x[s:e], s_mean, s_std), s_mean, s_std
+        else:
+            run_values, mean, std = normalize_run(x[s:e], cfg.normalize.method)
+        for cs, ce in chunks:
+            reps = reps_base + (1 if frac and unit_hash(f"mix|{cfg.seed}|{key}|{chunk_index}") < frac else 0)
+            chunk_index += 1
+            if reps == 0:
+                dropped["mixture_downsample"] = dropped.get("mixture_downsample", 0) + (ce - cs)
                 continue
-        if ctx.contamination is not None:
-            hit = ctx.contamination.find(x)
-            if hit is not None:
-                tally.add_series(n, {f"contamination:{hit}": n}, 0)
-                continue
-        cleaned = clean_series(x, cfg.clean)
-        dropped = dict(cleaned.dropped)
-        if cleaned.outliers is not None:
-            note = cleaned.outliers
-            acc.outliers.append({"series": key, "points": note.points, "center": note.center, "bound": note.bound,
-                                 "extreme": note.extreme})
-        is_val = unit_hash("val|" + key) < cfg.pack.val_fraction
-        weight = 1.0 if is_val else cfg.mixture.weight(domain)
-        reps_base, frac = int(math.floor(weight)), weight - math.floor(weight)
-        if cfg.normalize.scope == "series" and cleaned.runs:
-            _, s_mean, s_std = normalize_run(np.concatenate([x[s:e] for s, e in cleaned.runs]), cfg.normalize.method)
-        kept = 0
-        chunk_index = 0
-        for s, e in cleaned.runs:
-            tally.run_length_hist[length_bin(e - s)] += 1
-            chunks, tail = chunk_bounds(s, e, width, cfg.pack.min_chunk_length)
-            if tail:
-                dropped[REASON_SHORT_TAIL] = dropped.get(REASON_SHORT_TAIL, 0) + tail
-            if not chunks:
-                continue
-            if cfg.normalize.scope == "series":
-                run_values, mean, std = apply_stats(x[s:e], s_mean, s_std), s_mean, s_std
-            else:
-                run_values, mean, std = normalize_run(x[s:e], cfg.normalize.method)
-            for cs, ce in chunks:
-                reps = reps_base + (1 if frac and unit_hash(f"mix|{cfg.seed}|{key}|{chunk_index}") < frac else 0)
-                chunk_index += 1
-                if reps == 0:
-                    dropped["mixture_downsample"] = dropped.get("mixture_downsample", 0) + (ce - cs)
-                    continue
-                values = run_values[cs - s:ce - s]
-                kept += ce - cs
-                tally.points_repeated += (reps - 1) * (ce - cs)
-                for _ in range(reps):
-                    out_split.append(VAL_DIR if is_val else TRAIN_DIR)
-                    out_key.append(key)
-                    out_vals.append(values)
-                    out_mean.append(mean)
-                    out_std.append(std)
-        if is_val and kept:
-            tally.points_val += kept
-            tally.series_val += 1
-        tally.add_series(n, dropped, kept)
-    lengths = np.array([len(v) for v in out_vals], dtype=np.int64)
-    offs = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat_out = np.concatenate(out_vals) if out_vals else np.zeros(0, np.float32)
-    chunks_tbl = pa.Table.from_arrays(
-        [pa.array(out_split, pa.string()), pa.array(out_key, pa.string()),
-         pa.LargeListArray.from_arrays(pa.array(offs), pa.array(flat_out)),
-         pa.array(out_mean, pa.float64()), pa.array(out_std, pa.float64())],
-        schema=CHUNK_SCHEMA,
-    )
-    return chunks_tbl, acc
+            kept += ce - cs
+            tally.points_repeated += (reps - 1) * (ce - cs)
+            out.add(split, key, run_values[cs - s:ce - s], mean, std, reps)
+    if is_val and kept:
+        tally.points_val += kept
+        tally.series_val += 1
+    tally.add_series(len(x), dropped, kept)
 
 
 def pack_and_write(table: pa.Table, window_length: int, output: str, tmp_name: str, options: OutputConfig,
