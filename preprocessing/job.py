@@ -534,7 +534,7 @@ def load_run_catalog(path: str | None) -> "SourceCatalog | None":
 
 
 def _read(config: PreprocessConfig, catalog: "SourceCatalog | None") -> "ray.data.Dataset":  # noqa: F821
-    from preprocessing import ingest  # the ingest engineer's readers
+    from preprocessing import ingest
 
     # Readers always quarantine; ``config.fail_fast`` stops the run on the driver at the first
     # quarantined input (``first_quarantine``): raised inside a Ray task, the error would reach

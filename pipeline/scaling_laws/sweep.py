@@ -204,8 +204,8 @@ TrainFn = Callable[[dict[str, Any]], tuple[Any, dict[str, float]]]
 
 
 def train_trial(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-    """Train one trial through the training engineer's Ray Train launcher
-    (``pipeline.train.ray_runtime.run_ray``); returns (exported model, info).
+    """Train one trial through the Ray Train launcher (``pipeline.train.ray_runtime.run_ray``);
+    returns (exported model, info).
 
     The single adapter to the trainer. A folder that already holds this trial's Ray run is
     resumed (the trainer restores from its latest checkpoint). ``info`` has ``train_seconds``
