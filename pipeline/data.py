@@ -83,7 +83,9 @@ def ray_datasets(data_path: str) -> dict[str, Any]:
         files = list_shards(data_path, split)
         if files:
             # File order is the shard order; one read task per file keeps blocks deterministic.
-            out[split] = ray.data.read_parquet(files, columns=COLUMNS, shuffle=None)
+            # select_columns is the projection Ray Data 2.60 pushes into the read (``columns=``
+            # is deprecated there).
+            out[split] = ray.data.read_parquet(files, shuffle=None).select_columns(COLUMNS)
     return out
 
 
