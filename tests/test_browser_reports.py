@@ -132,3 +132,30 @@ def test_curation_report_in_browser(browser, tmp_path):
     shot = page.screenshot(screenshot_dir(tmp_path) / "curation_report_large.png", max_height=1800)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     page.close()
+
+
+# ------------------------------------------------------------------------- scaling report
+
+
+def json_value(doc: dict, path: str) -> float:
+    """The value at a dotted path of a JSON document; a list stands for its length."""
+    node = doc
+    for part in path.split("."):
+        node = node[part]
+    return float(len(node)) if isinstance(node, list) else float(node)
+
+
+def test_scaling_report_in_browser(browser, scaling_report, tmp_path):
+    page = open_offline(browser, scaling_report.page_html)
+    check_page(page, min_images=4)  # loss vs FLOPs, iso-FLOP, held-out MSE and zero-shot MSE vs FLOPs
+    fits = json.loads((scaling_report.out_dir / "scaling_fits.json").read_text())
+    shown = page.keyed_values()
+    for key in ("trials", "families.sparse.n_trials", "families.dense.n_trials",
+                "families.sparse.power_law.alpha.estimate", "families.dense.power_law.E.estimate",
+                "families.sparse.extrapolation.relative_error", "multiplier.headline.estimate"):
+        assert key in shown, (key, shown)
+    for key, text in shown.items():
+        assert_matches(text, json_value(fits, key), key)
+    shot = page.screenshot(screenshot_dir(tmp_path) / "scaling_report.png", max_height=2200)
+    assert shot.stat().st_size > 20_000
+    page.close()

@@ -9,6 +9,7 @@ Output files (also logged on the parent run under ``scaling_report/``):
 
     scaling_fits.json     fitted parameters with bootstrap intervals, multiplier, extrapolation
     scaling_table.md/html one row per trial + one row per fit
+    scaling_report.html   all of it on one self-contained page (plots embedded; pipeline/scaling/page.py)
     loss_vs_flops.png     loss vs training FLOPs per family, fitted L(C) with bootstrap band
     isoflop.png           fitted L(N, C / fpp(N)) along iso-FLOP lines, with N*(C) marked
 """
@@ -244,6 +245,19 @@ def _public(obj: Any) -> Any:
 COLORS = {"sparse": "tab:blue", "dense": "tab:orange"}
 
 
+def _plain_log_labels(axis: Any) -> None:
+    """Tick labels of a loss axis as 0.6, 2 (not 6x10^-1, 2x10^0); matplotlib still decides
+    which minor ticks get one from the span shown."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLog(LogFormatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:.3g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(PlainLog(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
 def _plot_loss_vs_flops(records: list[TrialRecord], fits: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -270,10 +284,11 @@ def _plot_loss_vs_flops(records: list[TrialRecord], fits: dict[str, Any], path: 
             ax.fill_between(cc, lo, hi, color=color, alpha=0.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log_labels(ax.yaxis)
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel(metric)
     ax.set_title("Loss vs training compute (90% bootstrap band)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # never over a point
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -299,6 +314,7 @@ def _plot_isoflop(records: list[TrialRecord], fits: dict[str, Any], path: Path) 
             ax.scatter([n_opt], [l_opt], color=color, marker="*", s=80, zorder=3)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis)
         ax.set_xlabel("active parameters N")
         ax.set_ylabel(f"fitted {fits['metric']}")
         ax.set_title(f"{fam}: iso-FLOP curves of L(N,D), * = N*(C)")
@@ -365,6 +381,7 @@ class ReportFiles:
     loss_vs_flops_png: Path
     isoflop_png: Path | None
     fits: dict[str, Any]
+    page_html: Path | None = None  # scaling_report.html: everything above on one offline page
 
 
 def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric: str | None = None,
@@ -415,7 +432,10 @@ def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric:
     if any("_joint" in r for r in fits["families"].values()):
         iso_png = out_dir / "isoflop.png"
         _plot_isoflop(records, fits, iso_png)
-    return ReportFiles(out_dir, fits_json, table_md, table_html, loss_png, iso_png, public)
+    from pipeline.scaling.page import write_page
+
+    page = write_page(records, _public(public), out_dir)
+    return ReportFiles(out_dir, fits_json, table_md, table_html, loss_png, iso_png, public, page)
 
 
 def rebuild_from_mlflow(experiment: str, out_dir: Path | str, *, tracking_uri: str | None = None,
