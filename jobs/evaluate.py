@@ -24,6 +24,7 @@ from pipeline.baselines import LastValue, SeasonalNaive
 from pipeline.eval_workers import evaluate_model
 from pipeline.evaluation import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
 from pipeline.inference import InferenceOptionError, add_cli_options, options_from_args
+from pipeline.joblog import configure_output
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +54,7 @@ def _positive(name: str, values: list[int] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_output()  # no progress-bar redraws or colour codes in a log file
     args = parse_args(argv)
     try:
         _positive("--horizons", args.horizons)

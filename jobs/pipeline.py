@@ -37,6 +37,7 @@ from pipeline.config import load_config
 from pipeline.eval_workers import evaluate_model
 from pipeline.evaluation import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
 from pipeline.inference import InferenceOptionError, add_cli_options, options_from_args
+from pipeline.joblog import configure_output, init_ray, quiet_ray_shutdown
 from pipeline.quickstart import (alias_of, ensure_experiment, load_quickstart_config, resolve_tracking_uri,
                                  training_run_id, write_heldout_benchmarks)
 from pipeline.registry import promote_if_better, record_zero_shot_score, register_checkpoint
@@ -83,6 +84,7 @@ def training_speed(metrics_file: Path, skip: int = 20) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_output()
     args = parse_args(argv)
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 2. preprocessing (Ray Data) -> RUN/packed
     t = stage("2/5 preprocess (Ray Data)")
+    init_ray()
     if published:
         print(f"[pipeline] {pre.output} was published by the run being resumed: not redone", flush=True)
     else:
@@ -257,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                      "reason": decision.reason},
         "mlflow_run_id": run_id}, indent=2, default=str))
 
-    # ---- summary
-    print("\n# resolved config\n" + text, flush=True)
+    # ---- summary: the last lines of the job's log (what Ray prints while shutting down goes to a file)
     print("\n".join(tables), flush=True)
+    quiet_ray_shutdown(run_dir / "ray-shutdown.log")
     print(f"""
 ===== summary ({time.time() - t_start:.0f}s) =====
 curation report : {Path(pre.output) / 'report.html'}

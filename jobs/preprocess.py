@@ -25,6 +25,7 @@ import sys
 
 import yaml
 
+from pipeline.joblog import configure_output, init_ray
 from preprocessing.config import PreprocessConfig, load_config, validate
 from preprocessing.errors import user_error
 
@@ -66,6 +67,7 @@ def fail(message: object) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_output()  # no progress-bar redraws or colour codes in a log file
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print("resolved config:\n" + config.to_yaml(), flush=True)
     from preprocessing.job import run_preprocess
 
+    init_ray()
     try:
         result = run_preprocess(config)
     except Exception as e:  # noqa: BLE001 - user errors become one line, everything else is re-raised

@@ -15,6 +15,7 @@ import tempfile
 
 from pipeline.evaluation import EvalConfig
 from pipeline.inference import InferenceOptionError, add_cli_options, options_from_args
+from pipeline.joblog import configure_output
 from pipeline.registry import TRAIN_ARTIFACT_PATH, download_run_checkpoint, promote_if_better, register_checkpoint
 
 
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_output()  # no progress-bar redraws or colour codes in a log file
     args = parse_args(argv)
     if args.promote and not args.benchmarks:
         print("--promote needs --benchmarks DIR", file=sys.stderr)

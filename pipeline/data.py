@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.joblog import progress_bars
 from preprocessing.schema import MANIFEST_FILE, TRAIN_DIR, VAL_DIR, decode_batch, split_windows
 
 COLUMNS = ["values", "segment_ids", "loss_mask"]
@@ -86,6 +87,8 @@ def ray_datasets(data_path: str) -> dict[str, Any]:
             # select_columns is the projection Ray Data 2.60 pushes into the read (``columns=``
             # is deprecated there).
             out[split] = ray.data.read_parquet(files, shuffle=None).select_columns(COLUMNS)
+            # Live bars only on a terminal: redrawn into a file they were most of a job's log.
+            out[split].context.enable_progress_bars = progress_bars()
     return out
 
 
