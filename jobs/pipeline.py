@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 import typed_config
+from pipeline import pictures
 from pipeline.baselines import make_baseline
 from pipeline.config import load_config
 from pipeline.eval_workers import evaluate_model
@@ -237,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_json = eval_dir / "summary.json"
     eval_json.write_text(json.dumps({"protocol": eval_cfg.protocol_key(), "benchmarks": bench, "models": results},
                                     indent=2))
+    comparison = pictures.comparison_table({name: r["rows"] for name, r in results.items()})
+    worse = pictures.worse_than_baselines(comparison, "timemoe")
+    if run_id:  # the model beside the baselines, as a picture and an MLflow table, on the training run
+        pictures.log_evaluation(run_id, uri, comparison, "timemoe", eval_dir)
     print(f"[pipeline] evaluated in {time.time() - t:.1f}s", flush=True)
     timings["evaluate"] = time.time() - t
 
@@ -249,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     decision = promote_if_better(reg_name, reg.version, bench, eval_cfg, tracking_uri=uri, options=inference,
                                  workers=eval_workers)
     aliases = alias_of(reg_name, reg.version, uri)
+    pictures.describe_version(reg_name, reg.version, uri, comparison, "timemoe", eval_cfg.protocol_key(),
+                              f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
     timings["register"] = time.time() - t
     timings["total"] = time.time() - t_start
     (run_dir / "summary.json").write_text(json.dumps({
@@ -263,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     # ---- summary: the last lines of the job's log (what Ray prints while shutting down goes to a file)
     print("\n".join(tables), flush=True)
     quiet_ray_shutdown(run_dir / "ray-shutdown.log")
+    verdict = ("\n".join(f"worse than a baseline: {w}" for w in worse) + "\n") if worse else ""
     print(f"""
 ===== summary ({time.time() - t_start:.0f}s) =====
-curation report : {Path(pre.output) / 'report.html'}
+{verdict}curation report : {Path(pre.output) / 'report.html'}
 manifest        : {Path(pre.output) / 'manifest.json'}
 MLflow run id   : {run_id}
 model           : {final_model}
