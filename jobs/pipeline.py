@@ -42,6 +42,7 @@ from pipeline.joblog import configure_output, init_ray, quiet_ray_shutdown
 from pipeline.quickstart import (alias_of, ensure_experiment, load_quickstart_config, resolve_tracking_uri,
                                  training_run_id, write_heldout_benchmarks)
 from pipeline.registry import promote_if_better, record_zero_shot_score, register_checkpoint
+from pipeline.run_report import build_run_report
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
@@ -256,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     aliases = alias_of(reg_name, reg.version, uri)
     pictures.describe_version(reg_name, reg.version, uri, comparison, "timemoe", eval_cfg.protocol_key(),
                               f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
+    report = None
+    if run_id:
+        try:
+            report = build_run_report(run_id, run_dir / "report", tracking_uri=uri)
+        except Exception as e:  # noqa: BLE001 - the page is a view of the run; the run itself succeeded
+            print(f"[pipeline] run report not written ({type(e).__name__}: {typed_config.redact_secrets(str(e))})",
+                  flush=True)
     timings["register"] = time.time() - t
     timings["total"] = time.time() - t_start
     (run_dir / "summary.json").write_text(json.dumps({
@@ -273,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = ("\n".join(f"worse than a baseline: {w}" for w in worse) + "\n") if worse else ""
     print(f"""
 ===== summary ({time.time() - t_start:.0f}s) =====
-{verdict}curation report : {Path(pre.output) / 'report.html'}
+{verdict}run report      : {report.html if report else '- (no MLflow run)'} (one page: curves, expert load, evaluation, registry)
+curation report : {Path(pre.output) / 'report.html'}
 manifest        : {Path(pre.output) / 'manifest.json'}
 MLflow run id   : {run_id}
 model           : {final_model}

@@ -8,59 +8,26 @@ report is built from a corpus of nine domains and 3,000 sources, the size at whi
 and charts must stay legible. Skipped, saying why, where no browser is installed (`.ci/run`
 installs Debian's chromium).
 
-``TIMEMOE_SCREENSHOTS=docs/img`` writes the screenshots there instead of the test's folder.
+The run report (``python -m jobs.report``) needs a real run: tests/test_pipeline_job.py checks
+it with the same helpers on the run that module makes. ``TIMEMOE_SCREENSHOTS=docs/img``
+writes the screenshots there instead of the test's folder.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests._browser import Chromium, Page, open_offline, require_browser
+from tests._browser import (Chromium, assert_matches, check_page, json_value, open_offline, require_browser,
+                           screenshot_dir)
 
 
 @pytest.fixture(scope="module")
 def browser():
     with Chromium(require_browser()) as b:
         yield b
-
-
-def screenshot_dir(tmp_path: Path) -> Path:
-    return Path(os.environ.get("TIMEMOE_SCREENSHOTS") or tmp_path)
-
-
-def number(text: str) -> float:
-    """A number as the reports print it: thousands separators, an optional % sign."""
-    text = text.replace(",", "").strip()
-    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
-
-
-def assert_matches(shown: str, expected: float, key: str) -> None:
-    """Equal to the precision shown: an integer exactly, a decimal to its last printed digit."""
-    digits = shown.replace(",", "").rstrip("%").split(".")
-    places = len(digits[1].split("e")[0]) if len(digits) > 1 else 0
-    if shown.endswith("%"):
-        places += 2
-    tolerance = 0.5 * 10 ** -places if "e" not in shown.lower() else abs(expected) * 5e-3
-    assert abs(number(shown) - expected) <= tolerance * (1 + 1e-9), (key, shown, expected)
-
-
-def check_page(page: Page, min_images: int) -> None:
-    """What every report must do in a browser, offline."""
-    images = page.images()
-    assert len(images) >= min_images, images
-    broken = [i for i in images if not i["complete"] or i["width"] == 0 or i["height"] == 0]
-    assert not broken, broken
-    assert page.console_errors() == []
-    assert page.network_requests() == []
-    layout = page.layout()
-    assert layout["scroll_width"] <= layout["viewport_width"], layout  # nothing wider than the window
-    too_wide = [i for i in images if i["shown_width"] > layout["viewport_width"]]
-    assert not too_wide, too_wide
 
 
 # ------------------------------------------------------------------------ curation report
@@ -135,14 +102,6 @@ def test_curation_report_in_browser(browser, tmp_path):
 
 
 # ------------------------------------------------------------------------- scaling report
-
-
-def json_value(doc: dict, path: str) -> float:
-    """The value at a dotted path of a JSON document; a list stands for its length."""
-    node = doc
-    for part in path.split("."):
-        node = node[part]
-    return float(len(node)) if isinstance(node, list) else float(node)
 
 
 def test_scaling_report_in_browser(browser, scaling_report, tmp_path):

@@ -146,3 +146,58 @@ def test_pictures_of_the_run_in_mlflow(quickstart, mlflow_server, tmp_path):
     worse = worse_than_baselines(table_rows, "timemoe")
     assert ("Worse than a baseline on:" in text) == bool(worse)
     assert all(f"worse than a baseline: {w}" in quickstart["log"] for w in worse)
+
+
+@pytest.fixture(scope="module")
+def run_report(quickstart, mlflow_server, tmp_path_factory) -> Path:
+    """``python -m jobs.report --run-id`` on the job's run (in this process: main())."""
+    from jobs.report import main
+
+    out = tmp_path_factory.mktemp("run_report")
+    assert main(["--run-id", quickstart["run_id"], "--tracking-uri", mlflow_server, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_run_report_from_mlflow(quickstart, run_report, mlflow_server, tmp_path):
+    """One page of the run, from MLflow alone; its numbers (run_report.json) are the run's."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.report import main
+
+    doc = json.loads((run_report / "run_report.json").read_text())
+    metrics = MlflowClient(tracking_uri=mlflow_server).get_run(quickstart["run_id"]).data.metrics
+    assert doc["steps"] == 4 and doc["final"]["loss"] == pytest.approx(metrics["loss"])
+    assert doc["final"]["train_flops"] == pytest.approx(metrics["train_flops"])
+    assert doc["zeroshot"]["avg_mse"]["timemoe"] == pytest.approx(metrics["zeroshot/avg_mse"])
+    assert [(v["version"], sorted(v["aliases"])) for v in doc["registry"]] == [("1", ["candidate", "champion"])]
+    assert set(doc["mixture"]) == {"energy", "finance", "nature", "sales", "synthetic", "transport", "web"}
+    assert doc["mixture"]["sales"]["points_kept"] == 0  # dropped whole by the cleaning rules
+    # the job wrote the same page next to its outputs and named it in its summary
+    assert f"run report      : {quickstart['run'] / 'report' / 'run_report.html'}" in quickstart["log"]
+    # an unknown run is one line and exit code 2
+    assert main(["--run-id", "0" * 32, "--tracking-uri", mlflow_server, "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.timeout(120)
+def test_run_report_in_browser(run_report, tmp_path):
+    """Checked like the other reports (tests/test_browser_reports.py): offline, every picture
+    decoded, no console error, the numbers shown are run_report.json's."""
+    from tests._browser import (Chromium, assert_matches, check_page, json_value, open_offline, require_browser,
+                                screenshot_dir)
+
+    doc = json.loads((run_report / "run_report.json").read_text())
+    with Chromium(require_browser()) as browser:
+        page = open_offline(browser, run_report / "run_report.html")
+        check_page(page, min_images=6)  # loss vs FLOPs, throughput, expert load, comparison, forecasts, mixture
+        shown = page.keyed_values()
+        assert {"steps", "final.loss", "final.train_flops", "zeroshot.avg_mse.timemoe",
+                "zeroshot.avg_mse.naive"} <= set(shown), shown
+        for key, text in shown.items():
+            if key in ("run_id", "experiment", "status"):
+                assert text == doc[key], key
+            else:
+                assert_matches(text, json_value(doc, key), key)
+        sections = page.evaluate("Array.from(document.querySelectorAll('section')).map(s => s.id)")
+        assert sections == ["summary", "curves", "experts", "evaluation", "mixture", "registry", "config"]
+        page.screenshot(screenshot_dir(tmp_path) / "run_report.png", max_height=2600)
