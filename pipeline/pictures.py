@@ -83,7 +83,7 @@ def worse_than_baselines(table: Sequence[Mapping[str, Any]], model: str) -> list
         best = min(baselines, key=baselines.get)
         if baselines[best] < r[model]:
             lines.append(f"{r['dataset']}: {model} MSE {r[model]:.4f} is worse than {best} {baselines[best]:.4f} "
-                         f"({r[model] / max(baselines[best], 1e-12):.1f}x)")
+                         f"({r[model] / max(baselines[best], 1e-12) - 1:+.1%})")
     return lines
 
 
