@@ -39,7 +39,9 @@ def fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return "-" if math.isnan(v) else str(v)
-        return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
+        if 1e3 <= abs(v) < 1e10:  # counts and rates: 56,560 points/s, 4,915,200 points
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}" if abs(v) < 1e3 else f"{v:.3e}"
     return str(v)
 
 

@@ -51,6 +51,19 @@ def _si(v: float, _pos: int | None = None) -> str:
     return f"{v:.3g}"
 
 
+def plain_log_labels(axis: Any) -> None:
+    """Tick labels of a log axis as 0.2, 0.09 (not 2x10^-1); matplotlib decides from the span
+    shown which minor ticks get one, so they do not collide."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLog(LogFormatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:.3g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(PlainLog(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
 def _ema(values: Sequence[float], span: int) -> list[float]:
     alpha, out, acc = 2.0 / (span + 1), [], None
     for v in values:
@@ -62,8 +75,6 @@ def _ema(values: Sequence[float], span: int) -> list[float]:
 def loss_vs_flops(metrics: Sequence[dict[str, Any]]) -> Any:
     """Training loss (per step, faint, and smoothed) and held-out loss against cumulative
     training FLOPs (``train_flops``, from ``model.flops``), both axes logarithmic."""
-    from matplotlib.ticker import FuncFormatter
-
     plt = _plt()
     steps = [m for m in metrics if "loss" in m and "train_flops" in m]
     evals = [m for m in metrics if "eval_loss" in m and "train_flops" in m]
@@ -78,8 +89,7 @@ def loss_vs_flops(metrics: Sequence[dict[str, Any]]) -> Any:
                 ms=4, label="held-out loss")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.3g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: f"{v:.3g}"))
+    plain_log_labels(ax.yaxis)
     ax.set_xlabel("training FLOPs (model.flops.training_flops_per_point x points seen)")
     ax.set_ylabel("loss")
     ax.set_title("loss against training compute")
@@ -173,11 +183,13 @@ def zero_shot_comparison(table: Sequence[dict[str, Any]], model: str) -> Any:
     width = 0.8 / max(len(names), 1)
     x = np.arange(len(avg))
     tallest = 0.0
+    # the model in a strong colour, each baseline in its own muted one
+    colours = ["tab:blue"] + ["#f5a65b", "#9bc59d", "#b9a3d0", "#c7c7c7", "#e4a3a3"] * 2
     for i, name in enumerate(names):
         vals = [float(r.get(name, math.nan)) for r in avg]
         tallest = max([tallest] + [v for v in vals if math.isfinite(v)])
-        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name,
-                      color="tab:blue" if name == model else None, edgecolor="k" if name == model else None)
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name, color=colours[i],
+                      edgecolor="k" if name == model else None)
         for b, v in zip(bars, vals):
             if math.isfinite(v):
                 ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7,

@@ -265,6 +265,7 @@ def _plot_loss_vs_flops(records: list[TrialRecord], fits: dict[str, Any], path: 
 
     metric = fits["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    shown: list[float] = []  # the trials' values: the y-axis fits them, a wide band is clipped
     for fam, res in fits["families"].items():
         recs = [r for r in records if r.family == fam and math.isfinite(getattr(r, metric))]
         C = np.array([r.training_flops for r in recs])
@@ -272,6 +273,7 @@ def _plot_loss_vs_flops(records: list[TrialRecord], fits: dict[str, Any], path: 
         color = COLORS.get(fam)
         front = set(res.get("_frontier_idx", []))
         on = np.array([i in front for i in range(len(recs))], dtype=bool)
+        shown += [float(v) for v in y if v > 0]
         ax.scatter(C[on], y[on], color=color, label=f"{fam} (frontier)", zorder=3)
         ax.scatter(C[~on], y[~on], facecolors="none", edgecolors=color, zorder=3)
         if "_boot" in res:
@@ -284,6 +286,8 @@ def _plot_loss_vs_flops(records: list[TrialRecord], fits: dict[str, Any], path: 
             ax.fill_between(cc, lo, hi, color=color, alpha=0.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    if shown:
+        ax.set_ylim(min(shown) / 1.4, max(shown) * 1.4)
     _plain_log_labels(ax.yaxis)
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel(metric)
@@ -305,8 +309,10 @@ def _plot_isoflop(records: list[TrialRecord], fits: dict[str, Any], path: Path) 
         res = fits["families"][fam]
         joint, fpp = res["_joint"], res["_fpp"]
         N = np.array([r.n_active for r in records if r.family == fam])
-        n_grid = np.logspace(math.log10(N.min()) - 1, math.log10(N.max()) + 1, 200)
         opt = res["compute_optimal"]
+        # wide enough for every N*(C) marked on it
+        lo, hi = min(N.min() / 10, min(opt["n_opt"]) / 2), max(N.max() * 10, max(opt["n_opt"]) * 2)
+        n_grid = np.logspace(math.log10(lo), math.log10(hi), 200)
         cmap = plt.get_cmap("viridis")
         for i, (C, n_opt, l_opt) in enumerate(zip(opt["compute"], opt["n_opt"], opt["loss_opt"])):
             color = cmap(i / max(len(opt["compute"]) - 1, 1))
