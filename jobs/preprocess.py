@@ -25,7 +25,7 @@ import sys
 
 import yaml
 
-from pipeline.joblog import configure_output, init_ray
+from pipeline.joblog import configure_output
 from preprocessing.config import PreprocessConfig, load_config, validate
 from preprocessing.errors import user_error
 
@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     print("resolved config:\n" + config.to_yaml(), flush=True)
     from preprocessing.job import run_preprocess
 
-    init_ray()
     try:
         result = run_preprocess(config)
     except Exception as e:  # noqa: BLE001 - user errors become one line, everything else is re-raised
