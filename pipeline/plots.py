@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend: pictures are drawn where no display exists."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +27,7 @@ def save(fig: Any, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -75,7 +76,7 @@ def _ema(values: Sequence[float], span: int) -> list[float]:
 def loss_vs_flops(metrics: Sequence[dict[str, Any]]) -> Any:
     """Training loss (per step, faint, and smoothed) and held-out loss against cumulative
     training FLOPs (``train_flops``, from ``model.flops``), both axes logarithmic."""
-    plt = _plt()
+    plt = pyplot()
     steps = [m for m in metrics if "loss" in m and "train_flops" in m]
     evals = [m for m in metrics if "eval_loss" in m and "train_flops" in m]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -103,7 +104,7 @@ def throughput(metrics: Sequence[dict[str, Any]]) -> Any:
     """Points per second and the time blocked on data, per step."""
     from matplotlib.ticker import FuncFormatter
 
-    plt = _plt()
+    plt = pyplot()
     steps = [m for m in metrics if "points_per_s" in m]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 4.2), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     if steps:
@@ -143,7 +144,7 @@ def expert_load_heatmap(records: Sequence[dict[str, Any]]) -> Any:
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
-    plt = _plt()
+    plt = pyplot()
     steps, share = expert_load_matrix(records)
     n_layers = share.shape[1] if share.size else 0
     fig, axes = plt.subplots(max(n_layers, 1), 1, figsize=(8, 0.4 + 1.1 * max(n_layers, 1) + 0.05 * (share.shape[2] if share.size else 0) * max(n_layers, 1)),
@@ -175,7 +176,7 @@ def zero_shot_comparison(table: Sequence[dict[str, Any]], model: str) -> Any:
     ``table``: rows with ``dataset``, ``horizon`` and one MSE column per forecaster."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     avg = [r for r in table if r["horizon"] == "avg"] or list(table)
     names = [k for k in avg[0] if k not in ("dataset", "horizon")] if avg else []
     names = [model] + [n for n in names if n != model]

@@ -125,7 +125,7 @@ def _mixture(report: dict[str, Any] | None) -> dict[str, dict[str, float]]:
 
 
 def _mixture_figure(mix: dict[str, dict[str, float]]) -> Any:
-    plt = plots._plt()
+    plt = plots.pyplot()
     names = list(mix)
     fig, ax = plt.subplots(figsize=(6.5, 0.6 + 0.32 * len(names)))
     shares = [100 * mix[d]["share"] for d in names]

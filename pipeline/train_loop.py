@@ -355,9 +355,10 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                 f.write(json.dumps({"step": state.step, **m}) + "\n")
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
             tracker.log_metrics(m, state.step)
-            if rt.rank == 0 and load_since_log is not None:  # the expert-load heatmap's columns
-                with (out_root / EXPERT_LOAD_FILE).open("a") as f:
-                    f.write(json.dumps({"step": state.step, "counts": load_since_log.round().long().tolist()}) + "\n")
+            if load_since_log is not None:  # one column of the expert-load heatmap
+                if rt.rank == 0:
+                    with (out_root / EXPERT_LOAD_FILE).open("a") as f:
+                        f.write(json.dumps({"step": state.step, "counts": load_since_log.round().long().tolist()}) + "\n")
                 load_since_log = None
             if rt.rank == 0:
                 eta = step_clock.eta_s(cfg.train.max_steps - state.step)
