@@ -91,7 +91,11 @@ class Chromium:
         self._buf = b""
         self._next_id = 0
         self.events: list[dict[str, Any]] = []
-        self.version = self.call("Browser.getVersion")["product"]
+        try:
+            self.version = self.call("Browser.getVersion")["product"]
+        except BaseException:  # a browser that does not start leaves no process or profile behind
+            self.close()
+            raise
 
     def _read_message(self, deadline: float) -> dict[str, Any]:
         while b"\0" not in self._buf:
