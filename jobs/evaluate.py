@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.console import configure_output
 from pipeline.evaluation.baselines import LastValue, SeasonalNaive
 from pipeline.evaluation.inference import InferenceOptionError, InferenceOptions, add_cli_options, options_from_args
 from pipeline.evaluation.protocol import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
@@ -54,6 +55,7 @@ def _positive(name: str, values: list[int] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_output()  # no progress-bar redraws or colour codes in a log file
     args = parse_args(argv)
     try:
         _positive("--horizons", args.horizons)

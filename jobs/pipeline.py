@@ -33,6 +33,7 @@ import yaml
 
 import typed_config
 from pipeline.config import load_config
+from pipeline.console import configure_output, init_ray, quiet_ray_shutdown
 from pipeline.evaluation.baselines import make_baseline
 from pipeline.evaluation.inference import InferenceOptionError, add_cli_options, options_from_args
 from pipeline.evaluation.protocol import EvalConfig, evaluate, load_forecaster, log_to_mlflow, plot_forecasts
@@ -49,6 +50,8 @@ from pipeline.quickstart import (
     training_run_id,
     write_heldout_benchmarks,
 )
+from pipeline.reports import pictures
+from pipeline.reports.run_report import build_run_report
 from pipeline.tracking import experiment_id, tracking_uri
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
@@ -93,6 +96,7 @@ def training_speed(metrics_file: Path, skip: int = 20) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_output()
     args = parse_args(argv)
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 2. preprocessing (Ray Data) -> RUN/packed
     t = stage("2/5 preprocess (Ray Data)")
+    init_ray()
     if published:
         print(f"[pipeline] {pre.output} was published by the run being resumed: not redone", flush=True)
     else:
@@ -244,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_json = eval_dir / "summary.json"
     eval_json.write_text(json.dumps({"protocol": eval_cfg.protocol_key(), "benchmarks": bench, "models": results},
                                     indent=2))
+    comparison = pictures.comparison_table({name: r["rows"] for name, r in results.items()})
+    worse = pictures.worse_than_baselines(comparison, "timemoe")
+    if run_id:  # the model beside the baselines, as a picture and an MLflow table, on the training run
+        pictures.log_evaluation(run_id, uri, comparison, "timemoe", eval_dir)
     print(f"[pipeline] evaluated in {time.time() - t:.1f}s", flush=True)
     timings["evaluate"] = time.time() - t
 
@@ -260,6 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         decision = PromotionDecision(False, reg.version, model_result.average_mse(), None, None,
                                      f"version {reg.version} already registered by this run; aliases unchanged")
     aliases = alias_of(reg_name, reg.version, uri)
+    pictures.describe_version(reg_name, reg.version, uri, comparison, "timemoe", eval_cfg.protocol_key(),
+                              f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
+    report = None
+    if run_id:
+        try:
+            report = build_run_report(run_id, run_dir / "report", tracking_uri=uri)
+        except Exception as e:  # noqa: BLE001 - the page is a view of the run; the run itself succeeded
+            print(f"[pipeline] run report not written ({type(e).__name__}: {typed_config.redact_secrets(str(e))})",
+                  flush=True)
     timings["register"] = time.time() - t
     timings["total"] = time.time() - t_start
     (run_dir / "summary.json").write_text(json.dumps({
@@ -271,11 +289,13 @@ def main(argv: list[str] | None = None) -> int:
                      "reason": decision.reason},
         "mlflow_run_id": run_id}, indent=2, default=str))
 
-    # ---- summary
-    print("\n# resolved config\n" + text, flush=True)
+    # ---- summary: the last lines of the job's log (what Ray prints while shutting down goes to a file)
     print("\n".join(tables), flush=True)
+    quiet_ray_shutdown(run_dir / "ray-shutdown.log")
+    verdict = ("\n".join(f"worse than a baseline: {w}" for w in worse) + "\n") if worse else ""
     print(f"""
 ===== summary ({time.time() - t_start:.0f}s) =====
+{verdict}run report      : {report.html if report else '- (no MLflow run)'} (one page: curves, expert load, evaluation, registry)
 curation report : {Path(pre.output) / 'report.html'}
 manifest        : {Path(pre.output) / 'manifest.json'}
 MLflow run id   : {run_id}

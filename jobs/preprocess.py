@@ -25,6 +25,7 @@ import sys
 
 import yaml
 
+from pipeline.console import configure_output
 from preprocessing.config import PreprocessConfig, load_config, validate
 from preprocessing.errors import user_error
 
@@ -66,6 +67,7 @@ def fail(message: object) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_output()  # no progress-bar redraws or colour codes in a log file
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

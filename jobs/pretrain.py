@@ -19,9 +19,11 @@ import sys
 
 import typed_config
 from pipeline.config import load_config
+from pipeline.console import configure_output
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_output()  # no progress-bar redraws or colour codes in a log file
     p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML file (see configs/)")

@@ -13,6 +13,7 @@ import argparse
 import sys
 import tempfile
 
+from pipeline.console import configure_output
 from pipeline.evaluation.inference import InferenceOptionError, add_cli_options, options_from_args
 from pipeline.evaluation.protocol import EvalConfig
 from pipeline.evaluation.registry import (
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_output()  # no progress-bar redraws or colour codes in a log file
     args = parse_args(argv)
     if args.promote and not args.benchmarks:
         print("--promote needs --benchmarks DIR", file=sys.stderr)

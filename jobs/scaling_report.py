@@ -21,10 +21,12 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from pipeline.console import configure_output
 from pipeline.scaling_laws.report import FIT_METRICS, rebuild_from_mlflow
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_output()  # no progress-bar redraws or colour codes in a log file
     ap = argparse.ArgumentParser(prog="python -m jobs.scaling_report", description=__doc__.split("\n")[0])
     ap.add_argument("--experiment", required=True, help="MLflow experiment name of the sweep")
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")

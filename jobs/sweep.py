@@ -31,11 +31,13 @@ import argparse
 import os
 import sys
 
+from pipeline.console import configure_output
 from pipeline.scaling_laws.grid import format_grid
 from pipeline.scaling_laws.sweep import SweepConfig, plan_trials
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_output()  # no progress-bar redraws or colour codes in a log file
     ap = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="sweep YAML (configs/sweep-*.yaml)")

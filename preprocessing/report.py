@@ -91,8 +91,23 @@ def _png(fig) -> str:
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
+    title = fig.axes[0].get_title() if fig.axes else "plot"
     plt.close(fig)
-    return '<img alt="plot" src="data:image/png;base64,' + base64.b64encode(buf.getvalue()).decode() + '"/>'
+    return (f'<img alt="{html.escape(title or "plot")}" src="data:image/png;base64,'
+            + base64.b64encode(buf.getvalue()).decode() + '"/>')
+
+
+def _si_formatter():
+    """Axis labels as 400k / 1.2M instead of 400000 or a 1e6 offset above the axis."""
+    from matplotlib.ticker import FuncFormatter
+
+    def fmt(v: float, _pos: int) -> str:
+        for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if abs(v) >= scale:
+                return f"{v / scale:.3g}{suffix}"
+        return f"{v:.3g}"
+
+    return FuncFormatter(fmt)
 
 
 def _plots(rep: dict[str, Any]) -> dict[str, str]:
@@ -105,19 +120,24 @@ def _plots(rep: dict[str, Any]) -> dict[str, str]:
     # kept vs dropped points per domain, stacked by reason
     domains = list(rep["domain_counts"])
     reasons = sorted({r for d in domains for r in rep["domain_counts"][d]["points_dropped"]})
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    bottom = [0.0] * len(domains)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 0.75 * len(domains)), 3.8))
     kept = [rep["domain_counts"][d]["points_kept"] for d in domains]
     ax.bar(domains, kept, label="kept", color="#2a7")
     bottom = kept[:]
     for r in reasons:
         vals = [rep["domain_counts"][d]["points_dropped"].get(r, 0) for d in domains]
-        ax.bar(domains, vals, bottom=bottom, label=r)
+        ax.bar(domains, vals, bottom=bottom, label=f"dropped: {r}")
         bottom = [a + b for a, b in zip(bottom, vals)]
+    # headroom above the tallest bar, so that no bar ends on the frame
+    ax.set_ylim(0, 1.08 * max(bottom + [1]))
+    ax.yaxis.set_major_formatter(_si_formatter())
     ax.set_ylabel("points")
     ax.set_title("points kept / dropped per domain")
-    ax.legend(fontsize=7, ncol=2)
-    ax.tick_params(axis="x", rotation=30)
+    # beside the plot, never over a bar
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.tick_params(axis="x", rotation=30 if len(domains) > 4 else 0, labelsize=8)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right" if len(domains) > 4 else "center")
     out["drops"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(8, 3))
@@ -139,15 +159,38 @@ def _plots(rep: dict[str, Any]) -> dict[str, str]:
     ax.axvline(98, color="r", ls="--", label="98% target")
     ax.set_xlim(0, 100)
     ax.set_xlabel("packing efficiency (%)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     out["packing"] = _png(fig)
     return out
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+class Keyed:
+    """A table cell whose text is a headline number of report.json, marked ``data-key`` so that
+    a reader (or a test) can find it on the page."""
+
+    def __init__(self, key: str, value: Any) -> None:
+        self.key, self.value = key, value
+
+
+def _cell(c: Any) -> str:
+    if isinstance(c, Keyed):
+        return f'<td data-key="{html.escape(c.key)}">{html.escape(_fmt(c.value))}</td>'
+    return f"<td>{html.escape(_fmt(c))}</td>"
+
+
+def _table(headers: list[str], rows: list[list[Any]], limit: int | None = None, what: str = "rows") -> str:
+    """An HTML table; beyond ``limit`` rows only the first ``limit`` show and the rest fold
+    into a collapsed block, so a corpus of thousands of sources keeps a readable page."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def render(part: list[list[Any]]) -> str:
+        body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in part)
+        return f'<div class="wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+    if limit is None or len(rows) <= limit:
+        return render(rows)
+    return (render(rows[:limit]) + f"<details><summary>{len(rows) - limit:,} more {html.escape(what)} "
+            f"(all {len(rows):,} in report.json)</summary>{render(rows[limit:])}</details>")
 
 
 def _fmt(v: Any) -> str:
@@ -160,41 +203,65 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+# Rows shown before a long table or list folds (per dataset, value statistics, quarantine; warnings).
+TABLE_ROWS_SHOWN = 40
+WARNINGS_SHOWN = 10
+
+
 def render_html(rep: dict[str, Any]) -> str:
     plots = _plots(rep)
     sec: dict[str, str] = {}
+    points_dropped, series_dropped = sum(rep["points_dropped"].values()), sum(rep["series_dropped"].values())
     sec["summary"] = _table(["", "in", "kept", "dropped", "repeated (mixture)"], [
-        ["points", rep["points_in"], rep["points_kept"], sum(rep["points_dropped"].values()), rep["points_repeated"]],
-        ["series", rep["series_in"], rep["series_kept"], sum(rep["series_dropped"].values()), "-"],
-    ])
-    sec["warnings"] = ("<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in rep.get("warnings", [])) + "</ul>"
-                       if rep.get("warnings") else "<p>no warnings</p>")
+        ["points", Keyed("points_in", rep["points_in"]), Keyed("points_kept", rep["points_kept"]),
+         Keyed("points_dropped", points_dropped), Keyed("points_repeated", rep["points_repeated"])],
+        ["series", Keyed("series_in", rep["series_in"]), Keyed("series_kept", rep["series_kept"]),
+         Keyed("series_dropped", series_dropped), "-"],
+    ]) + _table(["domains", "datasets", "train rows", "val rows", "train packing efficiency", "warnings",
+                 "quarantined inputs"], [[
+        Keyed("domains", len(rep["domain_counts"])), Keyed("datasets", len(rep["dataset_counts"])),
+        Keyed("rows.train", rep["shards"].get("train", {}).get("rows", 0)),
+        Keyed("rows.val", rep["shards"].get("val", {}).get("rows", 0)),
+        Keyed("packing_efficiency.train", rep["packing_efficiency"].get("train", 1.0)),
+        Keyed("warnings", len(rep.get("warnings", []))), Keyed("quarantine", len(rep["quarantine"]))]])
+    warnings = rep.get("warnings", [])
+    if warnings:
+        items = [f"<li>{html.escape(w)}</li>" for w in warnings]
+        sec["warnings"] = "<ul>" + "".join(items[:WARNINGS_SHOWN]) + "</ul>" + (
+            f"<details><summary>{len(items) - WARNINGS_SHOWN:,} more warnings (all in report.json)</summary>"
+            f"<ul>{''.join(items[WARNINGS_SHOWN:])}</ul></details>" if len(items) > WARNINGS_SHOWN else "")
+    else:
+        sec["warnings"] = "<p>no warnings</p>"
     sec["drops"] = _table(["reason", "points", "series"], [
         [r, rep["points_dropped"].get(r, 0), rep["series_dropped"].get(r, 0)]
         for r in sorted(set(rep["points_dropped"]) | set(rep["series_dropped"]))]) + plots["drops"]
     sec["domains"] = _table(["domain", "series in", "series kept", "points in", "points kept", "dropped (points)"], [
         [d, c["series_in"], c["series_kept"], c["points_in"], c["points_kept"], c["points_dropped"]]
         for d, c in rep["domain_counts"].items()])
+    # the largest sources first: with thousands of them, those are the ones a reader checks
+    by_size = sorted(rep["dataset_counts"], key=lambda k: (-rep["dataset_counts"][k]["points_in"], k))
     sec["datasets"] = _table(["dataset", "series in", "series kept", "points in", "points kept", "dropped (points)", "dropped (series)"], [
         [k, c["series_in"], c["series_kept"], c["points_in"], c["points_kept"], c["points_dropped"], c["series_dropped"]]
-        for k, c in rep["dataset_counts"].items()])
+        for k, c in ((k, rep["dataset_counts"][k]) for k in by_size)], TABLE_ROWS_SHOWN, "datasets")
     sec["lengths"] = plots["lengths"]
     sec["values"] = _table(["dataset", "count", "mean", "std", "min", "max"], [
         [k, v["values"]["count"], v["values"]["mean"], v["values"]["std"], v["values"]["min"], v["values"]["max"]]
-        for k, v in rep["datasets"].items()])
+        for k, v in ((k, rep["datasets"][k]) for k in by_size)], TABLE_ROWS_SHOWN, "datasets")
     sec["packing"] = _table(["split", "efficiency", "rows", "points", "files"], [
         [s, rep["packing_efficiency"].get(s, 1.0), v["rows"], v["points"], v["files"]] for s, v in rep["shards"].items()
     ]) + f"<p>window length {rep['window_length']} (+1 point per row)</p>" + plots["packing"]
     sec["mixture"] = _table(["domain", "weight"], [[d, w] for d, w in rep["mixture_weights"].items()])
     sec["quarantine"] = _table(["source", "dataset", "reason", "claimed points", "message"], [
         [q["source"], f"{q['domain']}/{q['dataset']}", q["reason"], q["claimed_points"], q["message"]] for q in rep["quarantine"]
-    ]) if rep["quarantine"] else "<p>no quarantined inputs</p>"
+    ], TABLE_ROWS_SHOWN, "quarantined inputs") if rep["quarantine"] else "<p>no quarantined inputs</p>"
     titles = {"summary": "Summary", "warnings": "Warnings", "drops": "Dropped by rule", "domains": "Per domain", "datasets": "Per dataset",
               "lengths": "Length histograms", "values": "Value statistics (raw units)", "packing": "Packing",
               "mixture": "Mixture weights", "quarantine": "Quarantined inputs"}
     body = "\n".join(f'<section id="{k}"><h2>{titles[k]}</h2>{sec[k]}</section>' for k in SECTIONS)
+    # Long names (sources, messages) wrap instead of widening the page; wide tables scroll in their box.
     style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;text-align:right}th{background:#eee}"
-             "td:first-child{text-align:left}")
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;text-align:right;overflow-wrap:anywhere}"
+             "th{background:#eee}td:first-child{text-align:left;max-width:32em}img{max-width:100%}"
+             ".wrap{overflow-x:auto;max-width:100%}details{margin:.3em 0 1em}summary{cursor:pointer;font-size:13px}")
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Time-MoE preprocessing report</title>"
             f"<style>{style}</style></head><body><h1>Time-MoE preprocessing report</h1>\n{body}\n</body></html>\n")

@@ -133,3 +133,13 @@ def mlflow_server(tmp_path_factory):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def scaling_report(tmp_path_factory):
+    """The scaling report of the fake sweep in tests/_helpers_scaling.py, built once (its fits
+    take most of a minute on 2 cores) for the report's own tests and the browser test."""
+    from pipeline.scaling_laws import report as R
+    from tests._helpers_scaling import fake_trials
+
+    return R.build_report(fake_trials(seed=0), tmp_path_factory.mktemp("scaling_report"), n_boot=20)

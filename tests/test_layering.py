@@ -63,12 +63,13 @@ def test_training_frameworks_live_only_in_pipeline(framework):
 # table is reading up the stack: a part imports only parts listed for it.
 PIPELINE_PARTS = {
     "config": set(),          # the typed training config
-    "console": set(),         # one-line progress output
+    "console": set(),         # what a job prints (progress lines, logs that read well in a file)
     "tracking": {"config", "console"},  # MLflow behind one object
+    "reports": set(),         # plots, MLflow pictures and tables, offline HTML pages
     "parallel": {"config"},   # model -> distributed training engine (EP, AC, compile, optimizer, ZeRO)
-    "train": {"config", "console", "tracking", "parallel"},  # the loop, its runtimes, data, checkpoints
+    "train": {"config", "console", "tracking", "parallel", "reports"},  # the loop, its runtimes, data, checkpoints
     "evaluation": {"parallel", "tracking"},  # the zero-shot protocol, inference, Ray workers, registry
-    "scaling_laws": {"config", "tracking", "train", "evaluation"},  # sweeps, fits, reports
+    "scaling_laws": {"config", "tracking", "reports", "train", "evaluation"},  # sweeps, fits, reports
     "quickstart": {"config", "tracking", "train"},  # the one-machine job's config and helpers
 }
 

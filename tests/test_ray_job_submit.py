@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -208,6 +209,41 @@ def rerun(head, out, stopped):
             "logs": client.get_job_logs(sid), "info": client.get_job_info(sid), "runs": runs}
 
 
+# Error-level lines as Ray (glog "E"/"F" and Python logging), MLflow and Python print them.
+ERROR_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,.]+ [EF] \d+ \d+\]|\b(ERROR|CRITICAL|FATAL)\b"
+                        r"|Traceback \(most recent call last\)|Exception in thread")
+ANSI = re.compile(r"\x1b\[")
+
+
+def check_readable_log(logs: str, max_steps: int, log_every: int) -> dict[str, int]:
+    """What a job log must be off a terminal (docs: pipeline/console.py): no carriage-return
+    redraws, no colour codes, no error-level line, the resolved config once and first, each
+    stage a bounded number of lines, the summary last. Returns the lines per stage."""
+    assert "\r" not in logs, [line[:120] for line in logs.split("\n") if "\r" in line][:5]
+    assert not ANSI.search(logs), [line[:120] for line in logs.splitlines() if ANSI.search(line)][:5]
+    errors = [line[:200] for line in logs.splitlines() if ERROR_LINE.search(line)]
+    assert not errors, errors
+    assert logs.count("# resolved config") == 1, logs.count("# resolved config")
+    # before it only Ray's job manager speaks (runtime env, entrypoint)
+    before = [line for line in logs.split("# resolved config", 1)[0].splitlines() if line.strip()]
+    assert all("job_manager.py" in line or line.startswith("Running entrypoint") for line in before), before
+    parts = re.split(r"^===== ", logs, flags=re.M)
+    sizes = {"config": len(parts[0].strip().splitlines())}
+    sizes |= {p.split(" =====", 1)[0].split(" (", 1)[0]: len(p.strip().splitlines()) - 1 for p in parts[1:]}
+    limits = {"config": 130, "1/5 corpus: embedded synthetic": 3, "2/5 preprocess": 45,
+              # step lines, plus Ray Train's and Ray Data's start-up lines, one execution per eval
+              "3/5 pretrain": 40 + max_steps // log_every, "4/5 zero-shot evaluation": 15,
+              "5/5 register + promote": 45, "summary": 15}
+    assert set(sizes) == set(limits), sizes
+    over = {k: (n, limits[k]) for k, n in sizes.items() if n > limits[k]}
+    assert not over, over
+    # the summary is the last thing in the log: every line after its heading is one of its items
+    summary = [line for line in parts[-1].strip().splitlines()[1:] if line.strip()]
+    assert all(re.match(r"^(worse than a baseline: |[A-Za-z][A-Za-z ]+ *: )", line) for line in summary), summary
+    assert summary[-1].startswith("MLflow UI"), summary
+    return sizes
+
+
 def _published_whole(packed: Path) -> dict:
     """The packed output is complete: its manifest names exactly the shard files on disk, each
     with the manifest's row count, and no temporary folder is left."""
@@ -290,7 +326,7 @@ def test_submitted_pipeline_succeeds_with_logs_and_outputs(rerun, head, out):
         assert not (pkg / ".venv").exists() and not (pkg / "outputs").exists()
         assert sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file()) < 50 * 2**20
 
-    # the resolved config is printed first (and again before the summary), with the URI from env_vars
+    # the resolved config is printed once, first, with the URI from env_vars
     run = rerun["runs"][0]
     resolved_text = logs.split("# resolved config\n", 1)[1].split("\n=====", 1)[0]
     import yaml
@@ -298,13 +334,16 @@ def test_submitted_pipeline_succeeds_with_logs_and_outputs(rerun, head, out):
     resolved = yaml.safe_load(resolved_text)
     assert resolved["tracking_uri"] == f"sqlite:///{out / 'mlflow.db'}"
     assert resolved["run_dir"] == str(run) and resolved["train"]["train"]["max_steps"] == 4
-    assert logs.count("# resolved config") == 2
+    assert logs.count("# resolved config") == 1 and logs.index("# resolved config") < logs.index("===== 1/5")
     # every step-log line of the Ray Train worker reaches the job's log once (Ray 2.60 printed
     # each worker print twice; pipeline.console.say goes around that)
     step_lines = [line for line in logs.splitlines() if "[train] step " in line]
     assert step_lines and len(step_lines) == len(set(step_lines)), "\n".join(step_lines)
     for stage in ("1/5 corpus", "2/5 preprocess", "3/5 pretrain", "4/5 zero-shot evaluation", "5/5 register"):
         assert f"===== {stage}" in logs, stage
+    # readable as a file: ray job logs, or `make demo > demo.log`
+    sizes = check_readable_log(logs, max_steps=4, log_every=2)
+    print(f"job log: {len(logs.splitlines())} lines; per stage {sizes}")
     summary = logs.split("===== summary", 1)[1]
     for line in ("curation report :", "manifest        :", "MLflow run id   :", "model           :",
                  "registered      : models:/timemoe-quickstart/1", "eval table      :", "forecast plot   :"):

@@ -22,9 +22,8 @@ def _is_png(path: Path) -> bool:
     return path.exists() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
 
 
-def test_build_report_from_records(tmp_path):
-    records = fake_trials(seed=0)
-    files = R.build_report(records, tmp_path, n_boot=20)
+def test_build_report_from_records(scaling_report):
+    files, tmp_path = scaling_report, scaling_report.out_dir  # fake_trials(seed=0), n_boot=20
     assert _is_png(files.loss_vs_flops_png) and _is_png(files.isoflop_png)
     fits = json.loads(files.fits_json.read_text())
     assert fits["metric"] == "heldout_loss"
@@ -44,6 +43,8 @@ def test_build_report_from_records(tmp_path):
     md = files.table_md.read_text()
     assert md.count("| sparse |") == 12 + 1 and md.count("| dense |") == 12 + 1  # trials + fit row
     assert "<table" in files.table_html.read_text()
+    page = files.page_html.read_text()  # opened in a browser by tests/test_browser_reports.py
+    assert page.count("data:image/png;base64,") == 4 and "http" not in page
     # FLOPs vs MSE too: held-out and zero-shot MSE get their own L(C) fits, multiplier and plot.
     for other in ("heldout_mse", "zs_mse"):
         assert set(fits["by_metric"][other]["families"]["sparse"]["power_law"]) == {"E", "A", "alpha"}

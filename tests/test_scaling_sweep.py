@@ -112,6 +112,10 @@ def test_tiny_sweep_plain_training_skips_and_resumes(ray_local, mlflow_server, t
         assert abs(c.data.metrics["n_active"] - twin.data.metrics["n_active"]) / c.data.metrics["n_active"] < 0.02
     logged = {a.path for a in client.list_artifacts(first.parent_run_id, R.REPORT_DIR)}
     assert f"{R.REPORT_DIR}/scaling_fits.json" in logged and f"{R.REPORT_DIR}/loss_vs_flops.png" in logged
+    # the parent run holds the pictures, and the one page that shows them all, read back from the server
+    assert f"{R.REPORT_DIR}/scaling_report.html" in logged
+    page = Path(client.download_artifacts(first.parent_run_id, f"{R.REPORT_DIR}/scaling_report.html", str(tmp_path)))
+    assert page.read_text().count("data:image/png;base64,") >= 1
 
     # A re-run skips everything: no new child runs.
     second = S.run_sweep(cfg, train_fn=H.plain_torch_train, report=False)

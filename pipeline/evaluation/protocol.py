@@ -333,7 +333,7 @@ def plot_forecasts(forecasters: dict[str, Forecaster], benchmarks_dir: str | Pat
             pred = np.asarray(f.forecast(series_T[lo:t][None, :], horizon))[0]
             ax.plot(np.arange(t, t + horizon), pred, lw=1.2, label=label)
         ax.set_title(f"{dataset} / {ds.channels[-1]} at row {t}, H={horizon}", fontsize=9)
-    axes[0, 0].legend(fontsize=8, loc="upper left")
+    axes[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over, the curves
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

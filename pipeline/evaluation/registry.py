@@ -50,8 +50,9 @@ class TimeMoePyfunc(mlflow.pyfunc.PythonModel):
         self.forecaster = ModelForecaster(model, options)
         self.model = self.forecaster.model
 
-    # No type hints on model_input: MLflow 3 would derive (and enforce) a second schema from them.
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # model_input is hinted pd.DataFrame, a type MLflow 3 derives no schema from (a list hint would
+    # add a second, enforced schema); without any hint it warns at import about missing hints.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         horizon = int((params or {}).get("horizon", DEFAULT_HORIZON))
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")

@@ -121,7 +121,9 @@ class PowerLawFit:
         """Inverse: the C at which this curve reaches ``loss`` (inf where loss <= E)."""
         loss = np.asarray(loss, dtype=float)
         gap = loss - self.E
-        with np.errstate(divide="ignore", invalid="ignore"):
+        # A loss just above E with a small alpha needs more compute than a float holds: inf is
+        # the answer there, as it is where the loss is at or below E.
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             out = np.exp((math.log(self.A) - np.log(gap)) / self.alpha)
         return np.where(gap > 0, out, np.inf)
 

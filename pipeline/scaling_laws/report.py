@@ -9,6 +9,7 @@ Output files (also logged on the parent run under ``scaling_report/``):
 
     scaling_fits.json     fitted parameters with bootstrap intervals, multiplier, extrapolation
     scaling_table.md/html one row per trial + one row per fit
+    scaling_report.html   all of it on one self-contained page (plots embedded; write_page below)
     loss_vs_flops.png     loss vs training FLOPs per family, fitted L(C) with bootstrap band
     isoflop.png           fitted L(N, C / fpp(N)) along iso-FLOP lines, with N*(C) marked
 """
@@ -24,6 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from pipeline.reports import html_page as H
 from pipeline.scaling_laws import fit as F
 
 SWEEP_TAG = "scaling.sweep"
@@ -244,6 +246,19 @@ def _public(obj: Any) -> Any:
 COLORS = {"sparse": "tab:blue", "dense": "tab:orange"}
 
 
+def _plain_log_labels(axis: Any) -> None:
+    """Tick labels of a loss axis as 0.6, 2 (not 6x10^-1, 2x10^0); matplotlib still decides
+    which minor ticks get one from the span shown."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLog(LogFormatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:.3g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(PlainLog(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
 def _plot_loss_vs_flops(records: list[TrialRecord], fits: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -251,6 +266,7 @@ def _plot_loss_vs_flops(records: list[TrialRecord], fits: dict[str, Any], path: 
 
     metric = fits["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    shown: list[float] = []  # the trials' values: the y-axis fits them, a wide band is clipped
     for fam, res in fits["families"].items():
         recs = [r for r in records if r.family == fam and math.isfinite(getattr(r, metric))]
         C = np.array([r.training_flops for r in recs])
@@ -258,6 +274,7 @@ def _plot_loss_vs_flops(records: list[TrialRecord], fits: dict[str, Any], path: 
         color = COLORS.get(fam)
         front = set(res.get("_frontier_idx", []))
         on = np.array([i in front for i in range(len(recs))], dtype=bool)
+        shown += [float(v) for v in y if v > 0]
         ax.scatter(C[on], y[on], color=color, label=f"{fam} (frontier)", zorder=3)
         ax.scatter(C[~on], y[~on], facecolors="none", edgecolors=color, zorder=3)
         if "_boot" in res:
@@ -270,10 +287,13 @@ def _plot_loss_vs_flops(records: list[TrialRecord], fits: dict[str, Any], path: 
             ax.fill_between(cc, lo, hi, color=color, alpha=0.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    if shown:
+        ax.set_ylim(min(shown) / 1.4, max(shown) * 1.4)
+    _plain_log_labels(ax.yaxis)
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel(metric)
     ax.set_title("Loss vs training compute (90% bootstrap band)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # never over a point
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -290,8 +310,10 @@ def _plot_isoflop(records: list[TrialRecord], fits: dict[str, Any], path: Path) 
         res = fits["families"][fam]
         joint, fpp = res["_joint"], res["_fpp"]
         N = np.array([r.n_active for r in records if r.family == fam])
-        n_grid = np.logspace(math.log10(N.min()) - 1, math.log10(N.max()) + 1, 200)
         opt = res["compute_optimal"]
+        # wide enough for every N*(C) marked on it
+        lo, hi = min(N.min() / 10, min(opt["n_opt"]) / 2), max(N.max() * 10, max(opt["n_opt"]) * 2)
+        n_grid = np.logspace(math.log10(lo), math.log10(hi), 200)
         cmap = plt.get_cmap("viridis")
         for i, (C, n_opt, l_opt) in enumerate(zip(opt["compute"], opt["n_opt"], opt["loss_opt"])):
             color = cmap(i / max(len(opt["compute"]) - 1, 1))
@@ -299,6 +321,7 @@ def _plot_isoflop(records: list[TrialRecord], fits: dict[str, Any], path: Path) 
             ax.scatter([n_opt], [l_opt], color=color, marker="*", s=80, zorder=3)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis)
         ax.set_xlabel("active parameters N")
         ax.set_ylabel(f"fitted {fits['metric']}")
         ax.set_title(f"{fam}: iso-FLOP curves of L(N,D), * = N*(C)")
@@ -365,6 +388,7 @@ class ReportFiles:
     loss_vs_flops_png: Path
     isoflop_png: Path | None
     fits: dict[str, Any]
+    page_html: Path | None = None  # scaling_report.html: everything above on one offline page
 
 
 def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric: str | None = None,
@@ -415,7 +439,9 @@ def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric:
     if any("_joint" in r for r in fits["families"].values()):
         iso_png = out_dir / "isoflop.png"
         _plot_isoflop(records, fits, iso_png)
-    return ReportFiles(out_dir, fits_json, table_md, table_html, loss_png, iso_png, public)
+
+    page = write_page(records, _public(public), out_dir)
+    return ReportFiles(out_dir, fits_json, table_md, table_html, loss_png, iso_png, public, page)
 
 
 def rebuild_from_mlflow(experiment: str, out_dir: Path | str, *, tracking_uri: str | None = None,
@@ -430,3 +456,74 @@ def rebuild_from_mlflow(experiment: str, out_dir: Path | str, *, tracking_uri: s
     if log:
         log_report(tracking_uri, parent_id, files.out_dir)
     return files
+
+
+# ---------------------------------------------------------------------------------------------
+# scaling_report.html: the report as one self-contained page (plots embedded, works offline and
+# as an MLflow artifact), written next to scaling_fits.json. Headline numbers carry data-key =
+# their dotted path in scaling_fits.json (a list's path stands for its length), so a reader can
+# trace each one to the JSON.
+# ---------------------------------------------------------------------------------------------
+
+
+def _estimate(fits: dict[str, Any], path: str) -> H.Keyed | str:
+    node: Any = fits
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "-"
+        node = node[part]
+    if isinstance(node, str):  # JSON keeps inf / nan as strings
+        return H.Keyed(path, node, node)
+    return H.Keyed(path, node)
+
+
+def _headline(records: list[TrialRecord], fits: dict[str, Any]) -> str:
+    items: list[tuple[str, Any]] = [("trials", H.Keyed("trials", len(records))), ("fitted metric", fits["metric"])]
+    for fam in sorted(fits["families"]):
+        items.append((f"{fam} trials", H.Keyed(f"families.{fam}.n_trials", fits["families"][fam]["n_trials"])))
+        items.append((f"{fam}: alpha of L(C)", _estimate(fits, f"families.{fam}.power_law.alpha.estimate")))
+        items.append((f"{fam}: E of L(C)", _estimate(fits, f"families.{fam}.power_law.E.estimate")))
+        ex = fits["families"][fam].get("extrapolation")
+        if ex:
+            err = ex["relative_error"]
+            items.append((f"{fam}: extrapolation error at the largest C",
+                          H.Keyed(f"families.{fam}.extrapolation.relative_error", err, f"{100 * err:+.2f}%")))
+    mult = fits.get("multiplier")
+    if mult:
+        h = mult["headline"]
+        items.append((f"dense FLOPs / sparse FLOPs at equal {fits['metric']} (C = {mult['compute'][-1]:.3g})",
+                      _estimate(fits, "multiplier.headline.estimate")))
+        items.append(("  90% interval", f"{H.fmt(h['low'])} - {H.fmt(h['high'])}"))
+    return H.key_values(items)
+
+
+def write_page(records: list[TrialRecord], fits: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``out_dir/scaling_report.html`` from the records, the public fits (as in
+    ``scaling_fits.json``) and the PNGs already written in ``out_dir``."""
+    out_dir = Path(out_dir)
+    metric = fits["metric"]
+    pictures = []
+    for name, caption in (("loss_vs_flops.png", f"{metric} against training FLOPs, fitted L(C) with its 90% band"),
+                          ("isoflop.png", "fitted L(N, D) along iso-FLOP lines; * = compute-optimal N*(C)")):
+        if (out_dir / name).exists():
+            pictures.append(f"<p class='muted'>{H.esc(caption)}</p>" + H.image(out_dir / name, caption))
+    for other in FIT_METRICS:
+        png = out_dir / f"{other}_vs_flops.png"
+        if other != metric and png.exists():
+            pictures.append(f"<p class='muted'>{H.esc(other)} against training FLOPs</p>" + H.image(png, other))
+    mult = fits.get("multiplier")
+    mult_html = ""
+    if mult:
+        mult_html = H.table(["sparse compute C", "dense / sparse FLOPs", "90% low", "90% high"], [
+            [f"{c:.3g}", m["estimate"], m["low"], m["high"]] for c, m in zip(mult["compute"], mult["per_compute"])])
+    header = [h for h, _, _ in TABLE_COLUMNS]
+    sections = [
+        ("headline", "Headline", _headline(records, fits)),
+        ("plots", "Loss against compute", "".join(pictures)),
+        ("fits", "Fits (90% bootstrap intervals)", H.table(FIT_HEADER, _fit_rows(fits)) + mult_html),
+        ("trials", "Trials", H.table(header, _table_rows(records))),
+    ]
+    path = out_dir / "scaling_report.html"
+    path.write_text(H.page(f"Scaling report ({metric})", sections,
+                           "sparse vs dense Time-MoE trials; all numbers also in scaling_fits.json"))
+    return path

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.console import progress_bars
 from preprocessing.schema import MANIFEST_FILE, TRAIN_DIR, VAL_DIR, decode_batch, list_shards, split_windows
 from preprocessing.storage import resolve_filesystem
 
@@ -64,7 +65,11 @@ def ray_datasets(data_path: str) -> dict[str, Any]:
         files = shard_files(data_path, split)
         if files:
             # File order is the shard order; one read task per file keeps blocks deterministic.
-            out[split] = ray.data.read_parquet(files, columns=COLUMNS, shuffle=None)
+            # select_columns is the projection Ray Data 2.60 pushes into the read (``columns=``
+            # is deprecated there).
+            out[split] = ray.data.read_parquet(files, shuffle=None).select_columns(COLUMNS)
+            # Live bars only on a terminal: redrawn into a file they were most of a job's log.
+            out[split].context.enable_progress_bars = progress_bars()
     return out
 
 

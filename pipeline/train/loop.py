@@ -27,6 +27,7 @@ from pipeline.config import TrainConfig
 from pipeline.console import say
 from pipeline.parallel.expert_parallel import gather_expert_params
 from pipeline.parallel.parallelize import build_model, init_distributed, model_config, parallelize
+from pipeline.reports.pictures import EXPERT_LOAD_FILE, TRAINING_DIR, training_pictures
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import ResumeState
@@ -209,6 +210,16 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def log_training_pictures(out_root: Path, tracker: Tracker) -> None:
+    """Loss vs FLOPs, throughput and expert load as pictures on the run (``training/``); like
+    the tracker, a failure here is reported and training's result stands."""
+    try:
+        for path in training_pictures(out_root):
+            tracker.log_artifact(path, TRAINING_DIR)
+    except Exception as err:  # noqa: BLE001 - an observer must not fail the run
+        say(f"[train] training pictures not drawn ({type(err).__name__}: {err})")
+
+
 @dataclass
 class TrainResult:
     history: list[dict[str, float]]  # per-step metrics (reduced across ranks), then final eval
@@ -258,6 +269,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     metrics_file = out_root / "metrics.jsonl"
     profiler = StepProfiler(cfg.train.profile_steps, out_root, rt.rank, rt.use_gpu)
     step_clock = StepClock()
+    load_since_log: torch.Tensor | None = None  # rank 0's tokens per expert since the last log step
 
     while state.step < cfg.train.max_steps:
         profiler.before_step(state.step + 1)
@@ -305,6 +317,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             if peak:
                 m["mfu"] = mfu(points / dt / rt.world_size, mcfg, window_len, peak)
         if counts_LE is not None:
+            load_since_log = counts_LE if load_since_log is None else load_since_log + counts_LE
             per_layer = expert_imbalance(counts_LE)
             for i, r in enumerate(per_layer):
                 m[f"expert_imbalance/layer{i}"] = r
@@ -322,6 +335,11 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                 f.write(json.dumps({"step": state.step, **m}) + "\n")
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
             tracker.log_metrics(m, state.step)
+            if load_since_log is not None:  # one column of the expert-load heatmap
+                if rt.rank == 0:
+                    with (out_root / EXPERT_LOAD_FILE).open("a") as f:
+                        f.write(json.dumps({"step": state.step, "counts": load_since_log.round().long().tolist()}) + "\n")
+                load_since_log = None
             if rt.rank == 0:
                 eta = step_clock.eta_s(cfg.train.max_steps - state.step)
                 ev = f" | eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""
@@ -342,5 +360,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         if exported is not None:
             tracker.log_artifact(exported, "final_model")
             say(f"[train] exported {exported}")
+    if rt.rank == 0:
+        log_training_pictures(out_root, tracker)
     tracker.finish()
     return TrainResult(history, engine, ep_info, state.mlflow_run_id)

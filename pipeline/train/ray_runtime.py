@@ -11,6 +11,7 @@ restores from its run snapshot.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,11 +20,25 @@ from typing import Any, Iterator
 import torch
 
 from pipeline.config import TrainConfig, config_from_dict
+from pipeline.console import init_ray
 from pipeline.train import checkpoint, data
 from pipeline.train.checkpoint import ResumeState
 from pipeline.train.loop import run_training
 
 RUN_NAME = "pretrain"
+
+
+def _quiet_report_lines() -> None:
+    """Ray 2.60 names the logger of Ray Train's report module after its file path, so
+    ``RunConfig.logging_config`` does not reach it: every rank's "Reporting training result"
+    INFO line (one per checkpoint) would still come, late, to the job log."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: nothing to quieten
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 class RayRuntime:
@@ -33,6 +48,7 @@ class RayRuntime:
         import ray.train
 
         ctx = ray.train.get_context()
+        _quiet_report_lines()
         self.cfg = cfg
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.use_gpu = cfg.scaling.use_gpu
@@ -102,8 +118,12 @@ def run_ray(cfg: TrainConfig, resume: bool = False) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS set -> connect to that cluster; else a local instance
+    init_ray()  # RAY_ADDRESS set -> connect to that cluster; else a local instance
+    # Ray Train 2.60 starts a PreemptionWatcher actor per worker group, whose creation logs an
+    # error-level line on every run ("has constructor arguments in the object store and
+    # max_restarts > 0"); it only relaxes collective timeouts while a spot node drains. Off
+    # unless asked for (RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 on clusters of preemptible nodes).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     out = Path(cfg.train.output_dir).resolve()
     storage = out / "ray"
     if (storage / RUN_NAME).exists() and not resume:
@@ -125,6 +145,9 @@ def run_ray(cfg: TrainConfig, resume: bool = False) -> Any:
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's INFO lines (each rank's checkpoint path and report, per checkpoint)
+            # reach the job log late and out of order; the loop's own lines say the same.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=data.ray_data_config(),
