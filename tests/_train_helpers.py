@@ -95,9 +95,21 @@ def _entry(rank: int, world: int, port: int, fn: Callable, out_dir: str, args: t
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        shutdown_process_groups()
     except BaseException:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+
+
+def shutdown_process_groups() -> None:
+    """Every rank leaves together and tears its process groups down before exiting: a gloo group
+    left to the interpreter's exit can abort the process ("terminate called without an active
+    exception") after the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable, out_dir: Path, world: int, *args: Any) -> list:

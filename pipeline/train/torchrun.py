@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 
 from pipeline.config import TrainConfig, load_config
 from pipeline.train import checkpoint, data
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(cfg.to_yaml(), flush=True)
     run_training(cfg, TorchrunRuntime(cfg, args.resume))
+    if dist.is_initialized():  # all ranks leave together; a group left to exit can abort the process
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
