@@ -126,7 +126,7 @@ def test_every_shipped_config_loads_with_its_typed_class():
     from pathlib import Path
 
     from pipeline.config import load_config
-    from pipeline.quickstart import load_quickstart_config
+    from pipeline.quickstart.config import load_quickstart_config
     from pipeline.scaling_laws.sweep import SweepConfig
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -142,7 +142,7 @@ def test_every_shipped_config_loads_with_its_typed_class():
 
 
 def test_quickstart_config_errors_name_the_file(tmp_path):
-    from pipeline.quickstart import load_quickstart_config
+    from pipeline.quickstart.config import load_quickstart_config
 
     path = tmp_path / "qs.yaml"
     path.write_text("eval: {stride: often}\n")

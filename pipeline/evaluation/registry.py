@@ -319,3 +319,8 @@ def promote_if_better(name: str, candidate_version: str, benchmarks_dir: str | P
                                      f"{decision.champion_mse!r} vs candidate {cand_mse!r}")
     print(f"[register] {name} v{cand}: {verdict} ({decision.reason})", flush=True)
     return decision
+
+
+def aliases_of(name: str, version: str, tracking_uri: str | None = None) -> list[str]:
+    """The aliases pointing at ``name`` version ``version``."""
+    return list(mlflow.MlflowClient(tracking_uri).get_model_version(name, version).aliases)

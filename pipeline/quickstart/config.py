@@ -1,22 +1,14 @@
-"""The one-machine quickstart (``jobs.pipeline``): its typed configuration and the small helpers
-that touch MLflow or make held-out data; the job itself only orchestrates.
-
-Stages hand over through durable locations: the tracking URI (a sqlite file under the output
-folder unless ``MLFLOW_TRACKING_URI`` is set), the training run id (read back from the final
-checkpoint's ``resume_state.json``) and files on disk.
-"""
+"""The quickstart's typed configuration (``configs/quickstart*.yaml``) and the held-out series it
+evaluates on when no benchmark folder is given."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 import typed_config
-from pipeline.train.checkpoint import STATE_FILE
 from preprocessing.config import PreprocessConfig
 from preprocessing.synthetic import kernelsynth, random_walk, seasonal
 
@@ -72,18 +64,6 @@ def load_quickstart_config(path: str | Path) -> QuickstartConfig:
     return typed_config.load(QuickstartConfig, path)
 
 
-def training_run_id(result: Any) -> str | None:
-    """The MLflow run id stored in the final checkpoint of a Ray Train ``Result``."""
-    ckpt = getattr(result, "checkpoint", None)
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        state = Path(d) / STATE_FILE
-        if not state.exists():
-            return None
-        return json.loads(state.read_text()).get("mlflow_run_id")
-
-
 def write_heldout_benchmarks(out_dir: str | Path, seed: int = 10_000, rows: int = 4000,
                              channels: int = 3) -> list[str]:
     """Benchmark-style CSVs (``date`` column + channels, hourly) of synthetic series drawn with a
@@ -102,10 +82,3 @@ def write_heldout_benchmarks(out_dir: str | Path, seed: int = 10_000, rows: int 
         df.to_csv(out / f"{name}.csv", index=False)
         names.append(name)
     return names
-
-
-def alias_of(name: str, version: str, tracking_uri: str) -> list[str]:
-    """The aliases pointing at ``name`` version ``version``."""
-    from mlflow.tracking import MlflowClient
-
-    return list(MlflowClient(tracking_uri=tracking_uri).get_model_version(name, version).aliases)
