@@ -29,6 +29,7 @@ from pipeline.parallel.expert_parallel import gather_expert_params
 from pipeline.parallel.parallelize import build_model, init_distributed, model_config, parallelize
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint
+from pipeline.train.adapters import apply_finetune_method, merged_state_dict
 from pipeline.train.checkpoint import ResumeState
 from pipeline.train.data import DataPosition
 from pipeline.train.heldout import HeldOut
@@ -155,6 +156,8 @@ def export_model(engine: Any, ep_info: Any, cfg: TrainConfig, out_dir: Path, ran
         state.update({k: v.float().cpu() for k, v in gather_expert_params(module, ep_info).items()})
     if rank != 0:
         return None
+    if cfg.finetune.method == "lora":  # the published layout: low-rank updates folded in
+        state = merged_state_dict(state, cfg.finetune)
     fresh = TimeMoeModel(model_config(cfg.model))
     fresh.load_state_dict(state, strict=True)
     out_dir = Path(out_dir)
@@ -181,6 +184,49 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 def _peak_flops(use_gpu: bool) -> float | None:
     return peak_flops(torch.cuda.get_device_name()) if use_gpu and torch.cuda.is_available() else None
+
+
+def drop_update(engine: Any) -> None:
+    """Make the coming optimizer step leave every weight as it is (without ZeRO, where DeepSpeed
+    has no overflow check): zero gradients at learning rate 0. Every rank does it alike, so the
+    gradient all-reduce and the optimizer stay in step; Adam's moments decay as after a step with
+    zero gradient, and the LR schedule moves on."""
+    for p in engine.module.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+
+
+def nonfinite_on_any_rank(loss: torch.Tensor, world: int, device: torch.device) -> bool:
+    flag = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], dtype=torch.float64)
+    return bool(all_reduce_sum(flag, world, device)[0] > 0)
+
+
+class NonFiniteSteps:
+    """Steps whose loss or gradient norm is not finite. Such a step is not applied (DeepSpeed's
+    ZeRO optimizer's overflow check zeroes the gradients and keeps the weights; without ZeRO the
+    loop drops the step's gradients itself); here each one is counted (metric ``nonfinite_steps``) and logged, and
+    ``max_in_row`` of them in a row stop the run: the model or the data is broken, and going on
+    would only burn GPU hours."""
+
+    def __init__(self, max_in_row: int) -> None:
+        self.max_in_row, self.total, self.in_row = max_in_row, 0, 0
+
+    def check(self, m: dict[str, float], step: int, rank: int) -> None:
+        if math.isfinite(m["loss"]) and math.isfinite(m.get("grad_norm", 0.0)):
+            self.in_row = 0
+        else:
+            self.total += 1
+            self.in_row += 1
+            if rank == 0:
+                say(f"[train] step {step}: loss {m['loss']} grad norm {m.get('grad_norm')}: not finite, "
+                    f"the update was skipped ({self.in_row} in a row, {self.total} in all)")
+            if self.max_in_row and self.in_row >= self.max_in_row:
+                raise FloatingPointError(
+                    f"{self.in_row} training steps in a row had a non-finite loss or gradient norm (last: step {step}); "
+                    "stopping (train.max_nonfinite_in_row). Check the data for NaN/inf and the learning rate.")
+        m["nonfinite_steps"] = float(self.total)
 
 
 class StepClock:
@@ -229,6 +275,10 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     init_distributed(rt.use_gpu)
     mcfg = model_config(cfg.model)
     model = build_model(cfg.model, cfg.train.seed)
+    counts = apply_finetune_method(model, cfg.finetune)
+    if rt.rank == 0 and cfg.finetune.method != "full":
+        say(f"[train] finetune.method={cfg.finetune.method}: {counts['trainable']:,} trainable, "
+            f"{counts['frozen']:,} frozen parameters")
     engine, ep_info = parallelize(model, cfg, rt.world_size, rt.use_gpu)
     accum = cfg.grad_accum_steps(rt.world_size)
     tracker = Tracker(cfg.tracking, rt.rank)
@@ -258,16 +308,25 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     metrics_file = out_root / "metrics.jsonl"
     profiler = StepProfiler(cfg.train.profile_steps, out_root, rt.rank, rt.use_gpu)
     step_clock = StepClock()
+    nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_row)
+    # ZeRO 1-3 skip a step with a non-finite gradient norm themselves; without ZeRO the loop does
+    guard_without_zero = cfg.parallel.zero_stage == 0
 
     while state.step < cfg.train.max_steps:
         profiler.before_step(state.step + 1)
         t0 = time.perf_counter()
         stats, counts_LE = StepStats(), None
         lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step uses
-        for _ in range(accum):
+        skip_update = False
+        for i in range(accum):
             b = batches.next()
             out = engine(b["inputs"], segment_ids=b["segment_ids"], labels=b["labels"], loss_mask=b["loss_mask"])
-            engine.backward(out.loss)
+            if guard_without_zero:
+                skip_update |= nonfinite_on_any_rank(out.loss, rt.world_size, device)
+            if not skip_update:
+                engine.backward(out.loss)
+            if skip_update and i == accum - 1:
+                drop_update(engine)
             engine.step()
             stats.add(out)
             if getattr(out, "expert_counts", None) is not None:
@@ -300,6 +359,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         gn = engine.get_global_grad_norm()
         if gn is not None:
             m["grad_norm"] = float(gn)
+        nonfinite.check(m, state.step, rt.rank)
         if flops_pp:
             m["train_flops"] = flops_pp * state.points_seen
             if peak:
