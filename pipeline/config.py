@@ -100,6 +100,9 @@ class TrainSection:
     # A step whose loss or gradient norm is not finite is skipped (DeepSpeed does not apply it),
     # counted and logged; this many in a row stop the run with an error. 0: never stop.
     max_nonfinite_in_row: int = 5
+    # Stop when the held-out loss (evaluated every eval_every steps) has not improved for this
+    # many evaluations in a row; 0: train all max_steps.
+    early_stop_patience: int = 0
 
 
 @dataclass
@@ -188,6 +191,8 @@ class TrainConfig:
             raise ValueError(f"data.loader must be 'ray' or 'plain', got {self.data.loader!r}")
         if t.profile_steps and (len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]):
             raise ValueError(f"train.profile_steps must be [first, last] with 1 <= first <= last, got {list(t.profile_steps)}")
+        if t.early_stop_patience and not t.eval_every:
+            raise ValueError("train.early_stop_patience needs train.eval_every > 0 (it watches the held-out loss)")
         if t.max_steps < 1 or t.micro_batch_size < 1:
             raise ValueError("train.max_steps and train.micro_batch_size must be >= 1")
         extra = self.scaling.resources_per_worker

@@ -44,3 +44,19 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(AssertionError, match=r"FloatingPointError: 2 training steps in a row had a non-finite loss "
                                              r"or gradient norm .*train.max_nonfinite_in_row"):
         run_ranks(torchrun_worker, tmp_path / "res", 2, [cfg])
+
+
+def test_early_stopping_on_the_held_out_loss(tmp_path):
+    """At learning rate 0 the held-out loss never improves after the first evaluation: with
+    patience 2 the run stops after 3 evaluations, not at max_steps."""
+    from pipeline.train.loop import EarlyStop
+
+    stop = EarlyStop(2)
+    assert [stop.stop_after(x) for x in (1.0, 0.9, 0.95, 0.91, 0.92)] == [False, False, False, True, True]
+    assert not any(EarlyStop(0).stop_after(x) for x in (1.0, 2.0, 3.0))
+    data = write_shards(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "es", optim={"lr": 0.0, "warmup_steps": 0},
+                      train={"max_steps": STEPS, "eval_every": 1, "early_stop_patience": 2, "export": False})
+    history = run_ranks(torchrun_worker, tmp_path / "res", 2, [cfg])[0][0]["history"]
+    steps = [h["step"] for h in history if "loss" in h]
+    assert steps == [1, 2, 3], steps

@@ -203,6 +203,21 @@ def nonfinite_on_any_rank(loss: torch.Tensor, world: int, device: torch.device) 
     return bool(all_reduce_sum(flag, world, device)[0] > 0)
 
 
+class EarlyStop:
+    """Stop when the held-out loss has not improved for ``patience`` evaluations in a row (0: never).
+    The loss is all-reduced, so every rank decides alike."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best, self.since_best = patience, math.inf, 0
+
+    def stop_after(self, eval_loss: float) -> bool:
+        if eval_loss < self.best:
+            self.best, self.since_best = eval_loss, 0
+        else:
+            self.since_best += 1
+        return bool(self.patience) and self.since_best >= self.patience
+
+
 class NonFiniteSteps:
     """Steps whose loss or gradient norm is not finite. Such a step is not applied (DeepSpeed's
     ZeRO optimizer's overflow check zeroes the gradients and keeps the weights; without ZeRO the
@@ -309,6 +324,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     profiler = StepProfiler(cfg.train.profile_steps, out_root, rt.rank, rt.use_gpu)
     step_clock = StepClock()
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_row)
+    early_stop = EarlyStop(cfg.train.early_stop_patience)
     # ZeRO 1-3 skip a step with a non-finite gradient norm themselves; without ZeRO the loop does
     guard_without_zero = cfg.parallel.zero_stage == 0
 
@@ -388,9 +404,16 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                 say(f"[train] step {state.step}/{cfg.train.max_steps} | loss {m['loss']:.4f} | lr {lr:.2e} | "
                     f"{m['points_per_s'] / 1e3:.1f}k pts/s | data-wait {m['data_wait_ms']:.1f} ms{ev} | "
                     f"ETA {_fmt_eta(eta)}")
+        stop = "eval_loss" in m and early_stop.stop_after(m["eval_loss"])
         every = cfg.train.checkpoint_every
-        if (every and state.step % every == 0) or (state.step == cfg.train.max_steps and cfg.train.checkpoint_at_end):
+        last = state.step == cfg.train.max_steps or stop
+        if (every and state.step % every == 0) or (last and cfg.train.checkpoint_at_end):
             rt.save_and_report(engine, state, {"step": state.step, "loss": m["loss"]})
+        if stop:
+            if rt.rank == 0:
+                say(f"[train] early stop at step {state.step}: eval loss {m['eval_loss']:.4f}, best {early_stop.best:.4f} "
+                    f"{early_stop.patience} evaluations ago (train.early_stop_patience)")
+            break
 
     if not cfg.train.eval_every:
         final_eval = evaluate(engine, rt.val_batches(), cfg.train.eval_batches, device, rt.world_size)
