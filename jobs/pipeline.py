@@ -46,10 +46,10 @@ from pipeline.evaluation.workers import evaluate_model
 from pipeline.quickstart import (
     alias_of,
     load_quickstart_config,
-    training_run_id,
     write_heldout_benchmarks,
 )
 from pipeline.tracking import experiment_id, tracking_uri
+from pipeline.train.ray_runtime import training_run_id
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 

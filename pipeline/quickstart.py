@@ -7,16 +7,13 @@ checkpoint's ``resume_state.json``) and files on disk.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 import typed_config
-from pipeline.train.checkpoint import STATE_FILE
 from preprocessing.config import PreprocessConfig
 from preprocessing.synthetic import kernelsynth, random_walk, seasonal
 
@@ -70,18 +67,6 @@ class QuickstartConfig:
 
 def load_quickstart_config(path: str | Path) -> QuickstartConfig:
     return typed_config.load(QuickstartConfig, path)
-
-
-def training_run_id(result: Any) -> str | None:
-    """The MLflow run id stored in the final checkpoint of a Ray Train ``Result``."""
-    ckpt = getattr(result, "checkpoint", None)
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        state = Path(d) / STATE_FILE
-        if not state.exists():
-            return None
-        return json.loads(state.read_text()).get("mlflow_run_id")
 
 
 def write_heldout_benchmarks(out_dir: str | Path, seed: int = 10_000, rows: int = 4000,

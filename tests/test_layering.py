@@ -69,7 +69,7 @@ PIPELINE_PARTS = {
     "train": {"config", "console", "tracking", "parallel"},  # the loop, its runtimes, data, checkpoints
     "evaluation": {"parallel", "tracking"},  # the zero-shot protocol, inference, Ray workers, registry
     "scaling_laws": {"config", "tracking", "train", "evaluation"},  # sweeps, fits, reports
-    "finetune": {"config", "tracking", "train", "evaluation"},  # benchmark train data, in-distribution protocol
+    "finetune": {"config", "tracking", "parallel", "train", "evaluation"},  # benchmark train data, in-distribution protocol
     "quickstart": {"config", "tracking", "train"},  # the one-machine job's config and helpers
 }
 

@@ -7,7 +7,9 @@ fine-tuning sees only the TRAIN split of the dataset it is then evaluated on. As
 uses the last ``early_stop_fraction`` of the train split's rows, held out from training; the
 benchmark's own validation split stays unseen, like its test split.
 
-Values are scaled with the zero-shot protocol's scaler (``pipeline.evaluation.benchmark_data``:
+The held-out rows are at least two windows long (when the split allows it), cut every quarter of
+the training stride, so the held-out loss rests on enough windows. Values are scaled with
+the zero-shot protocol's scaler (``pipeline.evaluation.benchmark_data``:
 per channel, fitted on the train split), so the model fine-tunes on what it is evaluated on.
 Each channel is one series, cut into windows of ``window_length + 1`` points every ``stride``
 points (one series per row, no packing: every row is full).
@@ -60,12 +62,15 @@ def benchmark_train_shards(benchmarks_dir: str | Path, dataset: str, out_dir: st
     train_TC = scaled_TC[start:end]
     width = window_length + 1
     stride = stride or max(1, window_length // 4)
-    cut = len(train_TC) - int(round(early_stop_fraction * len(train_TC)))
-    parts = {TRAIN_DIR: train_TC[:cut], VAL_DIR: train_TC[cut:]}
+    held_out = int(round(early_stop_fraction * len(train_TC)))
+    if held_out:  # two windows' worth at least, or the held-out loss would rest on a handful of windows
+        held_out = min(max(held_out, 2 * width), len(train_TC) - width)
+    cut = len(train_TC) - max(held_out, 0)
+    parts = {TRAIN_DIR: (train_TC[:cut], stride), VAL_DIR: (train_TC[cut:], max(1, stride // 4))}
     out = Path(out_dir)
     shards, counts = {}, {}
-    for split_dir, values_TC in parts.items():
-        windows = _windows(values_TC, width, stride)
+    for split_dir, (values_TC, every) in parts.items():
+        windows = _windows(values_TC, width, every)
         if split_dir == TRAIN_DIR and len(windows) == 0:
             raise ValueError(f"{dataset}: its train split ({len(train_TC)} rows) is shorter than one window of "
                              f"{width} points; lower the window length")

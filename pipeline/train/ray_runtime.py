@@ -11,6 +11,7 @@ restores from its run snapshot.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -130,3 +131,15 @@ def run_ray(cfg: TrainConfig, resume: bool = False) -> Any:
         dataset_config=data.ray_data_config(),
     )
     return trainer.fit()
+
+
+def training_run_id(result: Any) -> str | None:
+    """The MLflow run id stored in the final checkpoint of a Ray Train ``Result``."""
+    ckpt = getattr(result, "checkpoint", None)
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        state = Path(d) / checkpoint.STATE_FILE
+        if not state.exists():
+            return None
+        return json.loads(state.read_text()).get("mlflow_run_id")
