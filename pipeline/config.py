@@ -24,7 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typed_config
 from typed_config import ConfigError
@@ -72,6 +72,16 @@ class ParallelSection:
 
 
 @dataclass
+class FinetuneSection:
+    """Which weights train (``pipeline.train.adapters``): ``full``; ``linear_probe`` (the output
+    heads only); ``lora`` (low-rank updates of the attention and expert projections, heads full)."""
+
+    method: Literal["full", "linear_probe", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
+
+@dataclass
 class TrainSection:
     max_steps: int = 100  # optimizer steps
     global_batch_size: int = 8  # windows per optimizer step, all workers and accumulation
@@ -87,6 +97,12 @@ class TrainSection:
     # (first, last) optimizer steps to profile on every rank (torch.profiler); summary per rank
     # in <output_dir>/profile/ (pipeline.train.profiling). Empty: no profiling.
     profile_steps: tuple[int, ...] = ()
+    # A step whose loss or gradient norm is not finite is skipped (DeepSpeed does not apply it),
+    # counted and logged; this many in a row stop the run with an error. 0: never stop.
+    max_nonfinite_in_row: int = 5
+    # Stop when the held-out loss (evaluated every eval_every steps) has not improved for this
+    # many evaluations in a row; 0: train all max_steps.
+    early_stop_patience: int = 0
 
 
 @dataclass
@@ -116,6 +132,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     train: TrainSection = field(default_factory=TrainSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
@@ -151,12 +168,19 @@ class TrainConfig:
             "batch": [self.train.global_batch_size, self.train.micro_batch_size, self.train.seed],
             "workers": self.scaling.num_workers,
         }
+        if self.finetune.method != "full":  # pretraining runs keep the fingerprints they had
+            keep["finetune"] = dataclasses.asdict(self.finetune)
         return hashlib.sha256(json.dumps(typed_config.to_plain(keep), sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
         p, t = self.parallel, self.train
         if p.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage must be 0..3, got {p.zero_stage}")
+        if self.finetune.method == "lora" and (p.zero_stage == 3 or p.ep_size > 1):
+            raise ValueError("finetune.method=lora needs ZeRO stage 0-2 and parallel.ep_size=1 (the low-rank updates "
+                             "adapt whole weights, which ZeRO-3 and expert parallelism shard)")
+        if self.finetune.lora_rank < 1:
+            raise ValueError(f"finetune.lora_rank must be >= 1, got {self.finetune.lora_rank}")
         if p.zero_stage == 3 and p.ep_size > 1:
             raise ValueError("parallel.ep_size > 1 needs ZeRO stage 1 or 2 (DeepSpeed refuses MoE groups under ZeRO-3)")
         if p.ep_chunks < 1:
@@ -167,6 +191,8 @@ class TrainConfig:
             raise ValueError(f"data.loader must be 'ray' or 'plain', got {self.data.loader!r}")
         if t.profile_steps and (len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]):
             raise ValueError(f"train.profile_steps must be [first, last] with 1 <= first <= last, got {list(t.profile_steps)}")
+        if t.early_stop_patience and not t.eval_every:
+            raise ValueError("train.early_stop_patience needs train.eval_every > 0 (it watches the held-out loss)")
         if t.max_steps < 1 or t.micro_batch_size < 1:
             raise ValueError("train.max_steps and train.micro_batch_size must be >= 1")
         extra = self.scaling.resources_per_worker

@@ -157,6 +157,15 @@ def split_windows(values: np.ndarray, segment_ids: np.ndarray, loss_mask: np.nda
 # half-written run, and the manifest is written last.
 
 
+def minimal_manifest(window_length: int, shards: dict[str, list[dict]], **extra) -> dict:
+    """The keys every reader relies on: ``schema_version``, ``window_length``, the shards per split
+    in order (``{"file", "rows", ...}`` each) and the rows per split. The preprocessing job adds
+    its provenance (config, inputs, counts); other writers (fine-tuning data, tests) may not."""
+    return {"schema_version": SCHEMA_VERSION, "window_length": window_length, "width": window_length + 1,
+            "shards": shards, "rows": {split: sum(s["rows"] for s in entries) for split, entries in shards.items()},
+            **extra}
+
+
 def read_manifest(url: str) -> dict:
     """The ``manifest.json`` of a finished run at ``url`` (folder or s3:// prefix). Raises
     ``FileNotFoundError`` when absent: the run is incomplete or never happened."""

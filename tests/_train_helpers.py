@@ -48,8 +48,9 @@ def _rows(n: int, window_length: int, rng: np.random.Generator) -> dict[str, lis
 
 
 def write_shards(root: Path, window_length: int = 32, train_rows: int = 64, val_rows: int = 16,
-                 rows_per_shard: int = 16, seed: int = 0) -> Path:
-    """A packed dataset at ``root`` (train/, val/, manifest.json); returns ``root``."""
+                 rows_per_shard: int = 16, seed: int = 0, nan_train_shard: int | None = None) -> Path:
+    """A packed dataset at ``root`` (train/, val/, manifest.json); returns ``root``. With
+    ``nan_train_shard`` every value of that training shard is 3e38 (finite, but the forward overflows: a broken input the model cannot refuse up front)."""
     rng = np.random.default_rng(seed)
     schema = window_schema(window_length)
     counts = {}
@@ -58,6 +59,8 @@ def write_shards(root: Path, window_length: int = 32, train_rows: int = 64, val_
         n_shards = 0
         for start in range(0, total, rows_per_shard):
             rows = _rows(min(rows_per_shard, total - start), window_length, rng)
+            if split == "train" and n_shards == nan_train_shard:
+                rows["values"] = [np.full_like(v, 3e38) for v in rows["values"]]
             table = pa.table({k: pa.array(v, type=schema.field(k).type) for k, v in rows.items()}, schema=schema)
             pq.write_table(table, root / split / SHARD_PATTERN.format(index=n_shards))
             n_shards += 1

@@ -70,6 +70,7 @@ PIPELINE_PARTS = {
     "train": {"config", "console", "tracking", "parallel", "reports"},  # the loop, its runtimes, data, checkpoints
     "evaluation": {"parallel", "tracking"},  # the zero-shot protocol, inference, Ray workers, registry
     "scaling_laws": {"config", "tracking", "reports", "train", "evaluation"},  # sweeps, fits, reports
+    "finetune": {"config", "tracking", "parallel", "train", "evaluation"},  # benchmark train data, in-distribution protocol
     "quickstart": {"config", "console", "tracking", "train", "evaluation", "reports"},  # the one-machine job's stages
 }
 

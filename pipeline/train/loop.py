@@ -30,6 +30,7 @@ from pipeline.parallel.parallelize import build_model, init_distributed, model_c
 from pipeline.reports.pictures import EXPERT_LOAD_FILE, TRAINING_DIR, training_pictures
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint
+from pipeline.train.adapters import apply_finetune_method, merged_state_dict
 from pipeline.train.checkpoint import ResumeState
 from pipeline.train.data import DataPosition
 from pipeline.train.heldout import HeldOut
@@ -156,6 +157,8 @@ def export_model(engine: Any, ep_info: Any, cfg: TrainConfig, out_dir: Path, ran
         state.update({k: v.float().cpu() for k, v in gather_expert_params(module, ep_info).items()})
     if rank != 0:
         return None
+    if cfg.finetune.method == "lora":  # the published layout: low-rank updates folded in
+        state = merged_state_dict(state, cfg.finetune)
     fresh = TimeMoeModel(model_config(cfg.model))
     fresh.load_state_dict(state, strict=True)
     out_dir = Path(out_dir)
@@ -182,6 +185,64 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 def _peak_flops(use_gpu: bool) -> float | None:
     return peak_flops(torch.cuda.get_device_name()) if use_gpu and torch.cuda.is_available() else None
+
+
+def drop_update(engine: Any) -> None:
+    """Make the coming optimizer step leave every weight as it is (without ZeRO, where DeepSpeed
+    has no overflow check): zero gradients at learning rate 0. Every rank does it alike, so the
+    gradient all-reduce and the optimizer stay in step; Adam's moments decay as after a step with
+    zero gradient, and the LR schedule moves on."""
+    for p in engine.module.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+
+
+def nonfinite_on_any_rank(loss: torch.Tensor, world: int, device: torch.device) -> bool:
+    flag = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], dtype=torch.float64)
+    return bool(all_reduce_sum(flag, world, device)[0] > 0)
+
+
+class EarlyStop:
+    """Stop when the held-out loss has not improved for ``patience`` evaluations in a row (0: never).
+    The loss is all-reduced, so every rank decides alike."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best, self.since_best = patience, math.inf, 0
+
+    def stop_after(self, eval_loss: float) -> bool:
+        if eval_loss < self.best:
+            self.best, self.since_best = eval_loss, 0
+        else:
+            self.since_best += 1
+        return bool(self.patience) and self.since_best >= self.patience
+
+
+class NonFiniteSteps:
+    """Steps whose loss or gradient norm is not finite. Such a step is not applied (DeepSpeed's
+    ZeRO optimizer's overflow check zeroes the gradients and keeps the weights; without ZeRO the
+    loop drops the step's gradients itself); here each one is counted (metric ``nonfinite_steps``) and logged, and
+    ``max_in_row`` of them in a row stop the run: the model or the data is broken, and going on
+    would only burn GPU hours."""
+
+    def __init__(self, max_in_row: int) -> None:
+        self.max_in_row, self.total, self.in_row = max_in_row, 0, 0
+
+    def check(self, m: dict[str, float], step: int, rank: int) -> None:
+        if math.isfinite(m["loss"]) and math.isfinite(m.get("grad_norm", 0.0)):
+            self.in_row = 0
+        else:
+            self.total += 1
+            self.in_row += 1
+            if rank == 0:
+                say(f"[train] step {step}: loss {m['loss']} grad norm {m.get('grad_norm')}: not finite, "
+                    f"the update was skipped ({self.in_row} in a row, {self.total} in all)")
+            if self.max_in_row and self.in_row >= self.max_in_row:
+                raise FloatingPointError(
+                    f"{self.in_row} training steps in a row had a non-finite loss or gradient norm (last: step {step}); "
+                    "stopping (train.max_nonfinite_in_row). Check the data for NaN/inf and the learning rate.")
+        m["nonfinite_steps"] = float(self.total)
 
 
 class StepClock:
@@ -240,6 +301,10 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     init_distributed(rt.use_gpu)
     mcfg = model_config(cfg.model)
     model = build_model(cfg.model, cfg.train.seed)
+    counts = apply_finetune_method(model, cfg.finetune)
+    if rt.rank == 0 and cfg.finetune.method != "full":
+        say(f"[train] finetune.method={cfg.finetune.method}: {counts['trainable']:,} trainable, "
+            f"{counts['frozen']:,} frozen parameters")
     engine, ep_info = parallelize(model, cfg, rt.world_size, rt.use_gpu)
     accum = cfg.grad_accum_steps(rt.world_size)
     tracker = Tracker(cfg.tracking, rt.rank)
@@ -270,16 +335,26 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     profiler = StepProfiler(cfg.train.profile_steps, out_root, rt.rank, rt.use_gpu)
     step_clock = StepClock()
     load_since_log: torch.Tensor | None = None  # rank 0's tokens per expert since the last log step
+    nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_row)
+    early_stop = EarlyStop(cfg.train.early_stop_patience)
+    # ZeRO 1-3 skip a step with a non-finite gradient norm themselves; without ZeRO the loop does
+    guard_without_zero = cfg.parallel.zero_stage == 0
 
     while state.step < cfg.train.max_steps:
         profiler.before_step(state.step + 1)
         t0 = time.perf_counter()
         stats, counts_LE = StepStats(), None
         lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step uses
-        for _ in range(accum):
+        skip_update = False
+        for i in range(accum):
             b = batches.next()
             out = engine(b["inputs"], segment_ids=b["segment_ids"], labels=b["labels"], loss_mask=b["loss_mask"])
-            engine.backward(out.loss)
+            if guard_without_zero:
+                skip_update |= nonfinite_on_any_rank(out.loss, rt.world_size, device)
+            if not skip_update:
+                engine.backward(out.loss)
+            if skip_update and i == accum - 1:
+                drop_update(engine)
             engine.step()
             stats.add(out)
             if getattr(out, "expert_counts", None) is not None:
@@ -312,6 +387,7 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         gn = engine.get_global_grad_norm()
         if gn is not None:
             m["grad_norm"] = float(gn)
+        nonfinite.check(m, state.step, rt.rank)
         if flops_pp:
             m["train_flops"] = flops_pp * state.points_seen
             if peak:
@@ -346,9 +422,16 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                 say(f"[train] step {state.step}/{cfg.train.max_steps} | loss {m['loss']:.4f} | lr {lr:.2e} | "
                     f"{m['points_per_s'] / 1e3:.1f}k pts/s | data-wait {m['data_wait_ms']:.1f} ms{ev} | "
                     f"ETA {_fmt_eta(eta)}")
+        stop = "eval_loss" in m and early_stop.stop_after(m["eval_loss"])
         every = cfg.train.checkpoint_every
-        if (every and state.step % every == 0) or (state.step == cfg.train.max_steps and cfg.train.checkpoint_at_end):
+        last = state.step == cfg.train.max_steps or stop
+        if (every and state.step % every == 0) or (last and cfg.train.checkpoint_at_end):
             rt.save_and_report(engine, state, {"step": state.step, "loss": m["loss"]})
+        if stop:
+            if rt.rank == 0:
+                say(f"[train] early stop at step {state.step}: eval loss {m['eval_loss']:.4f}, best {early_stop.best:.4f} "
+                    f"{early_stop.patience} evaluations ago (train.early_stop_patience)")
+            break
 
     if not cfg.train.eval_every:
         final_eval = evaluate(engine, rt.val_batches(), cfg.train.eval_batches, device, rt.world_size)
