@@ -290,32 +290,208 @@ class TrainResult:
 
 
 def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
-    """Train to ``cfg.train.max_steps``; return the history and the engine."""
-    out_root = Path(cfg.train.output_dir)
-    (out_root / "pids").mkdir(parents=True, exist_ok=True)
-    (out_root / "pids" / f"rank{rt.rank}.pid").write_text(str(os.getpid()))  # for fault-injection tests
-    device = torch.device("cuda", torch.cuda.current_device()) if rt.use_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
+    """Train to ``cfg.train.max_steps`` (or an early stop); return the history and the engine."""
+    run = TrainingRun.start(cfg, rt)      # seeds, process group, model, engine, resume, tracking
+    while run.state.step < cfg.train.max_steps:
+        stats, counts_LE, lr, t0 = run.step()       # micro-batches, one optimizer step
+        m = run.metrics(stats, counts_LE, lr, t0)  # reduced over ranks; non-finite steps counted
+        run.log(m)                                  # metrics.jsonl, MLflow, the step line
+        if run.checkpoint_or_stop(m):               # checkpoints; early stopping
+            break
+    return run.finish()                             # final evaluation, export, pictures
 
-    init_distributed(rt.use_gpu)
-    mcfg = model_config(cfg.model)
-    model = build_model(cfg.model, cfg.train.seed)
-    counts = apply_finetune_method(model, cfg.finetune)
-    if rt.rank == 0 and cfg.finetune.method != "full":
-        say(f"[train] finetune.method={cfg.finetune.method}: {counts['trainable']:,} trainable, "
-            f"{counts['frozen']:,} frozen parameters")
-    engine, ep_info = parallelize(model, cfg, rt.world_size, rt.use_gpu)
-    accum = cfg.grad_accum_steps(rt.world_size)
-    tracker = Tracker(cfg.tracking, rt.rank)
-    fingerprint = cfg.fingerprint()
 
-    state = ResumeState(config_fingerprint=fingerprint)
-    with rt.resume_dir() as ckpt_dir:
-        if ckpt_dir is not None:
-            state = checkpoint.load(engine, Path(ckpt_dir), fingerprint)
+@dataclass
+class TrainingRun:
+    """What one training run holds between its steps (:func:`run_training` is its table of contents)."""
+
+    cfg: TrainConfig
+    rt: Runtime
+    device: torch.device
+    mcfg: Any
+    engine: Any
+    ep_info: Any
+    accum: int
+    tracker: Tracker
+    state: ResumeState
+    batches: BatchStream
+    out_root: Path
+    profiler: StepProfiler
+    peak: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    step_clock: StepClock = field(default_factory=StepClock)
+    window_len: int = 0
+    flops_pp: float = 0.0
+    load_since_log: torch.Tensor | None = None  # rank 0's tokens per expert since the last log step
+    nonfinite: NonFiniteSteps | None = None
+    early_stop: EarlyStop | None = None
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, rt: Runtime) -> "TrainingRun":
+        out_root = Path(cfg.train.output_dir)
+        (out_root / "pids").mkdir(parents=True, exist_ok=True)
+        (out_root / "pids" / f"rank{rt.rank}.pid").write_text(str(os.getpid()))  # for fault-injection tests
+        device = torch.device("cuda", torch.cuda.current_device()) if rt.use_gpu else torch.device("cpu")
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        init_distributed(rt.use_gpu)
+        model = build_model(cfg.model, cfg.train.seed)
+        counts = apply_finetune_method(model, cfg.finetune)
+        if rt.rank == 0 and cfg.finetune.method != "full":
+            say(f"[train] finetune.method={cfg.finetune.method}: {counts['trainable']:,} trainable, "
+                f"{counts['frozen']:,} frozen parameters")
+        engine, ep_info = parallelize(model, cfg, rt.world_size, rt.use_gpu)
+        tracker = Tracker(cfg.tracking, rt.rank)
+        state = resume_state(engine, cfg, rt)
+        open_tracking(tracker, state, cfg)
+        return cls(cfg, rt, device, model_config(cfg.model), engine, ep_info, cfg.grad_accum_steps(rt.world_size),
+                   tracker, state, BatchStream(rt, state.data, device), out_root,
+                   StepProfiler(cfg.train.profile_steps, out_root, rt.rank, rt.use_gpu), _peak_flops(rt.use_gpu),
+                   nonfinite=NonFiniteSteps(cfg.train.max_nonfinite_in_row),
+                   early_stop=EarlyStop(cfg.train.early_stop_patience))
+
+    def step(self) -> tuple[StepStats, torch.Tensor | None, float, float]:
+        """One optimizer step over ``accum`` micro-batches. Without ZeRO a non-finite loss on any
+        rank drops the step's update here (ZeRO 1-3 skip a step with a non-finite gradient norm
+        themselves)."""
+        engine, rt = self.engine, self.rt
+        self.profiler.before_step(self.state.step + 1)
+        t0 = time.perf_counter()
+        stats, counts_LE = StepStats(), None
+        lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step uses
+        skip_update = False
+        for i in range(self.accum):
+            b = self.batches.next()
+            out = engine(b["inputs"], segment_ids=b["segment_ids"], labels=b["labels"], loss_mask=b["loss_mask"])
+            if self.cfg.parallel.zero_stage == 0:
+                skip_update |= nonfinite_on_any_rank(out.loss, rt.world_size, self.device)
+            if not skip_update:
+                engine.backward(out.loss)
+            if skip_update and i == self.accum - 1:
+                drop_update(engine)
+            engine.step()
+            stats.add(out)
+            if getattr(out, "expert_counts", None) is not None:
+                c = out.expert_counts.detach().float().cpu()
+                counts_LE = c if counts_LE is None else counts_LE + c
+        if not self.window_len:
+            self.window_len = b["inputs"].shape[1]
+            self.flops_pp = training_flops_per_point(self.mcfg, self.window_len)
+        self.state.step += 1
+        self.state.data = DataPosition(**vars(self.batches.pos))
+        self.state.points_seen += self.cfg.train.global_batch_size * self.window_len
+        return stats, counts_LE, lr, t0
+
+    def metrics(self, stats: StepStats, counts_LE: torch.Tensor | None, lr: float, t0: float) -> dict[str, float]:
+        """The step's metrics, the same on every rank (reduced), with the held-out metrics every
+        ``eval_every`` steps."""
+        cfg, rt, state = self.cfg, self.rt, self.state
+        points = cfg.train.global_batch_size * self.window_len
+        vec = torch.stack(stats.values).double().cpu() / self.accum
+        wait_s = self.batches.take_wait()
+        vec = all_reduce_sum(torch.cat([vec, torch.tensor([wait_s], dtype=torch.float64)]), rt.world_size,
+                             self.device) / rt.world_size
+        dt = time.perf_counter() - t0
+        m = dict(zip(stats.names, vec[:-1].tolist()))
+        m.update(lr=lr, points_seen=state.points_seen, points_per_s=points / dt, step_time_s=dt,
+                 data_wait_ms=float(vec[-1]) * 1000.0)
+        if rt.use_gpu:
+            m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        profile = self.profiler.after_step(state.step)
+        if profile is not None:
+            m["all_to_all_share"] = profile["all_to_all_share"]
             if rt.rank == 0:
-                say(f"[train] resumed from {ckpt_dir} at step {state.step}, data {state.data}")
+                say(f"[train] profile of steps {list(cfg.train.profile_steps)}: {profile['wall_ms_per_step']:.1f} ms/step, "
+                    f"all-to-all {100 * profile['all_to_all_share']:.1f}%, kernels (ms/step) "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in profile["kernel_ms_per_step"].items()))
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            m["grad_norm"] = float(gn)
+        self.nonfinite.check(m, state.step, rt.rank)
+        m["train_flops"] = self.flops_pp * state.points_seen
+        if self.peak:
+            m["mfu"] = mfu(points / dt / rt.world_size, self.mcfg, self.window_len, self.peak)
+        if counts_LE is not None:
+            self.load_since_log = counts_LE if self.load_since_log is None else self.load_since_log + counts_LE
+            m.update(expert_load_metrics(counts_LE, cfg.parallel.ep_size))
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+            m.update(evaluate(self.engine, rt.val_batches(), cfg.train.eval_batches, self.device, rt.world_size))
+        self.history.append({"step": state.step, **m})
+        self.step_clock.tick()
+        return m
+
+    def log(self, m: dict[str, float]) -> None:
+        """Every step to ``metrics.jsonl``; every ``log_every`` steps to MLflow, the expert-load
+        records and the step line."""
+        cfg, rt, step = self.cfg, self.rt, self.state.step
+        if rt.rank == 0:
+            with (self.out_root / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, **m}) + "\n")
+        if step % cfg.train.log_every and step != cfg.train.max_steps:
+            return
+        self.tracker.log_metrics(m, step)
+        if self.load_since_log is not None:  # one column of the expert-load heatmap
+            if rt.rank == 0:
+                with (self.out_root / EXPERT_LOAD_FILE).open("a") as f:
+                    f.write(json.dumps({"step": step, "counts": self.load_since_log.round().long().tolist()}) + "\n")
+            self.load_since_log = None
+        if rt.rank == 0:
+            eta = self.step_clock.eta_s(cfg.train.max_steps - step)
+            ev = f" | eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""
+            say(f"[train] step {step}/{cfg.train.max_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+                f"{m['points_per_s'] / 1e3:.1f}k pts/s | data-wait {m['data_wait_ms']:.1f} ms{ev} | "
+                f"ETA {_fmt_eta(eta)}")
+
+    def checkpoint_or_stop(self, m: dict[str, float]) -> bool:
+        """Checkpoint every ``checkpoint_every`` steps and at the end; True when the held-out loss
+        says stop (``early_stop_patience``)."""
+        cfg, state = self.cfg, self.state
+        stop = "eval_loss" in m and self.early_stop.stop_after(m["eval_loss"])
+        every = cfg.train.checkpoint_every
+        last = state.step == cfg.train.max_steps or stop
+        if (every and state.step % every == 0) or (last and cfg.train.checkpoint_at_end):
+            self.rt.save_and_report(self.engine, state, {"step": state.step, "loss": m["loss"]})
+        if stop and self.rt.rank == 0:
+            say(f"[train] early stop at step {state.step}: eval loss {m['eval_loss']:.4f}, best "
+                f"{self.early_stop.best:.4f} {self.early_stop.patience} evaluations ago (train.early_stop_patience)")
+        return stop
+
+    def finish(self) -> TrainResult:
+        """The final evaluation (when none ran during training), the export in the published
+        layout, the run's pictures; the tracking run closed."""
+        cfg, rt, state = self.cfg, self.rt, self.state
+        if not cfg.train.eval_every:
+            final_eval = evaluate(self.engine, rt.val_batches(), cfg.train.eval_batches, self.device, rt.world_size)
+            if final_eval:
+                self.tracker.log_metrics(final_eval, state.step)
+                self.history.append({"step": state.step, **final_eval})
+        if cfg.train.export:
+            exported = export_model(self.engine, self.ep_info, cfg, self.out_root / "final_model", rt.rank)
+            if exported is not None:
+                self.tracker.log_artifact(exported, "final_model")
+                say(f"[train] exported {exported}")
+        if rt.rank == 0:
+            log_training_pictures(self.out_root, self.tracker)
+        self.tracker.finish()
+        return TrainResult(self.history, self.engine, self.ep_info, state.mlflow_run_id)
+
+
+def resume_state(engine: Any, cfg: TrainConfig, rt: Runtime) -> ResumeState:
+    """The state of the newest checkpoint the runtime offers (weights restored into ``engine``),
+    else a fresh one."""
+    fingerprint = cfg.fingerprint()
+    with rt.resume_dir() as ckpt_dir:
+        if ckpt_dir is None:
+            return ResumeState(config_fingerprint=fingerprint)
+        state = checkpoint.load(engine, Path(ckpt_dir), fingerprint)
+        if rt.rank == 0:
+            say(f"[train] resumed from {ckpt_dir} at step {state.step}, data {state.data}")
+        return state
+
+
+def open_tracking(tracker: Tracker, state: ResumeState, cfg: TrainConfig) -> None:
+    """Open (or re-open after a resume) the run's MLflow run; the first time, log the config and
+    the data's manifest and curation report."""
     first_open = state.mlflow_run_id is None
     state.mlflow_run_id = tracker.start(state.mlflow_run_id, cfg.flat())
     if first_open:
@@ -326,124 +502,14 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                 if p.exists():
                     tracker.log_artifact(p, "data")
 
-    batches = BatchStream(rt, state.data, device)
-    window_len: int | None = None
-    flops_pp = 0.0
-    peak = _peak_flops(rt.use_gpu)
-    history: list[dict[str, float]] = []
-    metrics_file = out_root / "metrics.jsonl"
-    profiler = StepProfiler(cfg.train.profile_steps, out_root, rt.rank, rt.use_gpu)
-    step_clock = StepClock()
-    load_since_log: torch.Tensor | None = None  # rank 0's tokens per expert since the last log step
-    nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_row)
-    early_stop = EarlyStop(cfg.train.early_stop_patience)
-    # ZeRO 1-3 skip a step with a non-finite gradient norm themselves; without ZeRO the loop does
-    guard_without_zero = cfg.parallel.zero_stage == 0
 
-    while state.step < cfg.train.max_steps:
-        profiler.before_step(state.step + 1)
-        t0 = time.perf_counter()
-        stats, counts_LE = StepStats(), None
-        lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step uses
-        skip_update = False
-        for i in range(accum):
-            b = batches.next()
-            out = engine(b["inputs"], segment_ids=b["segment_ids"], labels=b["labels"], loss_mask=b["loss_mask"])
-            if guard_without_zero:
-                skip_update |= nonfinite_on_any_rank(out.loss, rt.world_size, device)
-            if not skip_update:
-                engine.backward(out.loss)
-            if skip_update and i == accum - 1:
-                drop_update(engine)
-            engine.step()
-            stats.add(out)
-            if getattr(out, "expert_counts", None) is not None:
-                c = out.expert_counts.detach().float().cpu()
-                counts_LE = c if counts_LE is None else counts_LE + c
-        if window_len is None:
-            window_len = b["inputs"].shape[1]
-            flops_pp = training_flops_per_point(mcfg, window_len)
-        state.step += 1
-        state.data = DataPosition(**vars(batches.pos))
-        points = cfg.train.global_batch_size * window_len
-        state.points_seen += points
-
-        vec = torch.stack(stats.values).double().cpu() / accum
-        wait_s = batches.take_wait()
-        vec = all_reduce_sum(torch.cat([vec, torch.tensor([wait_s], dtype=torch.float64)]), rt.world_size, device) / rt.world_size
-        dt = time.perf_counter() - t0
-        m = dict(zip(stats.names, vec[:-1].tolist()))
-        m.update(lr=lr, points_seen=state.points_seen, points_per_s=points / dt, step_time_s=dt,
-                 data_wait_ms=float(vec[-1]) * 1000.0)
-        if rt.use_gpu:
-            m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        profile = profiler.after_step(state.step)
-        if profile is not None:
-            m["all_to_all_share"] = profile["all_to_all_share"]
-            if rt.rank == 0:
-                say(f"[train] profile of steps {list(cfg.train.profile_steps)}: {profile['wall_ms_per_step']:.1f} ms/step, "
-                    f"all-to-all {100 * profile['all_to_all_share']:.1f}%, kernels (ms/step) "
-                    + ", ".join(f"{k} {v:.1f}" for k, v in profile["kernel_ms_per_step"].items()))
-        gn = engine.get_global_grad_norm()
-        if gn is not None:
-            m["grad_norm"] = float(gn)
-        nonfinite.check(m, state.step, rt.rank)
-        if flops_pp:
-            m["train_flops"] = flops_pp * state.points_seen
-            if peak:
-                m["mfu"] = mfu(points / dt / rt.world_size, mcfg, window_len, peak)
-        if counts_LE is not None:
-            load_since_log = counts_LE if load_since_log is None else load_since_log + counts_LE
-            per_layer = expert_imbalance(counts_LE)
-            for i, r in enumerate(per_layer):
-                m[f"expert_imbalance/layer{i}"] = r
-            m["expert_imbalance/mean"] = sum(per_layer) / len(per_layer)
-            if cfg.parallel.ep_size > 1:
-                ranks = expert_imbalance(counts_LE, counts_LE.shape[1] // cfg.parallel.ep_size)
-                m["expert_imbalance/ep_rank_mean"] = sum(ranks) / len(ranks)
-        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-            m.update(evaluate(engine, rt.val_batches(), cfg.train.eval_batches, device, rt.world_size))
-        history.append({"step": state.step, **m})
-        step_clock.tick()
-
-        if rt.rank == 0:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps({"step": state.step, **m}) + "\n")
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-            tracker.log_metrics(m, state.step)
-            if load_since_log is not None:  # one column of the expert-load heatmap
-                if rt.rank == 0:
-                    with (out_root / EXPERT_LOAD_FILE).open("a") as f:
-                        f.write(json.dumps({"step": state.step, "counts": load_since_log.round().long().tolist()}) + "\n")
-                load_since_log = None
-            if rt.rank == 0:
-                eta = step_clock.eta_s(cfg.train.max_steps - state.step)
-                ev = f" | eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""
-                say(f"[train] step {state.step}/{cfg.train.max_steps} | loss {m['loss']:.4f} | lr {lr:.2e} | "
-                    f"{m['points_per_s'] / 1e3:.1f}k pts/s | data-wait {m['data_wait_ms']:.1f} ms{ev} | "
-                    f"ETA {_fmt_eta(eta)}")
-        stop = "eval_loss" in m and early_stop.stop_after(m["eval_loss"])
-        every = cfg.train.checkpoint_every
-        last = state.step == cfg.train.max_steps or stop
-        if (every and state.step % every == 0) or (last and cfg.train.checkpoint_at_end):
-            rt.save_and_report(engine, state, {"step": state.step, "loss": m["loss"]})
-        if stop:
-            if rt.rank == 0:
-                say(f"[train] early stop at step {state.step}: eval loss {m['eval_loss']:.4f}, best {early_stop.best:.4f} "
-                    f"{early_stop.patience} evaluations ago (train.early_stop_patience)")
-            break
-
-    if not cfg.train.eval_every:
-        final_eval = evaluate(engine, rt.val_batches(), cfg.train.eval_batches, device, rt.world_size)
-        if final_eval:
-            tracker.log_metrics(final_eval, state.step)
-            history.append({"step": state.step, **final_eval})
-    if cfg.train.export:
-        exported = export_model(engine, ep_info, cfg, out_root / "final_model", rt.rank)
-        if exported is not None:
-            tracker.log_artifact(exported, "final_model")
-            say(f"[train] exported {exported}")
-    if rt.rank == 0:
-        log_training_pictures(out_root, tracker)
-    tracker.finish()
-    return TrainResult(history, engine, ep_info, state.mlflow_run_id)
+def expert_load_metrics(counts_LE: torch.Tensor, ep_size: int) -> dict[str, float]:
+    """Per layer and mean: busiest expert / average (1.0 = balanced); with EP the same for each
+    EP rank's block of experts (what every EP rank waits for)."""
+    per_layer = expert_imbalance(counts_LE)
+    m = {f"expert_imbalance/layer{i}": r for i, r in enumerate(per_layer)}
+    m["expert_imbalance/mean"] = sum(per_layer) / len(per_layer)
+    if ep_size > 1:
+        ranks = expert_imbalance(counts_LE, counts_LE.shape[1] // ep_size)
+        m["expert_imbalance/ep_rank_mean"] = sum(ranks) / len(ranks)
+    return m
