@@ -8,6 +8,13 @@
 #
 #   bash benchmarks/gpu_node_e2e.sh --out DIR --data DIR [--bundle .bundle] [--stride 256]
 #       [--budget-s 560] [--config configs/quickstart-gpu.yaml]
+#       [--finetune "ETTh1 ETTm1" --finetune-eval-stride 16]
+#
+# --finetune: after the quickstart, `python -m jobs.finetune` fine-tunes its final model for one
+# epoch on each named benchmark's train split (configs/finetune-gpu.yaml) and scores the parent
+# and the fine-tuned model on the test split (every Nth window); one dataset after the other,
+# each while the budget allows, the results merged into finetune.json and finetune.md. The
+# precision check then runs only if time is left.
 #
 # --data DIR holds corpus/ (raw files for preprocessing) and benchmarks/ (ETTh1 ... weather).
 # OUT receives at most 8 files: summary.json, eval_summary.json, precision.json, precision.txt,
@@ -17,7 +24,7 @@
 # budget allows it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="" data="" bundle=".bundle" stride=256 budget=560 config="configs/quickstart-gpu.yaml"
+out="" data="" bundle=".bundle" stride=256 budget=560 config="configs/quickstart-gpu.yaml" finetune="" ft_stride=16
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
@@ -26,6 +33,8 @@ while [ $# -gt 0 ]; do
         --stride) stride=$2; shift 2 ;;
         --budget-s) budget=$2; shift 2 ;;
         --config) config=$2; shift 2 ;;
+        --finetune) finetune=$2; shift 2 ;;
+        --finetune-eval-stride) ft_stride=$2; shift 2 ;;
         *) echo "gpu_node_e2e.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -52,6 +61,27 @@ timeout $(( budget - 90 )) bash deploy/gpu_node_quickstart.sh --results "$result
 say "quickstart exit code ${PIPESTATUS[0]}"
 
 model=$(ls -d "$results"/outputs/run-*/train/final_model 2>/dev/null | tail -n 1)
+if [ -n "$finetune" ] && [ -n "$model" ]; then
+    for ds in $finetune; do
+        left=$(( budget - ($(date +%s) - t0) ))
+        [ "$left" -gt 100 ] || { say "fine-tuning on $ds skipped (${left}s left)"; continue; }
+        say "fine-tuning on $ds (eval stride $ft_stride, ${left}s left)"
+        timeout $(( left - 20 )) python3 -m jobs.finetune --parent "$model" --benchmarks "$data/benchmarks" \
+            --datasets "$ds" --config configs/finetune-gpu.yaml --eval-stride "$ft_stride" \
+            --output-dir "$results/finetune/$ds" --register timemoe-quickstart-gpu-finetuned \
+            --tracking-uri "sqlite:///$results/finetune/mlflow.db" 2>&1 | tail -n 25 >>"$log"
+        say "fine-tuning on $ds exit code ${PIPESTATUS[0]}"
+    done
+    python3 - "$results/finetune" "$out" <<'PY'
+import json, sys
+from pathlib import Path
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+summaries = {p.parent.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/run-*/summary.json"))}
+tables = [f"## {p.parent.parent.name}\n\n{p.read_text()}" for p in sorted(root.glob("*/run-*/table.md"))]
+(out / "finetune.json").write_text(json.dumps(summaries, indent=2))
+(out / "finetune.md").write_text("\n\n".join(tables) or "no fine-tuning finished\n")
+PY
+fi
 left=$(( budget - ($(date +%s) - t0) ))
 if [ -n "$model" ] && [ "$left" -gt 60 ]; then
     say "precision check (stride $stride, ${left}s left)"
