@@ -35,6 +35,10 @@ FAMILY_TAG = "scaling.family"
 ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
 REPORT_DIR = "scaling_report"
 
+BALANCE_PREFIX = "balance/layer"
+TRAIN_BALANCE_PREFIX = "train_balance/layer"
+MIXTURE_PREFIX = "mixture/"
+
 # Metrics the report fits, in order of preference (the first one present is the headline).
 FIT_METRICS = ("heldout_loss", "heldout_mse", "zs_mse")
 
@@ -43,7 +47,7 @@ FIT_METRICS = ("heldout_loss", "heldout_mse", "zs_mse")
 class TrialRecord:
     """One finished trial, as logged on its MLflow child run (metrics unless noted)."""
 
-    family: str              # param + tag: "sparse" | "dense"
+    family: str              # param + tag: "sparse" | "dense" | "sparse_per_layer"
     size: str                # param
     trial_hash: str          # tag
     n_total: float
@@ -58,6 +62,17 @@ class TrialRecord:
     points_per_s: float = math.nan
     mfu: float = math.nan    # only on GPU
     zero_shot: dict[str, float] = field(default_factory=dict)  # "zs/<dataset>/<metric>" -> value
+    seed: int = 0            # param: the grid's seed index (records made before seeds existed: 0)
+    # Routing balance per layer, busiest expert's tokens / mean tokens per expert (1.0 = even,
+    # E / k = every token on the same k experts); empty for dense models. ``expert_balance``: the
+    # final model on the held-out windows (metrics balance/layer<i>); ``train_expert_balance``:
+    # the training loop's per-step values averaged over the last quarter of the steps
+    # (metrics train_balance/layer<i>).
+    expert_balance: list[float] = field(default_factory=list)
+    train_expert_balance: list[float] = field(default_factory=list)
+    # Training points of the data the trial trained on, by provenance kind ("real",
+    # "synthetic/<generator>"), from the preprocessing report (metrics mixture/<kind>).
+    data_mixture: dict[str, float] = field(default_factory=dict)
 
     METRICS = ("n_total", "n_active", "points_seen", "training_flops", "heldout_loss", "heldout_mse",
                "zs_mse", "zs_mae", "wall_time_s", "points_per_s", "mfu")
@@ -65,7 +80,15 @@ class TrialRecord:
     def metrics(self) -> dict[str, float]:
         out = {k: float(getattr(self, k)) for k in self.METRICS}
         out.update(self.zero_shot)
+        out.update({f"{BALANCE_PREFIX}{i}": float(v) for i, v in enumerate(self.expert_balance)})
+        out.update({f"{TRAIN_BALANCE_PREFIX}{i}": float(v) for i, v in enumerate(self.train_expert_balance)})
+        out.update({f"{MIXTURE_PREFIX}{k}": float(v) for k, v in self.data_mixture.items()})
         return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    @property
+    def balance_mean(self) -> float:
+        """Mean over layers of the held-out routing balance (NaN for dense models)."""
+        return float(np.mean(self.expert_balance)) if self.expert_balance else math.nan
 
     @property
     def flops_per_point(self) -> float:
@@ -84,7 +107,7 @@ def log_trial_record(client: Any, run_id: str, record: TrialRecord) -> None:
     client.log_batch(
         run_id,
         metrics=[Metric(k, v, now, 0) for k, v in record.metrics().items()],
-        params=[Param("family", record.family), Param("size", record.size)],
+        params=[Param("family", record.family), Param("size", record.size), Param("seed", str(record.seed))],
         tags=[RunTag(FAMILY_TAG, record.family), RunTag(HASH_TAG, record.trial_hash)],
     )
 
@@ -101,8 +124,18 @@ def record_from_run(run: Any) -> TrialRecord | None:
         size=p.get("size", "?"),
         trial_hash=t.get(HASH_TAG, ""),
         zero_shot={k: v for k, v in m.items() if k.startswith("zs/")},
+        seed=int(p.get("seed", 0)),  # runs logged before the seed axis existed: seed 0
+        expert_balance=_per_layer(m, BALANCE_PREFIX),
+        train_expert_balance=_per_layer(m, TRAIN_BALANCE_PREFIX),
+        data_mixture={k[len(MIXTURE_PREFIX):]: v for k, v in m.items() if k.startswith(MIXTURE_PREFIX)},
         **{k: float(m.get(k, math.nan)) for k in TrialRecord.METRICS},
     )
+
+
+def _per_layer(metrics: dict[str, float], prefix: str) -> list[float]:
+    """``prefix0, prefix1, ...`` metrics as a list in layer order."""
+    layers = {int(k[len(prefix):]): v for k, v in metrics.items() if k.startswith(prefix) and k[len(prefix):].isdigit()}
+    return [layers[i] for i in sorted(layers)]
 
 
 def find_sweep_run(client: Any, experiment_id: str, sweep: str | None = None) -> Any | None:
