@@ -30,13 +30,7 @@ from typing import Any
 import typed_config
 from model import TimeMoeConfig
 from model.flops import count_parameters, training_flops_per_point
-
-SPARSE = "sparse"
-DENSE = "dense"
-SPARSE_PER_LAYER = "sparse_per_layer"
-FAMILIES = (SPARSE, DENSE, SPARSE_PER_LAYER)
-DEFAULT_FAMILIES = (SPARSE, DENSE)
-SPARSE_FAMILIES = (SPARSE, SPARSE_PER_LAYER)  # compared with DENSE by the report's compute multiplier
+from pipeline.scaling_laws.families import DEFAULT_FAMILIES, DENSE, FAMILIES, SPARSE, SPARSE_PER_LAYER  # noqa: F401
 
 # Model fields added after trials were first recorded, with the value that reproduces the older
 # behaviour. A trial whose model has that value leaves the field out of its hash, so records made
