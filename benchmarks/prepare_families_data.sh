@@ -52,7 +52,7 @@ YAML
 
 echo "== python -m jobs.preprocess -> $OUT/families-1024"
 RAY_USAGE_STATS_ENABLED=0 "$PY" -m jobs.preprocess --config "$RAW/preprocess.yaml" \
-    --input "$RAW/kernelsynth" --input "$RAW/embedded" --input "$SHARED/corpus" --output "$OUT/families-1024" 2>&1 \
+    --input "$RAW/kernelsynth/corpus" --input "$RAW/embedded" --input "$SHARED/corpus" --output "$OUT/families-1024" 2>&1 \
     | grep -v -E "INFO|WARNING|^\s*$" | tail -3
 cp "$RAW/kernelsynth/kernelsynth.json" "$OUT/families-1024/"
 for name in ETTh1 ETTh2; do cp "$SHARED/benchmarks/$name.csv.gz" "$OUT/benchmarks/"; done

@@ -22,9 +22,10 @@ Deterministic: group g (its composition and samples) comes from ``default_rng([s
 any range of groups can be produced alone, on any machine and in any number of processes, and
 ``generate(seed, n)`` equals the concatenation of its parts. Different seeds give different
 series. Written in the Time-300B layout (``preprocessing.time300b``) under
-``<out>/synthetic/<dataset>``, one dataset folder per worker, plus ``kernelsynth.json``: the
-configuration and how many series and points each base kernel, kernel count and operator
-produced. Torch is not used here (layering: preprocessing/ never imports it).
+``<out>/corpus/synthetic/<dataset>``, one dataset folder per worker (``<out>/corpus`` is the
+preprocessing input), plus ``<out>/kernelsynth.json`` beside it, not inside it (the readers would
+take it for data): the configuration and how many series and points each base kernel, kernel
+count and operator produced. Torch is not used here (layering: preprocessing/ never imports it).
 
     python -m preprocessing.kernelsynth OUT --points 1.2e8 --seed 0 --workers 16
 """
@@ -46,6 +47,7 @@ from preprocessing.time300b import Time300BWriter
 
 BASE_KERNELS = ("linear", "rbf", "periodic", "rational_quadratic", "white_noise")
 SUMMARY_FILE = "kernelsynth.json"
+CORPUS_DIR = "corpus"  # the series, under out_dir: the folder to give the preprocessing job
 DOMAIN = "synthetic"
 
 
@@ -221,7 +223,7 @@ def _write_part_args(args: tuple[str, str, int, int, int, KernelSynthConfig]) ->
 
 def write_corpus(out_dir: str, points: float, *, seed: int = 0, workers: int = 1, dataset: str = "kernelsynth_gp",
                  cfg: KernelSynthConfig | None = None) -> dict:
-    """At least ``points`` points of KernelSynth series under ``out_dir/synthetic/<dataset>-<k>``
+    """At least ``points`` points of KernelSynth series under ``out_dir/corpus/synthetic/<dataset>-<k>``
     (one folder per worker, each a contiguous range of groups), and ``out_dir/kernelsynth.json``.
     The same (points, seed, config) give the same series whatever ``workers`` is."""
     cfg = cfg or KernelSynthConfig()
@@ -229,7 +231,8 @@ def write_corpus(out_dir: str, points: float, *, seed: int = 0, workers: int = 1
     n_groups = max(1, math.ceil(float(points) / per_group))
     workers = max(1, min(int(workers), n_groups))
     bounds = np.linspace(0, n_groups, workers + 1).round().astype(int)
-    jobs = [(out_dir, f"{dataset}-{k:03d}", seed, int(bounds[k]), int(bounds[k + 1]), cfg) for k in range(workers)]
+    corpus = str(Path(out_dir) / CORPUS_DIR)
+    jobs = [(corpus, f"{dataset}-{k:03d}", seed, int(bounds[k]), int(bounds[k + 1]), cfg) for k in range(workers)]
     t0 = time.perf_counter()
     if workers == 1:
         parts = [_write_part_args(jobs[0])]
@@ -239,7 +242,7 @@ def write_corpus(out_dir: str, points: float, *, seed: int = 0, workers: int = 1
     total = Tally()
     for part in parts:
         total.merge(part)
-    summary = {"generator": "kernelsynth", "seed": seed, "groups": n_groups, "datasets": [j[1] for j in jobs],
+    summary = {"generator": "kernelsynth", "corpus": corpus, "seed": seed, "groups": n_groups, "datasets": [j[1] for j in jobs],
                "domain": DOMAIN, "config": asdict(cfg), **asdict(total),
                "seconds": round(time.perf_counter() - t0, 2)}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -249,7 +252,7 @@ def write_corpus(out_dir: str, points: float, *, seed: int = 0, workers: int = 1
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m preprocessing.kernelsynth", description=__doc__.split("\n")[0])
-    ap.add_argument("out", help="output folder (Time-300B layout: OUT/synthetic/<dataset>-<k>/)")
+    ap.add_argument("out", help="output folder: OUT/corpus/synthetic/<dataset>-<k>/ (Time-300B layout) + OUT/kernelsynth.json")
     ap.add_argument("--points", type=float, required=True, help="at least this many points (e.g. 1.2e8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="processes (one dataset folder each)")

@@ -18,7 +18,7 @@ SMALL = KS.KernelSynthConfig(length=256, samples_per_kernel=2)
 def _series(root: Path) -> list[np.ndarray]:
     """Every series of a written corpus, in dataset-folder then file order."""
     out = []
-    for folder in sorted((root / KS.DOMAIN).iterdir()):
+    for folder in sorted((root / KS.CORPUS_DIR / KS.DOMAIN).iterdir()):
         meta = json.loads((folder / "meta.json").read_text())
         flat = np.concatenate([np.fromfile(folder / name, dtype=np.float32) for name in meta["files"]])
         out += [flat[s["offset"]:s["offset"] + s["length"]] for s in meta["scales"]]
@@ -63,10 +63,12 @@ def test_preprocessing_report_states_the_mixture(ray_local, shared_data, tmp_pat
     synth = tmp_path / "synth"
     summary = KS.write_corpus(str(synth), 20000, seed=0, cfg=SMALL)
     real = shared_data / "corpus" / "synthetic" / "nab_art_daily_small_noise.csv.gz"  # real files: "real"
-    cfg = PreprocessConfig(inputs=[str(synth), str(real)], output=str(tmp_path / "out"),
+    cfg = PreprocessConfig(inputs=[str(synth / KS.CORPUS_DIR), str(real)], output=str(tmp_path / "out"),
                            pack=PackConfig(window_length=256, val_fraction=0.1),
                            provenance={"synthetic/kernelsynth_gp-*": "synthetic/kernelsynth"})
     rep = run_preprocess(cfg).report
+    # nothing but series in the corpus folder (kernelsynth.json sits beside it)
+    assert not [q for q in rep["quarantine"] if str(synth) in q["source"]]
     prov = rep["provenance"]
     assert set(prov) == {"real", "synthetic/kernelsynth"}
     assert prov["synthetic/kernelsynth"]["points_in"] == summary["points"]
