@@ -11,6 +11,7 @@ YAML layout mirrors the dataclasses::
     normalize: {method: zscore, scope: run}
     pack: {window_length: 4096, min_chunk_length: 32}
     mixture: {weights: {nature: 0.3, energy: 2.5}}
+    provenance: {"synthetic/kernelsynth_gp-*": synthetic/kernelsynth}   # report: real vs generated
     task_resources: {data: 1}   # Ray custom resources of every read/clean/pack task (placement)
 """
 from __future__ import annotations
@@ -106,6 +107,10 @@ class PreprocessConfig:
     # asks for, on top of its CPU: ``{data: 1}`` keeps them on the cluster's cpu_data nodes
     # (cluster.yaml, docs/cluster.md "Placing work"). Empty: any node with a free CPU.
     task_resources: dict[str, float] = field(default_factory=dict)
+    # Where the data comes from, for the report's ``provenance`` block (real points vs each
+    # generator's): glob on "domain/dataset" -> kind, e.g. {"synthetic/kernelsynth_gp-*":
+    # "synthetic/kernelsynth"}. The first matching glob wins; a dataset no glob matches is "real".
+    provenance: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,7 +3,8 @@
 
 ``report.json`` top level: ``points_in``, ``points_kept``, ``points_dropped`` (reason -> points),
 ``series_in``, ``series_kept``, ``series_dropped`` (reason -> series), ``points_repeated``,
-``packing_efficiency`` (per split), ``mixture_weights``, ``domains`` and ``datasets`` blocks
+``packing_efficiency`` (per split), ``mixture_weights``, ``provenance`` (points and series per
+provenance kind: real vs each generator, ``PreprocessConfig.provenance``), ``domains`` and ``datasets`` blocks
 (the same counters plus length histograms and value statistics), ``quarantine`` (inputs that
 could not be read, with reasons), ``shards``, ``warnings`` (one line each: a domain of which
 nothing was kept, a series the robust bound cut points from).
@@ -11,6 +12,7 @@ nothing was kept, a series the robust bound cut points from).
 from __future__ import annotations
 
 import base64
+import fnmatch
 import html
 import io
 from typing import Any
@@ -50,6 +52,30 @@ def build_warnings(acc: Accounting) -> list[str]:
     return lines
 
 
+REAL = "real"
+
+
+def provenance_kind(dataset_key: str, rules: dict[str, str]) -> str:
+    """The provenance kind of a ``domain/dataset``: the first glob of ``rules`` it matches, else real."""
+    for pattern, kind in rules.items():
+        if fnmatch.fnmatch(dataset_key, pattern):
+            return kind
+    return REAL
+
+
+def provenance_counts(acc: Accounting, rules: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Points and series in, kept and held out to val/, per provenance kind (real, and each
+    generator named in ``PreprocessConfig.provenance``): the data mixture a sweep reports."""
+    out: dict[str, dict[str, int]] = {}
+    for key, t in sorted(acc.datasets.items()):
+        c = _counts(t)
+        row = out.setdefault(provenance_kind(key, rules), {k: 0 for k in (
+            "points_in", "points_kept", "points_val", "series_in", "series_kept", "series_val")})
+        for k in row:
+            row[k] += int(c[k])
+    return out
+
+
 def build_report(acc: Accounting, config: PreprocessConfig, efficiency: dict[str, float],
                  shards: dict[str, list[dict[str, Any]]], mixture: dict[str, float]) -> dict[str, Any]:
     total = acc.totals()
@@ -62,6 +88,8 @@ def build_report(acc: Accounting, config: PreprocessConfig, efficiency: dict[str
     rep["packing_efficiency"] = efficiency
     rep["window_length"] = config.pack.window_length
     rep["mixture_weights"] = mixture
+    rep["provenance"] = provenance_counts(acc, config.provenance)
+    rep["provenance_rules"] = dict(config.provenance)
     rep["quarantine"] = sorted(acc.quarantine, key=lambda q: (q["source"], q["series"]))
     rep["warnings"] = build_warnings(acc)
     rep["shards"] = {s: {"files": len(v), "rows": sum(x["rows"] for x in v), "points": sum(x["points"] for x in v)}
@@ -250,7 +278,13 @@ def render_html(rep: dict[str, Any]) -> str:
     sec["packing"] = _table(["split", "efficiency", "rows", "points", "files"], [
         [s, rep["packing_efficiency"].get(s, 1.0), v["rows"], v["points"], v["files"]] for s, v in rep["shards"].items()
     ]) + f"<p>window length {rep['window_length']} (+1 point per row)</p>" + plots["packing"]
-    sec["mixture"] = _table(["domain", "weight"], [[d, w] for d, w in rep["mixture_weights"].items()])
+    provenance = rep.get("provenance") or {}
+    kept_total = sum(c["points_kept"] for c in provenance.values()) or 1
+    sec["mixture"] = (_table(["domain", "weight"], [[d, w] for d, w in rep["mixture_weights"].items()])
+                      + "<h3>Provenance: real vs generated</h3>"
+                      + _table(["kind", "series kept", "points kept", "of which val/", "share of kept points"],
+                               [[k, c["series_kept"], Keyed(f"provenance.{k}.points_kept", c["points_kept"]),
+                                 c["points_val"], f"{c['points_kept'] / kept_total:.1%}"] for k, c in provenance.items()]))
     sec["quarantine"] = _table(["source", "dataset", "reason", "claimed points", "message"], [
         [q["source"], f"{q['domain']}/{q['dataset']}", q["reason"], q["claimed_points"], q["message"]] for q in rep["quarantine"]
     ], TABLE_ROWS_SHOWN, "quarantined inputs") if rep["quarantine"] else "<p>no quarantined inputs</p>"

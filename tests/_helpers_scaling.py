@@ -127,3 +127,43 @@ def tiny_sweep_raw(tmp_path: Path, data: Path, name: str) -> dict:
     raw["training"]["data"]["path"] = str(data)
     raw["evaluation"].update(heldout_windows=16, report_n_boot=10)
     return raw
+
+
+# A known L(C) for the seed-axis tests: dense needs MULTIPLIER[family] times the sparse family's
+# FLOPs for the same loss at every compute, i.e. L_dense(C) = L_family(C / m).
+SEEDED_LAW = dict(E=0.2, A=40.0, alpha=0.12)
+SEEDED_SIZES = {"s3": 1.47e7, "s4": 4.97e7}          # active params
+SEEDED_BUDGETS = (1.2e7, 3.6e7, 1e8)                 # points seen
+BALANCE = {"sparse": 4.0, "sparse_per_layer": 1.7}   # busiest/mean per layer, as issue 19 measured
+
+
+def seeded_trials(multipliers: dict[str, float], seeds: int = 3, noise: float = 0.01, seed: int = 0,
+                  layers: int = 4) -> list[TrialRecord]:
+    """Trials of dense and the given sparse families on a sizes x budgets grid, ``seeds`` seeds per
+    cell, losses from ``SEEDED_LAW`` with each sparse family ``multipliers[family]`` times more
+    compute-efficient than dense, times log-normal seed noise of sd ``noise``."""
+    rng = np.random.default_rng(seed)
+
+    def loss_at(C):
+        return SEEDED_LAW["E"] + SEEDED_LAW["A"] * C ** -SEEDED_LAW["alpha"]
+
+    out = []
+    for family in ("dense", *multipliers):
+        m = multipliers.get(family, 1.0)
+        for size, n_active in SEEDED_SIZES.items():
+            fpp = 6 * n_active + 6 * layers * 1024 * 256
+            for d in SEEDED_BUDGETS:
+                C = fpp * d
+                # dense: L(C); a sparse family reaches dense's L(m C) at C
+                clean = loss_at(C * m) if family != "dense" else loss_at(C)
+                for s in range(seeds):
+                    loss = float(clean * np.exp(rng.normal(0, noise)))
+                    bal = [] if family == "dense" else list(BALANCE[family] + rng.normal(0, 0.05, layers))
+                    out.append(TrialRecord(
+                        family=family, size=size, trial_hash=f"{family}-{size}-{d:.0e}-{s}", seed=s,
+                        n_total=n_active * (1 if family == "dense" else 2.3), n_active=n_active, points_seen=d,
+                        training_flops=C, heldout_loss=loss, heldout_mse=2 * loss, zs_mse=0.5 + loss / 4,
+                        expert_balance=bal, train_expert_balance=[b + 0.1 for b in bal],
+                        data_mixture={"real": 1.1e7, "synthetic/kernelsynth": 1.05e8},
+                    ))
+    return out

@@ -93,6 +93,7 @@ def test_curation_report_in_browser(browser, tmp_path):
         "rows.train": rep["shards"]["train"]["rows"], "rows.val": rep["shards"]["val"]["rows"],
         "packing_efficiency.train": rep["packing_efficiency"]["train"],
         "warnings": len(rep["warnings"]), "quarantine": len(rep["quarantine"]),
+        **{f"provenance.{kind}.points_kept": c["points_kept"] for kind, c in rep["provenance"].items()},
     }
     assert set(shown) == set(expected), set(shown) ^ set(expected)
     for key, value in expected.items():
@@ -118,7 +119,7 @@ def test_scaling_report_in_browser(browser, scaling_report, tmp_path):
     shown = page.keyed_values()
     for key in ("trials", "families.sparse.n_trials", "families.dense.n_trials",
                 "families.sparse.power_law.alpha.estimate", "families.dense.power_law.E.estimate",
-                "families.sparse.extrapolation.relative_error", "multiplier.headline.estimate"):
+                "families.sparse.extrapolation.relative_error", "multipliers.sparse.headline.estimate"):
         assert key in shown, (key, shown)
     for key, text in shown.items():
         assert_matches(text, json_value(fits, key), key)

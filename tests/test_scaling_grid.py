@@ -92,3 +92,66 @@ def test_grid_config_errors_name_the_problem():
     assert grid.budgets == (100_000_000, 36_000_000) and grid.sizes[0].num_hidden_layers == 1
     with pytest.raises(ValueError, match="unknown families"):
         dataclasses.replace(GRID, families=("sparse", "moe"))
+
+
+def test_families_and_seeds_expand_with_stable_identity():
+    grid = dataclasses.replace(GRID, families=("sparse", "dense", "sparse_per_layer"), seeds=(0, 1))
+    trials = G.expand_grid(grid, training={"optim": {"lr": 1e-3}})
+    assert len(trials) == 3 * 4 * 3 * 2
+    assert len({t.config_hash() for t in trials}) == len(trials)
+    assert len({t.name for t in trials}) == len(trials)
+    # Seed 0 of a seeded grid is the trial of the grid without seeds: same hash, same name.
+    plain = {(t.family, t.size, t.budget_points): t for t in G.expand_grid(GRID, training={"optim": {"lr": 1e-3}})}
+    by_key = {(t.family, t.size, t.budget_points, t.seed): t for t in trials}
+    for (fam, size, budget), old in plain.items():
+        assert by_key[(fam, size, budget, 0)].config_hash() == old.config_hash()
+        assert by_key[(fam, size, budget, 0)].name == old.name
+        assert by_key[(fam, size, budget, 1)].name == old.name + "-seed1"
+    # The per-layer family is the sparse model with the per-layer aux loss: same parameters,
+    # same FLOPs, another hash.
+    for (fam, size, budget, seed), t in by_key.items():
+        if fam != "sparse_per_layer":
+            continue
+        twin = by_key[("sparse", size, budget, seed)]
+        assert t.model_config().router_aux_loss_scope == "per_layer"
+        assert twin.model_config().router_aux_loss_scope == "pooled"
+        assert {k: v for k, v in t.model.items() if k != "router_aux_loss_scope"} == \
+            {k: v for k, v in twin.model.items() if k != "router_aux_loss_scope"}
+        assert (t.n_total, t.n_active, t.flops_per_point) == (twin.n_total, twin.n_active, twin.flops_per_point)
+        assert t.config_hash() != twin.config_hash()
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        dataclasses.replace(GRID, seeds=(0, 0))
+
+
+def test_committed_8gpu_records_still_match_their_trials():
+    """The 24 records of the 8-GPU sweep were written before router_aux_loss_scope and the seed
+    axis existed: their hashes must still be trials of configs/sweep-8gpu-offline.yaml, or
+    ``jobs.sweep --import-records`` would refuse them as foreign."""
+    import glob
+    from pathlib import Path
+
+    from pipeline.scaling_laws.offline import read_records
+    from pipeline.scaling_laws.sweep import SweepConfig, plan_trials
+
+    root = Path(__file__).resolve().parents[1]
+    plans = {p.config_hash: p for p in plan_trials(SweepConfig.from_yaml(root / "configs" / "sweep-8gpu-offline.yaml"))}
+    records = read_records(sorted(glob.glob(str(root / "benchmarks/results/sweep-8gpu-offline/records-*.jsonl"))))
+    assert len(records) == 24
+    for r in records:
+        assert r.config_hash in plans, r.trial
+        assert plans[r.config_hash].spec.name == r.trial and r.record.seed == 0
+
+
+def test_seed_axis_sets_the_training_seed():
+    from pipeline.scaling_laws.sweep import SweepConfig, plan_trials
+
+    raw = {"sweep": {"name": "x"}, "grid": {"base_preset": "tiny", "head_dim": 16, "window_length": 64,
+                                             "num_experts": 4, "sizes": [{"name": "xs", "layers": 1, "hidden": 32}],
+                                             "budgets": [1024], "seeds": [0, 2],
+                                             "families": ["sparse", "sparse_per_layer"]},
+           "training": {"train": {"global_batch_size": 4, "seed": 1234}}}
+    plans = plan_trials(SweepConfig.from_dict(raw))
+    assert [(p.spec.family, p.spec.seed, p.train_config["train"]["seed"]) for p in plans] == [
+        ("sparse", 0, 1234), ("sparse", 2, 1236), ("sparse_per_layer", 0, 1234), ("sparse_per_layer", 2, 1236)]
+    assert plans[2].train_config["model"]["overrides"]["router_aux_loss_scope"] == "per_layer"
+    assert "router_aux_loss_scope" not in plans[0].train_config["model"]["overrides"]

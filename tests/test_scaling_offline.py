@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -181,3 +183,94 @@ def test_offline_8gpu_config_plans_and_fits_its_time_box():
         assert tc.scaling.use_gpu and tc.train.global_batch_size == tc.train.micro_batch_size == 32
         assert tc.parallel.precision == "bf16" and tc.parallel.compile
     assert cfg.training["optim"]["warmup_steps"] == round(0.1 * min(p.steps for p in plans))
+
+
+def _measured_points_per_s() -> dict[tuple[str, str], float]:
+    """(family, size) -> points/s of the committed 8-GPU sweep's 3.6e7-point trials (8 trials at
+    once on one host: a conservative speed for one trial alone)."""
+    recs = O.read_records(sorted((ROOT / "benchmarks/results/sweep-8gpu-offline").glob("records-*.jsonl")))
+    return {(r.record.family, r.record.size): r.record.points_per_s for r in recs if r.record.points_seen > 3e7}
+
+
+def families_trial_seconds(p: S.TrialPlan, speed: dict[tuple[str, str], float]) -> float:
+    """docs/scaling.md's estimate: 35 s start-up and compilation + 15 s evaluation + points at the
+    measured speed (sparse_per_layer routes like sparse: same FLOPs, same kernels)."""
+    family = "sparse" if p.spec.family == "sparse_per_layer" else p.spec.family
+    return 50.0 + p.points_seen / speed[(family, p.spec.size)]
+
+
+def test_families_config_plans_24_trials_in_runs_under_10_minutes():
+    cfg = S.SweepConfig.from_yaml(ROOT / "configs" / "sweep-families-1gpu.yaml")
+    plans = S.plan_trials(cfg)
+    assert len(plans) == 24 and cfg.grid.seeds == (0, 1)
+    cells = {(p.spec.family, p.spec.size, p.spec.budget_points) for p in plans}
+    assert len(cells) == 12 and {c[0] for c in cells} == {"dense", "sparse", "sparse_per_layer"}
+    assert {c[2] for c in cells} == {36_000_000, 100_000_000} and {c[1] for c in cells} == {"s3", "s4"}
+    assert sum(p.spec.family == "sparse_per_layer" for p in plans) >= 8
+    speed = _measured_points_per_s()
+    runs = [O.shard_plans(plans, k, 24) for k in range(24)]  # --shard K/24: one trial per GPU run
+    assert sorted(p.config_hash for r in runs for p in r) == sorted(p.config_hash for p in plans)
+    seconds = [sum(families_trial_seconds(p, speed) for p in r) for r in runs]
+    assert max(seconds) < 9 * 60  # 10-minute runs with a minute to spare for the interpreter and data
+    assert 80 * 60 < sum(seconds) < 120 * 60  # docs/scaling.md: ~100 GPU-minutes in all
+    # No training row repeats: the largest budget's rows fit in the KernelSynth part alone.
+    script = (ROOT / "benchmarks" / "prepare_families_data.sh").read_text()
+    synth_points = float(re.search(r"SYNTH_POINTS=\$\{SYNTH_POINTS:-([0-9.e+]+)\}", script).group(1))
+    val_fraction = float(re.search(r"val_fraction: ([0-9.]+)", script).group(1))
+    rows_needed = max(p.points_seen for p in plans) // cfg.grid.window_length
+    assert synth_points >= 1e8 and synth_points * (1 - val_fraction) / 1024 > 1.1 * rows_needed
+
+
+def test_import_accepts_records_with_and_without_the_new_fields(mlflow_server, tmp_path):
+    """An old record (no seed, balance or mixture: seed 0) and new ones (seed 1, per-layer balance,
+    mixture) import into MLflow, read back unchanged, and jobs.scaling_report rebuilds the report
+    (multipliers, routing, mixture) from MLflow alone."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.scaling_report import main as report_main
+
+    raw = H.tiny_sweep_raw(tmp_path, tmp_path / "data", "families-import")
+    raw["grid"].update(families=["dense", "sparse", "sparse_per_layer"], seeds=[0, 1])
+    raw["sweep"]["tracking_uri"] = mlflow_server
+    cfg = S.SweepConfig.from_dict(raw)
+    plans = S.plan_trials(cfg)
+    assert len(plans) == 3 * 2 * 2 * 2
+    rng = np.random.default_rng(0)
+    lines = []
+    for p in plans:
+        loss = 0.3 + 1e12 / p.spec.training_flops ** 0.5 * (0.8 if p.spec.family != "dense" else 1.0)
+        rec = R.TrialRecord(family=p.spec.family, size=p.spec.size, trial_hash=p.config_hash,
+                            n_total=p.spec.n_total, n_active=p.spec.n_active, points_seen=p.points_seen,
+                            training_flops=p.spec.flops_per_point * p.points_seen,
+                            heldout_loss=loss * float(np.exp(rng.normal(0, 0.01))), heldout_mse=2 * loss,
+                            seed=p.spec.seed,
+                            expert_balance=[] if p.spec.family == "dense" else [3.9, 4.0] if p.spec.family == "sparse" else [1.6, 1.8],
+                            data_mixture={"real": 1000.0, "synthetic/kernelsynth": 9000.0})
+        line = json.loads(O.OfflineRecord(sweep=cfg.sweep.name, config_hash=p.config_hash, trial=p.spec.name,
+                                          params=S.trial_param_values(p), record=rec).to_json())
+        if p.spec.seed == 0 and p.spec.family == "dense" and p.spec.size == "xs":  # as written before the fields existed
+            for key in ("seed", "expert_balance", "train_expert_balance", "data_mixture"):
+                line["record"].pop(key)
+        lines.append(json.dumps(line))
+    records = tmp_path / "records.jsonl"
+    records.write_text("\n".join(lines) + "\n")
+    imp = O.import_records(cfg, [records], report=False, log=lambda s: None)
+    assert len(imp.imported) == 24 and not imp.foreign
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp_id = client.get_experiment_by_name(cfg.sweep.experiment).experiment_id
+    back = {r.trial_hash: r for r in (R.record_from_run(c) for c in R.child_runs(client, exp_id, imp.parent_run_id))}
+    for p in plans:
+        r = back[p.config_hash]
+        assert r.family == p.spec.family and r.seed == p.spec.seed
+        old = p.spec.seed == 0 and p.spec.family == "dense" and p.spec.size == "xs"
+        assert r.data_mixture == ({} if old else {"real": 1000.0, "synthetic/kernelsynth": 9000.0})
+        assert r.expert_balance == {"dense": [], "sparse": [3.9, 4.0], "sparse_per_layer": [1.6, 1.8]}[p.spec.family]
+    out = tmp_path / "report"
+    assert report_main(["--experiment", cfg.sweep.experiment, "--tracking-uri", mlflow_server,
+                        "--out", str(out), "--n-boot", "10", "--no-log"]) == 0
+    fits = json.loads((out / "scaling_fits.json").read_text())
+    assert set(fits["multipliers"]) == {"sparse", "sparse_per_layer"}
+    assert fits["routing"]["sparse"]["mean"] == pytest.approx(3.95)
+    assert fits["routing"]["sparse_per_layer"]["mean"] == pytest.approx(1.7)
+    assert all(c["n_seeds"] == 2 for fam in fits["families"].values() for c in fam["cells"])
+    assert {tuple(sorted(m["points"])) for m in fits["data_mixtures"]} == {(), ("real", "synthetic/kernelsynth")}

@@ -41,7 +41,8 @@ def test_build_report_from_records(scaling_report):
     # Dense of equal active params behaves like a 0.35x smaller sparse model: it needs more FLOPs.
     assert all(m["estimate"] > 1.0 for m in fits["multiplier"]["per_compute"])
     md = files.table_md.read_text()
-    assert md.count("| sparse |") == 12 + 1 and md.count("| dense |") == 12 + 1  # trials + fit row
+    # trials + fit row + cells (one seed each: a cell per trial)
+    assert md.count("| sparse |") == 12 + 1 + 12 and md.count("| dense |") == 12 + 1 + 12
     assert "<table" in files.table_html.read_text()
     page = files.page_html.read_text()  # opened in a browser by tests/test_browser_reports.py
     assert page.count("data:image/png;base64,") == 4 and "http" not in page

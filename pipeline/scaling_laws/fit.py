@@ -432,3 +432,95 @@ def extrapolation_error(compute: Sequence[float], loss: Sequence[float], *,
     pred = float(fit.predict(C[last]))
     return Extrapolation(held_out_compute=float(C[last]), observed=float(y[last]), predicted=pred,
                          relative_error=(pred - float(y[last])) / float(y[last]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds: cells of repeated trials, the seed bootstrap, the budget that would settle a comparison
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SeedCell:
+    """One (size, budget) cell of a family: the same trial trained with several seeds."""
+
+    compute: float            # training FLOPs (equal for every seed of the cell)
+    losses: tuple[float, ...]  # one per seed
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.losses))
+
+    @property
+    def spread(self) -> float:
+        """Sample standard deviation over seeds (0 for a single seed)."""
+        return float(np.std(self.losses, ddof=1)) if len(self.losses) > 1 else 0.0
+
+
+def seed_noise_log(cells: Sequence[SeedCell]) -> float:
+    """Pooled within-cell standard deviation of log loss over the cells with >= 2 seeds (the
+    run-to-run noise of one trial, as a relative error); NaN when no cell has 2 seeds."""
+    num, dof = 0.0, 0
+    for c in cells:
+        if len(c.losses) > 1:
+            ly = np.log(np.asarray(c.losses, dtype=float))
+            num += float(((ly - ly.mean()) ** 2).sum())
+            dof += len(ly) - 1
+    return math.sqrt(num / dof) if dof else math.nan
+
+
+def bootstrap_power_law_cells(cells: Sequence[SeedCell], *, n_boot: int = 200, level: float = 0.9,
+                              seed: int = 0, delta: float = HUBER_DELTA) -> tuple[PowerLawBootstrap, str]:
+    """L(C) fitted to the cells' mean losses, with a bootstrap that resamples SEEDS WITHIN CELLS.
+
+    The cells are the grid's design (chosen sizes and budgets), not random draws; what is random
+    is the training run, so each draw replaces every cell's seeds by a resample of them (with
+    replacement) and refits on the resampled means. Seeds are never treated as extra budgets.
+    Cells with one seed contribute no noise; if no cell has two seeds there is nothing to
+    resample, and the draws resample the cells instead (the bootstrap over trials of a sweep
+    without seeds). Returns (bootstrap, method: "seeds_within_cells" | "cells")."""
+    C = np.array([c.compute for c in cells], dtype=float)
+    means = np.array([c.mean for c in cells], dtype=float)
+    if not any(len(c.losses) > 1 for c in cells):
+        return bootstrap_power_law(C, means, n_boot=n_boot, level=level, seed=seed, delta=delta), "cells"
+    best = fit_power_law(C, means, delta=delta)
+    rng = np.random.default_rng(seed)
+    out = PowerLawBootstrap(fit=best, level=level)
+    losses = [np.asarray(c.losses, dtype=float) for c in cells]
+    for _ in range(n_boot):
+        draw = np.array([ls[rng.integers(0, len(ls), len(ls))].mean() for ls in losses])
+        out.samples.append(fit_power_law(C, draw, delta=delta, n_refine=3, init=best))
+    return out, "seeds_within_cells"
+
+
+@dataclass(frozen=True)
+class ResolvingBudget:
+    """How much more training a multiplier whose interval includes 1 would need to exclude it."""
+
+    seeds_per_cell: float | None   # seeds per cell at which the interval would exclude 1; None: never
+    factor: float | None           # seeds_per_cell / the seeds measured (= factor on the sweep's FLOPs)
+    training_flops: float | None   # the two families' trials' FLOPs times ``factor``
+    n_seeds: int                   # seeds per cell measured (the smallest over the cells)
+    assumption: str = ("the interval comes from seed noise (seeds resampled within cells), so its "
+                       "half-width in log multiplier shrinks as 1 / sqrt(seeds per cell); the estimate "
+                       "and the grid (sizes, budgets) stay as measured. More budget per cell does not "
+                       "shrink seed noise, and the gap between the curves narrows as losses approach E, "
+                       "so the projection is in seeds, i.e. in total sweep FLOPs")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seeds_to_exclude_one(interval: Interval, n_seeds: int, sweep_flops: float) -> ResolvingBudget:
+    """The seeds per cell at which ``interval`` (a multiplier's, from the seed bootstrap with
+    ``n_seeds`` seeds per cell) would exclude 1: the half-width on the side of 1, in log space,
+    times sqrt(n / n*) must fall below |log estimate|. None where the estimate is 1 or not finite."""
+    est, lo, hi = interval.estimate, interval.low, interval.high
+    never = ResolvingBudget(None, None, None, int(n_seeds))
+    if not all(math.isfinite(v) and v > 0 for v in (est, lo, hi)) or est == 1.0:
+        return never
+    gap = abs(math.log(est))
+    half = (math.log(est) - math.log(lo)) if est > 1.0 else (math.log(hi) - math.log(est))
+    if half <= gap:  # already excludes 1
+        return ResolvingBudget(float(n_seeds), 1.0, float(sweep_flops), int(n_seeds))
+    need = math.ceil(n_seeds * (half / gap) ** 2)
+    factor = need / n_seeds
+    return ResolvingBudget(float(need), float(factor), float(sweep_flops * factor), int(n_seeds))

@@ -11,8 +11,13 @@ expert of width F + its gate, about 6DF + D(E+1); a dense SwiGLU of width F_d is
 F_d ~ 2F + (E+1)/3. The width is solved exactly against ``model.flops.count_parameters``, never
 against a formula of our own.
 
+Families: ``dense`` (the twin above), ``sparse`` (the spec's MoE with its aux loss pooled over all
+layers) and ``sparse_per_layer`` (the same MoE with the aux loss computed per layer and averaged,
+``router_aux_loss_scope="per_layer"``): with the pooled loss every layer may route most tokens
+to 2 of 8 experts, which a per-layer loss forbids (docs/scaling.md).
+
 A budget is a number of training points seen (window positions with a target); each trial is
-(family, size, budget) with a content hash that identifies it across sweep re-runs.
+(family, size, budget, seed) with a content hash that identifies it across sweep re-runs.
 """
 from __future__ import annotations
 
@@ -25,10 +30,13 @@ from typing import Any
 import typed_config
 from model import TimeMoeConfig
 from model.flops import count_parameters, training_flops_per_point
+from pipeline.scaling_laws.families import DEFAULT_FAMILIES, DENSE, FAMILIES, SPARSE, SPARSE_PER_LAYER  # noqa: F401
 
-SPARSE = "sparse"
-DENSE = "dense"
-FAMILIES = (SPARSE, DENSE)
+# Model fields added after trials were first recorded, with the value that reproduces the older
+# behaviour. A trial whose model has that value leaves the field out of its hash, so records made
+# before the field existed still match their trials (the committed 8-GPU sweep's records were made
+# before router_aux_loss_scope existed).
+HASH_NEUTRAL_MODEL_FIELDS: dict[str, Any] = {"router_aux_loss_scope": "pooled"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,11 @@ class GridConfig:
 
     sizes: tuple[SizeKnobs, ...]
     budgets: tuple[int, ...]  # training points seen per trial
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = DEFAULT_FAMILIES
+    # Every (family, size, budget) cell is trained once per seed. Seed s trains with
+    # train.seed + s (init and data order); seed 0 is the sweep's train.seed itself, so its
+    # hash and name are those of a sweep without seeds.
+    seeds: tuple[int, ...] = (0,)
     base_preset: str = "tiny"
     head_dim: int = 64
     ffn_mult: int = 4
@@ -71,6 +83,8 @@ class GridConfig:
                                  f"of head_dim {self.head_dim}")
         if any(b <= 0 for b in self.budgets):
             raise ValueError(f"grid: budgets must be positive point counts, got {list(self.budgets)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ValueError(f"grid: seeds must be distinct non-negative integers, got {list(self.seeds)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "GridConfig":
@@ -123,13 +137,18 @@ def dense_twin(sparse: TimeMoeConfig, multiple: int = 1) -> TimeMoeConfig:
 
 
 def model_config(grid: GridConfig, size: SizeKnobs, family: str) -> TimeMoeConfig:
+    """The model of one family at one grid size."""
     cfg = sparse_config(grid, size)
-    return cfg if family == SPARSE else dense_twin(cfg, grid.dense_width_multiple)
+    if family == DENSE:
+        return dense_twin(cfg, grid.dense_width_multiple)
+    if family == SPARSE_PER_LAYER:
+        return dataclasses.replace(cfg, router_aux_loss_scope="per_layer")
+    return cfg
 
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One (family, size, budget) trial: everything that determines its result."""
+    """One (family, size, budget, seed) trial: everything that determines its result."""
 
     family: str
     size: str
@@ -140,19 +159,28 @@ class TrialSpec:
     n_active: int
     flops_per_point: float
     training: dict[str, Any] = field(default_factory=dict)  # sweep-wide training settings
+    seed: int = 0  # index on the grid's seed axis (train.seed + seed is the training seed)
 
     @property
     def name(self) -> str:
-        return f"{self.family}-{self.size}-{self.budget_points:.0e}".replace("+", "")
+        base = f"{self.family}-{self.size}-{self.budget_points:.0e}".replace("+", "")
+        return f"{base}-seed{self.seed}" if self.seed else base
 
     @property
     def training_flops(self) -> float:
         return self.flops_per_point * self.budget_points
 
     def config_hash(self) -> str:
-        """Content hash over everything that changes the trial's outcome (not its name)."""
+        """Content hash over everything that changes the trial's outcome (not its name).
+
+        Seed 0 and model fields at their ``HASH_NEUTRAL_MODEL_FIELDS`` value stay out of the
+        payload, so trials recorded before the seed axis and those fields existed keep their hash."""
+        model = {k: v for k, v in self.model.items()
+                 if not (k in HASH_NEUTRAL_MODEL_FIELDS and v == HASH_NEUTRAL_MODEL_FIELDS[k])}
         payload = {"family": self.family, "budget_points": self.budget_points,
-                   "window_length": self.window_length, "model": self.model, "training": self.training}
+                   "window_length": self.window_length, "model": model, "training": self.training}
+        if self.seed:
+            payload["seed"] = self.seed
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -167,7 +195,7 @@ def _config_dict(cfg: TimeMoeConfig) -> dict[str, Any]:
 
 
 def expand_grid(grid: GridConfig, training: dict[str, Any] | None = None) -> list[TrialSpec]:
-    """All trials of the grid, ordered by family, size, budget (smallest first)."""
+    """All trials of the grid, ordered by family, size, budget (smallest first), seed."""
     trials: list[TrialSpec] = []
     for family in grid.families:
         for size in grid.sizes:
@@ -175,21 +203,22 @@ def expand_grid(grid: GridConfig, training: dict[str, Any] | None = None) -> lis
             counts = count_parameters(cfg)
             fpp = float(training_flops_per_point(cfg, grid.window_length))
             for budget in sorted(grid.budgets):
-                trials.append(TrialSpec(
-                    family=family, size=size.name, budget_points=int(budget),
-                    window_length=grid.window_length, model=_config_dict(cfg),
-                    n_total=int(counts.total), n_active=int(counts.active),
-                    flops_per_point=fpp, training=dict(training or {}),
-                ))
+                for seed in grid.seeds:
+                    trials.append(TrialSpec(
+                        family=family, size=size.name, budget_points=int(budget),
+                        window_length=grid.window_length, model=_config_dict(cfg),
+                        n_total=int(counts.total), n_active=int(counts.active),
+                        flops_per_point=fpp, training=dict(training or {}), seed=int(seed),
+                    ))
     return trials
 
 
 def format_grid(trials: list[TrialSpec]) -> str:
     """A readable table of the grid (printed by the sweep job before it starts)."""
-    lines = [f"{'trial':<28} {'layers':>6} {'hidden':>6} {'ffn':>6} {'N_total':>12} {'N_active':>12} "
+    lines = [f"{'trial':<34} {'layers':>6} {'hidden':>6} {'ffn':>6} {'N_total':>12} {'N_active':>12} "
              f"{'points':>10} {'FLOPs':>10}"]
     for t in trials:
-        lines.append(f"{t.name:<28} {t.model['num_hidden_layers']:>6} {t.model['hidden_size']:>6} "
+        lines.append(f"{t.name:<34} {t.model['num_hidden_layers']:>6} {t.model['hidden_size']:>6} "
                      f"{t.model['intermediate_size']:>6} {t.n_total:>12,} {t.n_active:>12,} "
                      f"{t.budget_points:>10.2e} {t.training_flops:>10.2e}")
     return "\n".join(lines)

@@ -44,6 +44,7 @@ from pipeline.scaling_laws.sweep import (
     TrialPlan,
     build_sweep_report,
     create_trial_run,
+    late_expert_balance,
     open_sweep,
     plan_trials,
     run_trial,
@@ -90,6 +91,12 @@ class OfflineRecord:
             if rec.get(k) is None:
                 rec[k] = math.nan
         rec["zero_shot"] = {k: (math.nan if v is None else float(v)) for k, v in (rec.get("zero_shot") or {}).items()}
+        # Records written before the seed axis, routing balance and data mixture existed have
+        # none of them: seed 0, no balance, mixture unknown (the TrialRecord defaults).
+        for key in ("expert_balance", "train_expert_balance"):
+            rec[key] = [math.nan if v is None else float(v) for v in (rec.get(key) or [])]
+        rec["data_mixture"] = {k: float(v) for k, v in (rec.get("data_mixture") or {}).items()}
+        rec["seed"] = int(rec.get("seed") or 0)
         known = {f.name for f in dataclasses.fields(R.TrialRecord)}
         d["record"] = R.TrialRecord(**{k: v for k, v in rec.items() if k in known})
         return cls(**d)
@@ -98,6 +105,8 @@ class OfflineRecord:
 def _finite_or_none(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
@@ -188,6 +197,7 @@ def train_local(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         lines = metrics_file.read_text().splitlines()[seen_lines:]
         steps = [json.loads(line) for line in lines if line.strip()]
     info.update(steady_speed(steps))
+    info["train_expert_balance"] = late_expert_balance(steps)
     return TimeMoeModel.from_pretrained(str(out / "final_model")), info
 
 
@@ -233,6 +243,8 @@ def run_offline(cfg: SweepConfig, records_path: str | Path, *, shard: tuple[int,
                                                   trial=p.spec.name, params=trial_param_values(p), record=record))
         ran.append(p.config_hash)
         zs = f", zero-shot MSE {record.zs_mse:.4f}" if math.isfinite(record.zs_mse) else ""
+        if record.expert_balance:
+            zs += f", routing busiest/mean {record.balance_mean:.2f} (max layer {max(record.expert_balance):.2f})"
         log(f"[{k}/{len(todo)}] {p.spec.name} done: {p.points_seen:,} points, {time.perf_counter() - t0:.1f}s "
             f"(train {record.wall_time_s:.1f}s, {record.points_per_s:,.0f} points/s), held-out loss "
             f"{record.heldout_loss:.4f}, MSE {record.heldout_mse:.4f}{zs}")

@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.reports import html_page as H
 from pipeline.scaling_laws import fit as F
+from pipeline.scaling_laws.families import DENSE, SPARSE, SPARSE_FAMILIES
 
 SWEEP_TAG = "scaling.sweep"
 ROLE_TAG = "scaling.role"
@@ -34,6 +35,10 @@ HASH_TAG = "scaling.trial_hash"
 FAMILY_TAG = "scaling.family"
 ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
 REPORT_DIR = "scaling_report"
+
+BALANCE_PREFIX = "balance/layer"
+TRAIN_BALANCE_PREFIX = "train_balance/layer"
+MIXTURE_PREFIX = "mixture/"
 
 # Metrics the report fits, in order of preference (the first one present is the headline).
 FIT_METRICS = ("heldout_loss", "heldout_mse", "zs_mse")
@@ -43,7 +48,7 @@ FIT_METRICS = ("heldout_loss", "heldout_mse", "zs_mse")
 class TrialRecord:
     """One finished trial, as logged on its MLflow child run (metrics unless noted)."""
 
-    family: str              # param + tag: "sparse" | "dense"
+    family: str              # param + tag: "sparse" | "dense" | "sparse_per_layer"
     size: str                # param
     trial_hash: str          # tag
     n_total: float
@@ -58,6 +63,17 @@ class TrialRecord:
     points_per_s: float = math.nan
     mfu: float = math.nan    # only on GPU
     zero_shot: dict[str, float] = field(default_factory=dict)  # "zs/<dataset>/<metric>" -> value
+    seed: int = 0            # param: the grid's seed index (records made before seeds existed: 0)
+    # Routing balance per layer, busiest expert's tokens / mean tokens per expert (1.0 = even,
+    # E / k = every token on the same k experts); empty for dense models. ``expert_balance``: the
+    # final model on the held-out windows (metrics balance/layer<i>); ``train_expert_balance``:
+    # the training loop's per-step values averaged over the last quarter of the steps
+    # (metrics train_balance/layer<i>).
+    expert_balance: list[float] = field(default_factory=list)
+    train_expert_balance: list[float] = field(default_factory=list)
+    # Training points of the data the trial trained on, by provenance kind ("real",
+    # "synthetic/<generator>"), from the preprocessing report (metrics mixture/<kind>).
+    data_mixture: dict[str, float] = field(default_factory=dict)
 
     METRICS = ("n_total", "n_active", "points_seen", "training_flops", "heldout_loss", "heldout_mse",
                "zs_mse", "zs_mae", "wall_time_s", "points_per_s", "mfu")
@@ -65,7 +81,15 @@ class TrialRecord:
     def metrics(self) -> dict[str, float]:
         out = {k: float(getattr(self, k)) for k in self.METRICS}
         out.update(self.zero_shot)
+        out.update({f"{BALANCE_PREFIX}{i}": float(v) for i, v in enumerate(self.expert_balance)})
+        out.update({f"{TRAIN_BALANCE_PREFIX}{i}": float(v) for i, v in enumerate(self.train_expert_balance)})
+        out.update({f"{MIXTURE_PREFIX}{k}": float(v) for k, v in self.data_mixture.items()})
         return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    @property
+    def balance_mean(self) -> float:
+        """Mean over layers of the held-out routing balance (NaN for dense models)."""
+        return float(np.mean(self.expert_balance)) if self.expert_balance else math.nan
 
     @property
     def flops_per_point(self) -> float:
@@ -84,7 +108,7 @@ def log_trial_record(client: Any, run_id: str, record: TrialRecord) -> None:
     client.log_batch(
         run_id,
         metrics=[Metric(k, v, now, 0) for k, v in record.metrics().items()],
-        params=[Param("family", record.family), Param("size", record.size)],
+        params=[Param("family", record.family), Param("size", record.size), Param("seed", str(record.seed))],
         tags=[RunTag(FAMILY_TAG, record.family), RunTag(HASH_TAG, record.trial_hash)],
     )
 
@@ -101,8 +125,18 @@ def record_from_run(run: Any) -> TrialRecord | None:
         size=p.get("size", "?"),
         trial_hash=t.get(HASH_TAG, ""),
         zero_shot={k: v for k, v in m.items() if k.startswith("zs/")},
+        seed=int(p.get("seed", 0)),  # runs logged before the seed axis existed: seed 0
+        expert_balance=_per_layer(m, BALANCE_PREFIX),
+        train_expert_balance=_per_layer(m, TRAIN_BALANCE_PREFIX),
+        data_mixture={k[len(MIXTURE_PREFIX):]: v for k, v in m.items() if k.startswith(MIXTURE_PREFIX)},
         **{k: float(m.get(k, math.nan)) for k in TrialRecord.METRICS},
     )
+
+
+def _per_layer(metrics: dict[str, float], prefix: str) -> list[float]:
+    """``prefix0, prefix1, ...`` metrics as a list in layer order."""
+    layers = {int(k[len(prefix):]): v for k, v in metrics.items() if k.startswith(prefix) and k[len(prefix):].isdigit()}
+    return [layers[i] for i in sorted(layers)]
 
 
 def find_sweep_run(client: Any, experiment_id: str, sweep: str | None = None) -> Any | None:
@@ -162,9 +196,10 @@ def log_report(tracking_uri: str | None, parent_run_id: str, out_dir: Path) -> N
         if pl:
             metrics.append(Metric(f"fit/{fam}/alpha", pl["alpha"]["estimate"], now, 0))
             metrics.append(Metric(f"fit/{fam}/E", pl["E"]["estimate"], now, 0))
-    mult = fits.get("multiplier")
-    if mult and math.isfinite(mult["headline"]["estimate"]):
-        metrics.append(Metric("fit/dense_over_sparse_compute", mult["headline"]["estimate"], now, 0))
+    for fam, mult in (fits.get("multipliers") or {}).items():
+        est = mult["headline"]["estimate"]  # the JSON keeps inf / nan as strings
+        if isinstance(est, (int, float)) and math.isfinite(est):
+            metrics.append(Metric(f"fit/dense_over_{fam}_compute", est, now, 0))
     if metrics:
         client.log_batch(parent_run_id, metrics=metrics)
 
@@ -173,20 +208,52 @@ def log_report(tracking_uri: str | None, parent_run_id: str, out_dir: Path) -> N
 # Fits
 # ---------------------------------------------------------------------------------------------
 
+def cells_of(recs: list[TrialRecord], metric: str) -> list[tuple[tuple[str, float], list[TrialRecord]]]:
+    """A family's trials grouped into cells (size, points seen): the seeds of one trial."""
+    cells: dict[tuple[str, float], list[TrialRecord]] = {}
+    for r in recs:
+        cells.setdefault((r.size, float(r.points_seen)), []).append(r)
+    return sorted(cells.items(), key=lambda kv: (kv[1][0].n_active, kv[0][1]))
+
+
+def _cell_rows(cells: list[tuple[tuple[str, float], list[TrialRecord]]], metric: str) -> list[dict[str, Any]]:
+    out = []
+    for (size, points), rs in cells:
+        y = np.array([getattr(r, metric) for r in rs], dtype=float)
+        zs = np.array([r.zs_mse for r in rs], dtype=float)
+        bal = [r.balance_mean for r in rs if r.expert_balance]
+        out.append({"size": size, "n_active": float(rs[0].n_active), "points_seen": points,
+                    "training_flops": float(np.mean([r.training_flops for r in rs])),
+                    "seeds": sorted(int(r.seed) for r in rs), "n_seeds": len(rs),
+                    "mean": float(y.mean()), "spread": float(y.std(ddof=1)) if len(y) > 1 else 0.0,
+                    "min": float(y.min()), "max": float(y.max()),
+                    "zs_mse_mean": float(np.nanmean(zs)) if np.isfinite(zs).any() else math.nan,
+                    "balance_mean": float(np.mean(bal)) if bal else math.nan})
+    return out
+
+
 def _fit_family(recs: list[TrialRecord], metric: str, n_boot: int, seed: int, joint: bool = True) -> dict[str, Any]:
-    C = np.array([r.training_flops for r in recs])
-    y = np.array([getattr(r, metric) for r in recs])
-    N = np.array([r.n_active for r in recs])
-    D = np.array([r.points_seen for r in recs])
-    out: dict[str, Any] = {"n_trials": len(recs)}
+    """L(C) and L(N, D) of one family, fitted to its cells' mean losses (one point per size and
+    budget, whatever the number of seeds), with the seed bootstrap of ``fit.bootstrap_power_law_cells``."""
+    cells = cells_of(recs, metric)
+    rows = _cell_rows(cells, metric)
+    seed_cells = [F.SeedCell(r["training_flops"], tuple(float(getattr(t, metric)) for t in rs))
+                  for r, (_, rs) in zip(rows, cells)]
+    C = np.array([r["training_flops"] for r in rows])
+    y = np.array([r["mean"] for r in rows])
+    N = np.array([r["n_active"] for r in rows])
+    D = np.array([r["points_seen"] for r in rows])
+    out: dict[str, Any] = {"n_trials": len(recs), "n_cells": len(rows), "cells": rows,
+                           "seed_noise_log": F.seed_noise_log(seed_cells)}
     frontier = F.pareto_frontier(C, y)
     # L(C) is the best loss at C: fit the frontier, unless it is too short for 3 params + CI.
     idx = frontier if len(frontier) >= 4 else np.arange(len(C))
     out["power_law_points"] = "frontier" if len(frontier) >= 4 else "all"
-    out["_frontier_idx"] = frontier.tolist()
+    out["_frontier_cells"] = frontier.tolist()
     if len(idx) >= 3:
-        boot = F.bootstrap_power_law(C[idx], y[idx], n_boot=n_boot, seed=seed)
+        boot, method = F.bootstrap_power_law_cells([seed_cells[i] for i in idx], n_boot=n_boot, seed=seed)
         out["power_law"] = {k: v.to_dict() for k, v in boot.intervals().items()}
+        out["interval_method"] = method
         out["_boot"] = boot
     if len(idx) >= 4:
         out["extrapolation"] = F.extrapolation_error(C[idx], y[idx]).to_dict()
@@ -204,28 +271,75 @@ def _fit_family(recs: list[TrialRecord], metric: str, n_boot: int, seed: int, jo
     return out
 
 
+def _multiplier(sparse_fam: str, sp: dict[str, Any], de: dict[str, Any], c_sparse: np.ndarray,
+                c_dense: np.ndarray) -> dict[str, Any]:
+    """Compute multiplier of one sparse family over dense at 5 points of the compute range both
+    families cover (the sparse family's own range if they do not overlap); the headline is at
+    the largest common compute. If its interval (from the seed bootstrap) includes 1, the seeds per
+    cell, and so the sweep FLOPs, at which it would exclude 1 (``fit.seeds_to_exclude_one``)."""
+    lo, hi = max(c_sparse.min(), c_dense.min()), min(c_sparse.max(), c_dense.max())
+    if lo > hi:
+        lo, hi = c_sparse.min(), c_sparse.max()
+    grid = np.logspace(math.log10(lo), math.log10(hi), 5)
+    per_c = [F.multiplier_with_interval(sp["_boot"], de["_boot"], float(c)) for c in grid]
+    head = per_c[-1]
+    sweep_flops = float(c_sparse.sum() + c_dense.sum())
+    out: dict[str, Any] = {
+        "family": sparse_fam,
+        "definition": f"C_dense(L_{sparse_fam}(C)) / C: dense FLOPs needed for the {sparse_fam} loss at C",
+        "compute": grid.tolist(),
+        "per_compute": [m.to_dict() for m in per_c],
+        "headline": head.to_dict(),  # at the largest common compute
+        "interval_method": sp.get("interval_method", "cells"),
+        "excludes_1": bool(head.low > 1.0 or head.high < 1.0),
+    }
+    if not out["excludes_1"] and out["interval_method"] == "seeds_within_cells":
+        n_seeds = min(c["n_seeds"] for fam in (sp, de) for c in fam["cells"])
+        out["resolving_budget"] = F.seeds_to_exclude_one(head, n_seeds, sweep_flops).to_dict()
+    return out
+
+
+def _routing(recs: list[TrialRecord]) -> dict[str, Any] | None:
+    """A family's routing balance: per layer, busiest expert / mean, averaged over its trials."""
+    held = [r.expert_balance for r in recs if r.expert_balance]
+    if not held:
+        return None
+    n_layers = min(len(b) for b in held)
+    per_layer = np.mean([b[:n_layers] for b in held], axis=0)
+    train = [r.train_expert_balance for r in recs if r.train_expert_balance]
+    out = {"n_trials": len(held), "mean": float(per_layer.mean()), "max_layer": float(per_layer.max()),
+           "min_layer": float(per_layer.min()), "per_layer": per_layer.tolist(),
+           "worst_trial_layer": float(max(max(b) for b in held))}
+    if train:
+        n = min(len(b) for b in train)
+        out["train_mean"] = float(np.mean([b[:n] for b in train]))
+    return out
+
+
 def fit_records(records: list[TrialRecord], metric: str = "heldout_loss", n_boot: int = 200,
                 seed: int = 0, joint: bool = True) -> dict[str, Any]:
-    """Fits per family and the sparse-vs-dense multiplier. Keys starting with '_' hold fit
-    objects for plotting and are dropped from the JSON."""
+    """Fits per family (on cell means; seeds resampled within cells), the compute multiplier of
+    each sparse family over dense, and each family's routing balance. Keys starting with '_'
+    hold fit objects for plotting and are dropped from the JSON."""
     fams: dict[str, list[TrialRecord]] = {}
     for r in records:
         if math.isfinite(getattr(r, metric)) and getattr(r, metric) > 0:
             fams.setdefault(r.family, []).append(r)
-    result: dict[str, Any] = {"metric": metric, "families": {}}
+    result: dict[str, Any] = {"metric": metric, "families": {}, "multipliers": {}, "routing": {}}
     for i, (fam, recs) in enumerate(sorted(fams.items())):
         result["families"][fam] = _fit_family(recs, metric, n_boot, seed + i, joint)
-    sp, de = result["families"].get("sparse", {}), result["families"].get("dense", {})
-    if "_boot" in sp and "_boot" in de:
-        c_sparse = np.array([r.training_flops for r in fams["sparse"]])
-        grid = np.logspace(math.log10(c_sparse.min()), math.log10(c_sparse.max()), 5)
-        per_c = [F.multiplier_with_interval(sp["_boot"], de["_boot"], float(c)) for c in grid]
-        result["multiplier"] = {
-            "definition": "C_dense(L_sparse(C)) / C: dense FLOPs needed for the sparse loss at C",
-            "compute": grid.tolist(),
-            "per_compute": [m.to_dict() for m in per_c],
-            "headline": per_c[-1].to_dict(),  # at the largest sparse compute
-        }
+        routing = _routing(recs)
+        if routing:
+            result["routing"][fam] = routing
+    de = result["families"].get(DENSE, {})
+    for fam in SPARSE_FAMILIES:
+        sp = result["families"].get(fam, {})
+        if "_boot" in sp and "_boot" in de:
+            result["multipliers"][fam] = _multiplier(
+                fam, sp, de, np.array([r.training_flops for r in fams[fam]]),
+                np.array([r.training_flops for r in fams[DENSE]]))
+    if SPARSE in result["multipliers"]:
+        result["multiplier"] = result["multipliers"][SPARSE]  # the paper's comparison, as before
     return result
 
 
@@ -243,7 +357,7 @@ def _public(obj: Any) -> Any:
 # Rendering
 # ---------------------------------------------------------------------------------------------
 
-COLORS = {"sparse": "tab:blue", "dense": "tab:orange"}
+COLORS = {"sparse": "tab:blue", "dense": "tab:orange", "sparse_per_layer": "tab:green"}
 
 
 def _plain_log_labels(axis: Any) -> None:
@@ -269,14 +383,21 @@ def _plot_loss_vs_flops(records: list[TrialRecord], fits: dict[str, Any], path: 
     shown: list[float] = []  # the trials' values: the y-axis fits them, a wide band is clipped
     for fam, res in fits["families"].items():
         recs = [r for r in records if r.family == fam and math.isfinite(getattr(r, metric))]
-        C = np.array([r.training_flops for r in recs])
-        y = np.array([getattr(r, metric) for r in recs])
         color = COLORS.get(fam)
-        front = set(res.get("_frontier_idx", []))
-        on = np.array([i in front for i in range(len(recs))], dtype=bool)
-        shown += [float(v) for v in y if v > 0]
-        ax.scatter(C[on], y[on], color=color, label=f"{fam} (frontier)", zorder=3)
-        ax.scatter(C[~on], y[~on], facecolors="none", edgecolors=color, zorder=3)
+        # every seed faintly, each cell's mean over seeds with +-1 standard deviation across seeds
+        ax.scatter([r.training_flops for r in recs], [getattr(r, metric) for r in recs], color=color,
+                   s=9, alpha=0.35, zorder=2)
+        cells = res["cells"]
+        C = np.array([c["training_flops"] for c in cells])
+        y = np.array([c["mean"] for c in cells])
+        err = np.array([c["spread"] for c in cells])
+        front = set(res.get("_frontier_cells", []))
+        on = np.array([i in front for i in range(len(cells))], dtype=bool)
+        shown += [float(getattr(r, metric)) for r in recs if getattr(r, metric) > 0]
+        n_seeds = max(c["n_seeds"] for c in cells)
+        ax.errorbar(C[on], y[on], yerr=err[on], fmt="o", color=color, capsize=3, zorder=3,
+                    label=f"{fam} (frontier, mean of {n_seeds} seed{'s' if n_seeds > 1 else ''} +- sd)")
+        ax.errorbar(C[~on], y[~on], yerr=err[~on], fmt="o", mfc="none", color=color, capsize=3, zorder=3)
         if "_boot" in res:
             boot = res["_boot"]
             cc = np.logspace(math.log10(C.min()) - 0.3, math.log10(C.max()) + 0.5, 100)
@@ -332,22 +453,117 @@ def _plot_isoflop(records: list[TrialRecord], fits: dict[str, Any], path: Path) 
 
 
 TABLE_COLUMNS = [("family", "family", "{}"), ("size", "size", "{}"), ("N_total", "n_total", "{:,.0f}"),
-                 ("N_active", "n_active", "{:,.0f}"), ("points", "points_seen", "{:.3g}"),
+                 ("N_active", "n_active", "{:,.0f}"), ("points", "points_seen", "{:.3g}"), ("seed", "seed", "{}"),
                  ("FLOPs", "training_flops", "{:.3g}"), ("held-out loss", "heldout_loss", "{:.4f}"),
                  ("held-out MSE", "heldout_mse", "{:.4f}"), ("zero-shot MSE", "zs_mse", "{:.4f}"),
                  ("zero-shot MAE", "zs_mae", "{:.4f}"), ("wall s", "wall_time_s", "{:.1f}"),
-                 ("points/s", "points_per_s", "{:,.0f}"), ("MFU", "mfu", "{:.1%}")]
+                 ("points/s", "points_per_s", "{:,.0f}"), ("MFU", "mfu", "{:.1%}"),
+                 ("routing busiest/mean", "balance_mean", "{:.2f}")]
 
 
 def _cell(fmt: str, v: Any) -> str:
-    if isinstance(v, float) and not math.isfinite(v):
+    if (isinstance(v, float) and not math.isfinite(v)) or v in ("nan", "inf", "-inf"):  # JSON keeps these as strings
         return "-"
     return fmt.format(v)
 
 
 def _table_rows(records: list[TrialRecord]) -> list[list[str]]:
-    recs = sorted(records, key=lambda r: (r.family, r.n_active, r.points_seen))
+    recs = sorted(records, key=lambda r: (r.family, r.n_active, r.points_seen, r.seed))
     return [[_cell(fmt, getattr(r, attr)) for _, attr, fmt in TABLE_COLUMNS] for r in recs]
+
+
+CELL_HEADER = ["family", "size", "points", "FLOPs", "seeds", "mean", "sd over seeds", "min - max",
+               "zero-shot MSE (mean)", "routing busiest/mean"]
+
+
+def _cells_table_rows(fits: dict[str, Any]) -> list[list[str]]:
+    """One row per (family, size, budget) cell: the metric's mean and spread over its seeds."""
+    rows = []
+    for fam, res in sorted(fits["families"].items()):
+        for c in res["cells"]:
+            rows.append([fam, c["size"], f"{c['points_seen']:.3g}", f"{c['training_flops']:.3g}",
+                         ",".join(str(x) for x in c["seeds"]), _cell("{:.4f}", c["mean"]),
+                         _cell("{:.4f}", c["spread"]) if c["n_seeds"] > 1 else "-",
+                         f"{c['min']:.4f} - {c['max']:.4f}", _cell("{:.4f}", c["zs_mse_mean"]),
+                         _cell("{:.2f}", c["balance_mean"])])
+    return rows
+
+
+ROUTING_HEADER = ["family", "trials", "busiest/mean, mean of layers", "best layer", "worst layer",
+                  "worst layer of any trial", "per layer (mean over trials)", "late training, mean of layers"]
+
+
+def _routing_rows(fits: dict[str, Any]) -> list[list[str]]:
+    """Each MoE family's routing balance on the held-out windows (1.0 = even; E/k = all tokens on
+    the same k experts); dense families have no router and no row."""
+    rows = []
+    for fam, r in sorted(fits.get("routing", {}).items()):
+        rows.append([fam, str(r["n_trials"]), f"{r['mean']:.2f}", f"{r['min_layer']:.2f}", f"{r['max_layer']:.2f}",
+                     f"{r['worst_trial_layer']:.2f}", " ".join(f"{v:.2f}" for v in r["per_layer"]),
+                     _cell("{:.2f}", r.get("train_mean", math.nan))])
+    return rows
+
+
+def data_mixtures(records: list[TrialRecord]) -> list[dict[str, Any]]:
+    """The distinct training-data mixtures the trials report (normally one), with how many trials
+    trained on each; trials whose data predates the provenance block count as unknown."""
+    out: list[dict[str, Any]] = []
+    for r in records:
+        mix = {k: float(v) for k, v in sorted(r.data_mixture.items())}
+        for m in out:
+            if m["points"] == mix:
+                m["trials"] += 1
+                break
+        else:
+            out.append({"points": mix, "trials": 1})
+    for m in out:
+        total = sum(m["points"].values())
+        m["total"] = total
+        m["share"] = {k: v / total for k, v in m["points"].items()} if total else {}
+    return out
+
+
+MIXTURE_HEADER = ["trials", "kind", "training points", "share"]
+
+
+def _mixture_rows(mixtures: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for m in mixtures:
+        if not m["points"]:
+            rows.append([str(m["trials"]), "unknown (data without a provenance block)", "-", "-"])
+        for kind, pts in m["points"].items():
+            rows.append([str(m["trials"]), kind, f"{pts:,.0f}", f"{m['share'][kind]:.1%}"])
+    return rows
+
+
+def multiplier_lines(fits: dict[str, Any]) -> list[str]:
+    """The headline sentence of each sparse family's compute multiplier, with the projection
+    when its interval includes 1."""
+    lines = []
+    for fam, m in fits.get("multipliers", {}).items():
+        h = m["headline"]
+        line = (f"{fam}: dense FLOPs / {fam} FLOPs at equal {fits['metric']} at C = {m['compute'][-1]:.3g}: "
+                f"{_num(h['estimate'])} (90% interval {_num(h['low'])} - {_num(h['high'])}, "
+                f"{m['interval_method'].replace('_', ' ')})")
+        if m["excludes_1"]:
+            line += "; the interval excludes 1"
+        elif "resolving_budget" in m:
+            rb = m["resolving_budget"]
+            if rb["seeds_per_cell"] is None:
+                line += "; includes 1, and the estimate sits at 1: no number of seeds would exclude it"
+            else:
+                line += (f"; includes 1; at the measured seed noise it would exclude 1 with "
+                         f"{rb['seeds_per_cell']:.0f} seeds per cell instead of {rb['n_seeds']} "
+                         f"({rb['factor']:.3g}x the FLOPs of these two families' trials, {rb['training_flops']:.3g}), "
+                         f"assuming {rb['assumption']}")
+        else:
+            line += "; includes 1 (no cell has 2 seeds: the seed noise is unknown, no projection)"
+        lines.append(line)
+    return lines
+
+
+def _num(v: Any) -> str:
+    return v if isinstance(v, str) else f"{v:.3g}"
 
 
 def _fit_rows(fits: dict[str, Any]) -> list[list[str]]:
@@ -408,21 +624,25 @@ def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric:
     fits_json = out_dir / "scaling_fits.json"
     fits_json.write_text(json.dumps(_public(public), indent=2))
 
+    public["data_mixtures"] = data_mixtures(records)
     header = [h for h, _, _ in TABLE_COLUMNS]
-    mult = public.get("multiplier")
-    mult_line = ""
-    if mult:
-        h = mult["headline"]
-        mult_line = (f"\n\nCompute multiplier (dense FLOPs / sparse FLOPs at equal {metric}) at "
-                     f"C = {mult['compute'][-1]:.3g}: **{h['estimate']}** (90% CI {h['low']} - {h['high']})\n")
+    mult_text = "\n".join(f"- {line}" for line in multiplier_lines(public))
+    mult_line = f"\n\n## Compute multipliers\n\n{mult_text}\n" if mult_text else ""
+    extra_md = (f"\n## Cells (mean and spread over seeds)\n\n{_markdown(CELL_HEADER, _cells_table_rows(fits))}\n"
+                f"\n## Routing balance (held-out windows)\n\n{_markdown(ROUTING_HEADER, _routing_rows(fits))}\n"
+                f"\n## Training data mixture\n\n{_markdown(MIXTURE_HEADER, _mixture_rows(public['data_mixtures']))}\n")
     md = (f"# Scaling report ({metric})\n\n## Trials\n\n{_markdown(header, _table_rows(records))}\n\n"
-          f"## Fits (90% bootstrap intervals)\n\n{_markdown(FIT_HEADER, _fit_rows(fits))}{mult_line}\n")
+          f"## Fits (90% bootstrap intervals)\n\n{_markdown(FIT_HEADER, _fit_rows(fits))}{mult_line}{extra_md}")
     table_md = out_dir / "scaling_table.md"
     table_md.write_text(md)
     table_html = out_dir / "scaling_table.html"
     table_html.write_text(f"<html><body><h1>Scaling report ({html.escape(metric)})</h1><h2>Trials</h2>"
-                          f"{_html_table(header, _table_rows(records))}<h2>Fits</h2>"
-                          f"{_html_table(FIT_HEADER, _fit_rows(fits))}<p>{html.escape(mult_line)}</p></body></html>")
+                          f"{_html_table(header, _table_rows(records))}<h2>Cells</h2>"
+                          f"{_html_table(CELL_HEADER, _cells_table_rows(fits))}<h2>Fits</h2>"
+                          f"{_html_table(FIT_HEADER, _fit_rows(fits))}<p>{html.escape(mult_text)}</p>"
+                          f"<h2>Routing balance</h2>{_html_table(ROUTING_HEADER, _routing_rows(fits))}"
+                          f"<h2>Training data mixture</h2>{_html_table(MIXTURE_HEADER, _mixture_rows(public['data_mixtures']))}"
+                          "</body></html>")
     loss_png = out_dir / "loss_vs_flops.png"
     _plot_loss_vs_flops(records, fits, loss_png)
     # The other metrics (held-out MSE, zero-shot MSE): L(C) per family and the multiplier only.
@@ -488,12 +708,22 @@ def _headline(records: list[TrialRecord], fits: dict[str, Any]) -> str:
             err = ex["relative_error"]
             items.append((f"{fam}: extrapolation error at the largest C",
                           H.Keyed(f"families.{fam}.extrapolation.relative_error", err, f"{100 * err:+.2f}%")))
-    mult = fits.get("multiplier")
-    if mult:
+    for fam, mult in fits.get("multipliers", {}).items():
         h = mult["headline"]
-        items.append((f"dense FLOPs / sparse FLOPs at equal {fits['metric']} (C = {mult['compute'][-1]:.3g})",
-                      _estimate(fits, "multiplier.headline.estimate")))
+        items.append((f"dense FLOPs / {fam} FLOPs at equal {fits['metric']} (C = {mult['compute'][-1]:.3g})",
+                      _estimate(fits, f"multipliers.{fam}.headline.estimate")))
         items.append(("  90% interval", f"{H.fmt(h['low'])} - {H.fmt(h['high'])}"))
+        rb = mult.get("resolving_budget")
+        if rb and rb["seeds_per_cell"] is not None:
+            items.append(("  seeds per cell to exclude 1 (at the measured seed noise)",
+                          _estimate(fits, f"multipliers.{fam}.resolving_budget.seeds_per_cell")))
+    for fam in sorted(fits.get("routing", {})):
+        items.append((f"{fam}: routing busiest/mean (mean of layers, held-out)", _estimate(fits, f"routing.{fam}.mean")))
+    for fam in sorted(fits["families"]):
+        sigma = fits["families"][fam].get("seed_noise_log")
+        if isinstance(sigma, float) and math.isfinite(sigma):
+            items.append((f"{fam}: seed noise (sd of log {fits['metric']} within cells)",
+                          _estimate(fits, f"families.{fam}.seed_noise_log")))
     return H.key_values(items)
 
 
@@ -511,19 +741,25 @@ def write_page(records: list[TrialRecord], fits: dict[str, Any], out_dir: Path) 
         png = out_dir / f"{other}_vs_flops.png"
         if other != metric and png.exists():
             pictures.append(f"<p class='muted'>{H.esc(other)} against training FLOPs</p>" + H.image(png, other))
-    mult = fits.get("multiplier")
     mult_html = ""
-    if mult:
-        mult_html = H.table(["sparse compute C", "dense / sparse FLOPs", "90% low", "90% high"], [
-            [f"{c:.3g}", m["estimate"], m["low"], m["high"]] for c, m in zip(mult["compute"], mult["per_compute"])])
+    for fam, mult in fits.get("multipliers", {}).items():
+        mult_html += f"<h3>{H.esc(fam)} over dense</h3>" + H.table(
+            ["common compute C", f"dense / {fam} FLOPs", "90% low", "90% high"],
+            [[f"{c:.3g}", m["estimate"], m["low"], m["high"]] for c, m in zip(mult["compute"], mult["per_compute"])])
+    lines = "".join(f"<p>{H.esc(line)}</p>" for line in multiplier_lines(fits))
     header = [h for h, _, _ in TABLE_COLUMNS]
     sections = [
         ("headline", "Headline", _headline(records, fits)),
         ("plots", "Loss against compute", "".join(pictures)),
-        ("fits", "Fits (90% bootstrap intervals)", H.table(FIT_HEADER, _fit_rows(fits)) + mult_html),
+        ("fits", "Fits (90% bootstrap intervals; seeds resampled within cells)",
+         H.table(FIT_HEADER, _fit_rows(fits)) + lines + mult_html),
+        ("cells", "Cells: mean and spread over seeds", H.table(CELL_HEADER, _cells_table_rows(fits))),
+        ("routing", "Routing balance per family (busiest expert / mean, held-out windows)",
+         H.table(ROUTING_HEADER, _routing_rows(fits)) if fits.get("routing") else "<p>no MoE trial with a routing record</p>"),
+        ("mixture", "Training data mixture", H.table(MIXTURE_HEADER, _mixture_rows(fits.get("data_mixtures", [])))),
         ("trials", "Trials", H.table(header, _table_rows(records))),
     ]
     path = out_dir / "scaling_report.html"
     path.write_text(H.page(f"Scaling report ({metric})", sections,
-                           "sparse vs dense Time-MoE trials; all numbers also in scaling_fits.json"))
+                           "sparse vs dense Time-MoE trials (seeds, routing, data mixture); all numbers also in scaling_fits.json"))
     return path

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 import typed_config
-from pipeline.config import config_from_dict
+from pipeline.config import TrainSection, config_from_dict
 from pipeline.evaluation import protocol as evaluation
 from pipeline.evaluation.inference import InferenceOptions, ModelForecaster
 from pipeline.scaling_laws import report as R
@@ -140,7 +140,10 @@ def plan_trials(cfg: SweepConfig) -> list[TrialPlan]:
         h = spec.config_hash()
         tc = {k: dict(v) if isinstance(v, dict) else v for k, v in training.items()}
         tc["model"] = {"preset": cfg.grid.base_preset, "overrides": _model_overrides(spec, cfg.grid.base_preset)}
-        tc["train"] = dict(tc.get("train") or {}, max_steps=steps, output_dir=str(root / h))
+        train = dict(tc.get("train") or {}, max_steps=steps, output_dir=str(root / h))
+        if spec.seed:  # seed 0 keeps the sweep's own train.seed (and the hash of a sweep without seeds)
+            train["seed"] = int(train.get("seed", TrainSection.seed)) + spec.seed
+        tc["train"] = train
         tc["tracking"] = {"enabled": False}  # the sweep owns the child run and logs the summary
         plans.append(TrialPlan(spec=spec, config_hash=h, train_config=tc, steps=steps,
                                points_seen=steps * per_step))
@@ -151,11 +154,28 @@ def plan_trials(cfg: SweepConfig) -> list[TrialPlan]:
 # One trial: train, measure, summarise (runs inside a Ray task)
 # ---------------------------------------------------------------------------------------------
 
+@dataclass
+class HeldOutMeasures:
+    loss: float                 # pipeline.train.heldout's eval_loss
+    mse: float                  # ... and eval_mse
+    expert_balance: list[float]  # per layer: busiest expert's tokens / mean (empty for dense models)
+
+
 def heldout_metrics(model: Any, data_path: str, max_windows: int, batch_size: int) -> tuple[float, float]:
     """(held-out loss, held-out MSE) as ``pipeline.train.heldout`` defines them, on the first
     ``max_windows`` windows of the val shards (local or s3://), in the manifest's order."""
+    m = heldout_measures(model, data_path, max_windows, batch_size)
+    return m.loss, m.mse
+
+
+def heldout_measures(model: Any, data_path: str, max_windows: int, batch_size: int) -> HeldOutMeasures:
+    """Held-out loss and MSE (``heldout_metrics``) and, in the same forward passes, the routing
+    balance of every MoE layer over the windows' real tokens (``pipeline.train.loop``'s
+    ``expert_imbalance``: the same windows for every trial, so families compare directly)."""
     import pyarrow.dataset as pads
     import torch
+
+    from pipeline.train.loop import expert_imbalance
 
     urls = list_shards(data_path, VAL_DIR)
     if not urls:
@@ -165,7 +185,7 @@ def heldout_metrics(model: Any, data_path: str, max_windows: int, batch_size: in
     model.eval()
     device = next(model.parameters()).device
     cols = ("values", "segment_ids", "loss_mask")
-    held, seen = HeldOut(), 0
+    held, seen, counts_LE = HeldOut(), 0, None
     with torch.no_grad():
         for rb in ds.to_batches(columns=list(cols), batch_size=batch_size):
             if seen >= max_windows:
@@ -177,10 +197,37 @@ def heldout_metrics(model: Any, data_path: str, max_windows: int, batch_size: in
             t = {k: torch.from_numpy(np.array(v)).to(device) for k, v in w.items()}  # arrow-backed: read-only
             out = model(t["inputs"], segment_ids=t["segment_ids"], labels=t["labels"], loss_mask=t["loss_mask"])
             held.add(out, t["labels"], t["loss_mask"])
+            if getattr(out, "expert_counts", None) is not None:
+                c = out.expert_counts.detach().float().cpu()
+                counts_LE = c if counts_LE is None else counts_LE + c
     m = held.metrics()
     if not m:
         raise ValueError(f"{data_path}/{VAL_DIR}: no held-out windows with observed targets")
-    return m["eval_loss"], m["eval_mse"]
+    balance = expert_imbalance(counts_LE) if counts_LE is not None else []
+    return HeldOutMeasures(m["eval_loss"], m["eval_mse"], [float(b) for b in balance])
+
+
+def late_expert_balance(steps: list[dict[str, Any]], share: float = 0.25) -> list[float]:
+    """Per layer, the training loop's logged routing balance (``expert_imbalance/layer<i>``)
+    averaged over the last ``share`` of the steps: where routing has settled, not its start."""
+    steps = [s for s in steps if "expert_imbalance/layer0" in s]
+    if not steps:
+        return []
+    late = steps[-max(1, math.ceil(share * len(steps))):]
+    n_layers = sum(1 for k in late[0] if k.startswith("expert_imbalance/layer"))
+    return [float(np.mean([s[f"expert_imbalance/layer{i}"] for s in late])) for i in range(n_layers)]
+
+
+def data_mixture(data_path: str) -> dict[str, float]:
+    """Training points by provenance kind ("real", "synthetic/<generator>") from the packed data's
+    preprocessing report (``report.json``, block ``provenance``); {} when the report predates it."""
+    fs, path = resolve_filesystem(data_path.rstrip("/") + "/report.json")
+    try:
+        with fs.open_input_stream(path) as f:
+            rep = json.loads(f.read().decode())
+    except (FileNotFoundError, OSError):
+        return {}
+    return {kind: float(c["points_kept"] - c.get("points_val", 0)) for kind, c in (rep.get("provenance") or {}).items()}
 
 
 def zero_shot_metrics(model: Any, ev: EvalSection) -> dict[str, float]:
@@ -200,7 +247,7 @@ def zero_shot_metrics(model: Any, ev: EvalSection) -> dict[str, float]:
     return out
 
 
-TrainFn = Callable[[dict[str, Any]], tuple[Any, dict[str, float]]]
+TrainFn = Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]]
 
 
 def train_trial(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
@@ -224,6 +271,7 @@ def train_trial(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     if metrics_file.exists():
         steps = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     info.update(steady_speed(steps))
+    info["train_expert_balance"] = late_expert_balance(steps)
     return TimeMoeModel.from_pretrained(str(out / "final_model")), info
 
 
@@ -249,7 +297,7 @@ def run_trial(plan: TrialPlan, ev: EvalSection, *, train_fn: TrainFn | None = No
     if (plan.train_config.get("scaling") or {}).get("use_gpu") and torch.cuda.is_available():
         model = model.to("cuda")  # the exported model loads on CPU; measure where it trained
     data_path = plan.train_config["data"]["path"]
-    loss, mse = heldout_metrics(model, data_path, ev.heldout_windows, ev.heldout_batch_size)
+    held = heldout_measures(model, data_path, ev.heldout_windows, ev.heldout_batch_size)
     zs = zero_shot_metrics(model, ev)
     seconds = float(info["train_seconds"])
     pps = float(info.get("points_per_s", plan.points_seen / seconds if seconds > 0 else math.nan))
@@ -258,8 +306,11 @@ def run_trial(plan: TrialPlan, ev: EvalSection, *, train_fn: TrainFn | None = No
         family=plan.spec.family, size=plan.spec.size, trial_hash=plan.config_hash,
         n_total=plan.spec.n_total, n_active=plan.spec.n_active, points_seen=plan.points_seen,
         training_flops=plan.spec.flops_per_point * plan.points_seen,
-        heldout_loss=loss, heldout_mse=mse, zs_mse=zs.pop("zs_mse", math.nan), zs_mae=zs.pop("zs_mae", math.nan),
-        wall_time_s=seconds, points_per_s=pps, mfu=util, zero_shot=zs,
+        heldout_loss=held.loss, heldout_mse=held.mse, zs_mse=zs.pop("zs_mse", math.nan),
+        zs_mae=zs.pop("zs_mae", math.nan), wall_time_s=seconds, points_per_s=pps, mfu=util, zero_shot=zs,
+        seed=plan.spec.seed, expert_balance=held.expert_balance,
+        train_expert_balance=[float(b) for b in info.get("train_expert_balance", [])],
+        data_mixture=data_mixture(data_path),
     )
 
 
@@ -428,11 +479,13 @@ def trial_param_values(p: TrialPlan) -> dict[str, str]:
     """The parameters every trial's child run carries (as MLflow stores them: strings)."""
     m = p.spec.model
     values = {"family": p.spec.family, "size": p.spec.size, "budget_points": p.spec.budget_points,
+              "seed": p.spec.seed, "train_seed": p.train_config["train"].get("seed", TrainSection.seed),
               "steps": p.steps, "window_length": p.spec.window_length,
               "num_hidden_layers": m["num_hidden_layers"], "hidden_size": m["hidden_size"],
               "intermediate_size": m["intermediate_size"], "num_attention_heads": m["num_attention_heads"],
               "num_experts": m["num_experts"], "num_experts_per_tok": m["num_experts_per_tok"],
-              "use_dense": m["use_dense"], "flops_per_point": p.spec.flops_per_point}
+              "use_dense": m["use_dense"], "router_aux_loss_scope": m.get("router_aux_loss_scope", "pooled"),
+              "flops_per_point": p.spec.flops_per_point}
     return {k: str(v) for k, v in values.items()}
 
 

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The data configs/sweep-families-1gpu.yaml reads, written ON THE GPU HOST (1.2e8 float32 points are
+# ~480 MB: too big to carry, cheap to make there; needs numpy + Ray Data, e.g. the offline bundle):
+#   .gpudata/families-1024  packed 1024-point windows (train/ + val/ + manifest + report) from the REAL
+#                           preprocessing job over: $SYNTH_POINTS KernelSynth points
+#                           (python -m preprocessing.kernelsynth, seed 0, 1024-point series), the
+#                           embedded corpus (preprocessing.synthetic, scale $SCALE) and the shared real
+#                           corpus; 6% of the series to val/; contamination guard against ETTh1/ETTh2;
+#                           report.json's provenance block states the mixture (real vs each generator)
+#   .gpudata/benchmarks     ETTh1 / ETTh2 CSVs for the zero-shot subset
+# The 1e8-point trials read 97,664 rows of 1,025 points; 1.2e8 KernelSynth points give ~110k training
+# rows after the val/ split, so no training row repeats (tests/test_scaling_offline.py checks the sums).
+# Usage: bash benchmarks/prepare_families_data.sh   (SYNTH_POINTS=1.2e8 WORKERS=16 SCALE=8 SHARED=../shared/data)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+SYNTH_POINTS=${SYNTH_POINTS:-1.2e8}
+WORKERS=${WORKERS:-$(nproc)}
+SCALE=${SCALE:-8}
+SHARED=$(cd "${SHARED:-../shared/data}" && pwd)
+OUT=.gpudata
+RAW=${RAW:-$OUT/families-raw}
+
+rm -rf "$OUT/families-1024" "$RAW"
+mkdir -p "$OUT/benchmarks" "$RAW"
+
+echo "== KernelSynth, $SYNTH_POINTS points, $WORKERS processes -> $RAW/kernelsynth"
+OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m preprocessing.kernelsynth "$RAW/kernelsynth" \
+    --points "$SYNTH_POINTS" --seed 0 --workers "$WORKERS"
+
+echo "== embedded corpus, scale $SCALE -> $RAW/embedded"
+"$PY" -c "
+import json, sys
+from preprocessing.synthetic import generate_default_corpus
+s = generate_default_corpus(sys.argv[1], seed=0, scale=float(sys.argv[2]))
+print(json.dumps({k: s[k] for k in ('series', 'points', 'seconds')}))
+" "$RAW/embedded" "$SCALE"
+
+# provenance: the embedded corpus's datasets (preprocessing/synthetic.py DEFAULT_RECIPES) and the
+# KernelSynth folders are generated; everything else (the shared corpus) is real.
+cat > "$RAW/preprocess.yaml" <<YAML
+seed: 0
+pack: {window_length: 1024, val_fraction: 0.06}
+contamination:
+  benchmarks: [$SHARED/benchmarks/ETTh1.csv.gz, $SHARED/benchmarks/ETTh2.csv.gz]
+provenance:
+  "synthetic/kernelsynth_gp-*": synthetic/kernelsynth
+  "synthetic/kernelsynth": synthetic/embedded
+  "*/synth_*": synthetic/embedded
+YAML
+
+echo "== python -m jobs.preprocess -> $OUT/families-1024"
+RAY_USAGE_STATS_ENABLED=0 "$PY" -m jobs.preprocess --config "$RAW/preprocess.yaml" \
+    --input "$RAW/kernelsynth/corpus" --input "$RAW/embedded" --input "$SHARED/corpus" --output "$OUT/families-1024" 2>&1 \
+    | grep -v -E "INFO|WARNING|^\s*$" | tail -3
+cp "$RAW/kernelsynth/kernelsynth.json" "$OUT/families-1024/"
+for name in ETTh1 ETTh2; do cp "$SHARED/benchmarks/$name.csv.gz" "$OUT/benchmarks/"; done
+rm -rf "$RAW"
+
+"$PY" - "$OUT/families-1024" <<'PYEOF'
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+r = json.loads((root / "report.json").read_text())
+rows = json.loads((root / "manifest.json").read_text())["rows"]
+print(f"points in {r['points_in']:,}, kept {r['points_kept']:,} (val {r['points_val']:,}); rows {rows}")
+for kind, c in r["provenance"].items():
+    print(f"  {kind:<24} kept {c['points_kept']:>13,}  train {c['points_kept'] - c['points_val']:>13,}")
+need = 97_664  # rows of the 1e8-point trials (3,052 steps x 32)
+if rows["train"] < need:
+    sys.exit(f"ERROR: {rows['train']:,} training rows < {need:,}: the 1e8-point trials would repeat data")
+PYEOF
+du -sh "$OUT"/*

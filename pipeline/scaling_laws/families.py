@@ -1,0 +1,15 @@
+"""The model families a scaling grid compares (names only: no torch, so the fits and the report
+load without it; ``grid.model_config`` builds each family's model).
+
+- ``dense``: the dense twin, one SwiGLU with the sparse model's ACTIVE parameter count.
+- ``sparse``: the spec's MoE, aux loss pooled over all layers (as the paper and released code).
+- ``sparse_per_layer``: the same MoE with the aux loss per layer (``router_aux_loss_scope``).
+"""
+from __future__ import annotations
+
+SPARSE = "sparse"
+DENSE = "dense"
+SPARSE_PER_LAYER = "sparse_per_layer"
+FAMILIES = (SPARSE, DENSE, SPARSE_PER_LAYER)
+DEFAULT_FAMILIES = (SPARSE, DENSE)
+SPARSE_FAMILIES = (SPARSE, SPARSE_PER_LAYER)  # compared with DENSE by the report's compute multiplier
