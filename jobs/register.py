@@ -22,6 +22,7 @@ from pipeline.evaluation.registry import (
     promote_if_better,
     register_checkpoint,
 )
+from pipeline.reports import pictures
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"[register] {reg.model_uri} (alias candidate)" if reg.new else f"[register] {reg.model_uri} (unchanged)",
           flush=True)
+    table, protocol, decision = [], "not evaluated (register without --promote)", None
     if args.promote:
         cfg = EvalConfig(context=args.context, stride=args.stride, batch_size=options.batch_size)
         if args.datasets:
@@ -77,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         d = promote_if_better(args.name, reg.version, args.benchmarks, cfg, tracking_uri=args.tracking_uri,
                               options=options, workers=args.eval_workers)
         print(f"[register] promotion: {'granted' if d.promoted else 'refused'}: {d.reason}", flush=True)
+        table = pictures.comparison_table({"timemoe": d.candidate_rows}) if d.candidate_rows else []
+        protocol, decision = cfg.protocol_key(), f"{'promoted' if d.promoted else 'rejected'} ({d.reason})"
+    if reg.new:  # the version's page in the MLflow UI: its evaluation table and where it comes from
+        pictures.describe_version(args.name, reg.version, args.tracking_uri, table, "timemoe",
+                                  protocol, decision)
     return 0
 
 

@@ -129,6 +129,11 @@ def test_register_cli_from_training_run(checkpoints, synth_bench, mlflow_server,
     assert mv.tags["training_run_id"] == run.info.run_id
     assert mv.tags["code_version"] == "abc123"
     assert mv.tags["data_manifest_fingerprint"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    # the version's page: its evaluation table (the gate's own score) and its lineage
+    text = client.get_model_version(name, mv.version).description
+    row = next(line for line in text.splitlines() if line.startswith("| synth | 8 |"))
+    assert abs(float(row.split("|")[3].strip("* ")) - float(mv.tags["zeroshot.avg_mse"])) < 1e-4
+    assert f"training run: `{run.info.run_id}`" in text and "promotion: promoted" in text
     assert main(["--run-id", run.info.run_id, "--name", name, "--tracking-uri", mlflow_server,
                  "--artifact-path", "nowhere"]) == 2  # one line naming the run and the path
     assert f"jobs.register: run {run.info.run_id}: no artifact 'nowhere'" in capsys.readouterr().err

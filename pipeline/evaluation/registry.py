@@ -20,7 +20,7 @@ import hashlib
 import json
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,9 @@ class PromotionDecision:
     champion_version: str | None
     champion_mse: float | None
     reason: str
+    # the candidate's per-(dataset, horizon) rows when it was evaluated in this call (empty when
+    # its cached score was reused): what a version description shows
+    candidate_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _benchmark_digest(benchmarks_dir: str | Path) -> str:
@@ -252,15 +255,23 @@ def zero_shot_score(name: str, version: str, benchmarks_dir: str | Path, cfg: Ev
                     workers: int | str = "auto") -> float:
     """Average zero-shot MSE of one version; cached as version tags, reused only for the same
     protocol and benchmark files (the device and dtype that produced it are tagged beside it)."""
+    return _zero_shot(name, version, benchmarks_dir, cfg, client, tracking_uri, options, workers)[0]
+
+
+def _zero_shot(name: str, version: str, benchmarks_dir: str | Path, cfg: EvalConfig, client,
+               tracking_uri: str | None, options: InferenceOptions | None,
+               workers: int | str) -> tuple[float, list[dict[str, Any]]]:
+    """``zero_shot_score`` and the rows of the evaluation it ran (none when the score was cached)."""
     from pipeline.evaluation.workers import evaluate_model  # Ray: not for the pyfunc's imports
 
     mv = client.get_model_version(name, version)
     if mv.tags.get("zeroshot.protocol") == _score_key(cfg, benchmarks_dir) and "zeroshot.avg_mse" in mv.tags:
-        return float(mv.tags["zeroshot.avg_mse"])
+        return float(mv.tags["zeroshot.avg_mse"]), []
     uri = f"models:/{name}/{version}"
     result = evaluate_model(uri, benchmarks_dir, cfg, options, workers, tracking_uri, model_name=uri)
     print(result.table(), flush=True)
-    return record_zero_shot_score(name, version, benchmarks_dir, result, client)
+    rows = [{"dataset": r.dataset, "horizon": r.horizon, "mse": r.mse, "mae": r.mae} for r in result.rows]
+    return record_zero_shot_score(name, version, benchmarks_dir, result, client), rows
 
 
 def _score_key(cfg: EvalConfig, benchmarks_dir: str | Path) -> str:
@@ -295,16 +306,17 @@ def promote_if_better(name: str, candidate_version: str, benchmarks_dir: str | P
         champ: str | None = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         champ = None
-    cand_mse = zero_shot_score(name, cand, benchmarks_dir, cfg, client, tracking_uri, options, workers)
+    cand_mse, cand_rows = _zero_shot(name, cand, benchmarks_dir, cfg, client, tracking_uri, options, workers)
     if champ is None:
-        decision = PromotionDecision(True, cand, cand_mse, None, None, "no champion yet")
+        decision = PromotionDecision(True, cand, cand_mse, None, None, "no champion yet", cand_rows)
     elif champ == cand:  # nothing to decide, and its promotion tags stay as they were
-        return PromotionDecision(False, cand, cand_mse, champ, cand_mse, "candidate is already champion")
+        return PromotionDecision(False, cand, cand_mse, champ, cand_mse, "candidate is already champion", cand_rows)
     else:
         champ_mse = zero_shot_score(name, champ, benchmarks_dir, cfg, client, tracking_uri, options, workers)
         better = cand_mse < champ_mse
         decision = PromotionDecision(better, cand, cand_mse, champ, champ_mse,
-                                     f"candidate {cand_mse:.6g} {'<' if better else '>='} champion {champ_mse:.6g}")
+                                     f"candidate {cand_mse:.6g} {'<' if better else '>='} champion {champ_mse:.6g}",
+                                     cand_rows)
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, cand)
     verdict = "promoted" if decision.promoted else "rejected"
