@@ -43,7 +43,6 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -55,8 +54,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.released_code import build_released, import_released  # noqa: E402
 from model import TimeMoeConfig, TimeMoeModel, horizon_schedule  # noqa: E402
-from model import checkpoint as ckpt  # noqa: E402
 from model.attention import apply_rope, rope_cos_sin  # noqa: E402
 from model.flops import H100_BF16_PEAK_FLOPS, generate_flops_per_window  # noqa: E402
 
@@ -120,41 +119,6 @@ def generate_before(model: TimeMoeModel, x_BT: torch.Tensor, horizon: int) -> to
         new_x = model.head(dec.norm(hid)[:, -1], h)
         outs.append(new_x)
     return torch.cat(outs, dim=1)[:, :horizon]
-
-
-# ------------------------------------------------------------------------------ the released code
-def import_released(ref_dir: Path):
-    """The released ``TimeMoeForPrediction`` and its config class, with transformers 4.40.1 from
-    ``ref_dir/wheels`` installed into a scratch folder first on ``sys.path``."""
-    site = Path(os.environ.get("REFSITE", "/tmp/refsite"))
-    wheels = sorted(str(p) for p in (ref_dir / "wheels").glob("*.whl"))
-    if wheels and not (site / "transformers").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--target", str(site), *wheels], check=True)
-    sys.path[:0] = [str(site), str(ref_dir)]
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    from time_moe.models.configuration_time_moe import TimeMoeConfig as ReleasedConfig
-    from time_moe.models.modeling_time_moe import TimeMoeForPrediction
-
-    return TimeMoeForPrediction, ReleasedConfig, transformers.__version__
-
-
-def build_released(classes, ours: TimeMoeModel, dtype, device):
-    """The released model at our model's shape, holding our model's weights."""
-    cls, config_cls, _ = classes
-    c = ours.config
-    rc = config_cls(input_size=1, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                    horizon_lengths=list(c.horizon_lengths), num_hidden_layers=c.num_hidden_layers,
-                    num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-                    num_experts_per_tok=c.num_experts_per_tok, num_experts=c.num_experts,
-                    max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-                    rope_theta=c.rope_theta, use_dense=c.use_dense, apply_aux_loss=not c.use_dense)
-    model = cls(rc)
-    state = ckpt.to_published({k: v.detach().float().cpu() for k, v in ours.state_dict().items()}, c)
-    model.load_state_dict(state, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 # ------------------------------------------------------------------------------ protocol size

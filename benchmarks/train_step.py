@@ -13,11 +13,21 @@ run so the ratios are measured on the same machine:
   heads, loss) as one graph: fewer kernel launches for the same math.
 - ``compiled_cg``: ``compiled`` with ``mode="reduce-overhead"``: each layer's forward and
   backward replayed as CUDA graphs, which removes the per-kernel launch cost from the host.
+- ``released``: the released Time-MoE code itself (``--reference-dir``, made by
+  ``benchmarks/released_timemoe.sh``) on our weights: its own forward and loss (one series per
+  window), backward, gradient clipping and torch AdamW, as its Hugging Face trainer steps. Its
+  recipe uses FlashAttention-2; where ``flash_attn`` is not installed it runs its eager attention,
+  and the row says which (``attention``).
+
+The released code's full-step rates measured earlier with FlashAttention-2 (``RELEASED_QUOTED``)
+are printed beside ours for every (card, preset, windows) they cover, marked "quoted, not
+re-measured", whenever the ``released`` row did not run in the same call with that attention.
 
 Points/s counts window slots (4096 per row); with packing >= 98% efficient those are real points.
 MFU = ``model.flops.training_flops_per_point`` x points/s / 989e12 (H100 dense bf16 peak).
 
-    python benchmarks/train_step.py --presets timemoe-50m timemoe-200m --windows 8 --out results.json
+    python benchmarks/train_step.py --presets timemoe-50m timemoe-200m --windows 8 16 32 --out results.json \
+        --variants released compiled --reference-dir .reference
 
 Needs only torch (no Ray/DeepSpeed/MLflow), so it runs on the bare GPU image.
 """
@@ -39,6 +49,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import TimeMoeConfig, TimeMoeModel  # noqa: E402
 from model.flops import count_parameters, mfu, training_flops_per_point  # noqa: E402
 from model.moe import MoeFeedForward  # noqa: E402
+
+# The released code's full step (bf16, 4096-point windows, its trainer path with FlashAttention-2),
+# points/s, measured in the training-speed issue: (card, preset, windows) -> points/s
+RELEASED_QUOTED = {
+    ("H200", "timemoe-50m", 16): 307_848, ("H200", "timemoe-200m", 16): 176_489,
+    ("H200", "timemoe-50m", 8): 219_651, ("H200", "timemoe-200m", 8): 148_931,
+    ("H100", "timemoe-50m", 16): 210_329, ("H100", "timemoe-200m", 16): 154_196,
+}
+
+
+def card_of(device_name: str) -> str:
+    return next((c for c in ("H200", "H100") if c in device_name), device_name)
 
 
 class ExpertLoopDispatcher:
@@ -102,8 +124,32 @@ def make_batch(batch: int, length: int, packed: bool, device: str, seed: int):
     return {k: v.to(device) for k, v in dict(inputs=inputs, labels=labels).items()}
 
 
-def build(preset: str, variant: str, device: str):
+class ReleasedStep(torch.nn.Module):
+    """The released model's training forward on our batch layout: ``inputs``/``labels`` -> a
+    ``.loss`` (its multi-horizon Huber loss plus its router aux loss)."""
+
+    def __init__(self, released: torch.nn.Module) -> None:
+        super().__init__()
+        self.released = released
+
+    def forward(self, inputs, labels, **_):
+        out = self.released(input_ids=inputs.to(torch.bfloat16), labels=labels.to(torch.bfloat16),
+                            loss_masks=torch.ones_like(labels, dtype=torch.bfloat16), use_cache=False, return_dict=True)
+        return out
+
+
+def build(preset: str, variant: str, device: str, released_classes=None):
     cfg = TimeMoeConfig.preset(preset)
+    if variant == "released":
+        from benchmarks.released_code import build_released, released_attention
+
+        torch.manual_seed(0)
+        ours = TimeMoeModel(cfg)
+        attention = released_attention()
+        model = ReleasedStep(build_released(released_classes, ours, torch.bfloat16, device, attention, train=True))
+        model.attention = attention
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        return cfg, model, opt
     cfg.attn_implementation = "sdpa" if variant == "reference" or device == "cpu" else "flex"
     torch.manual_seed(0)
     model = TimeMoeModel(cfg).to(device=device, dtype=torch.bfloat16)
@@ -123,13 +169,14 @@ def build(preset: str, variant: str, device: str):
     return cfg, model, opt
 
 
-def run_variant(preset: str, variant: str, windows: int, length: int, steps: int, warmup: int, device: str) -> dict:
+def run_variant(preset: str, variant: str, windows: int, length: int, steps: int, warmup: int, device: str,
+                released_classes=None) -> dict:
     cuda = device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cfg, model, opt = build(preset, variant, device)
-    batch = make_batch(windows, length, packed=variant != "reference", device=device, seed=1)
+    cfg, model, opt = build(preset, variant, device, released_classes)
+    batch = make_batch(windows, length, packed=variant not in ("reference", "released"), device=device, seed=1)
 
     def step():
         if variant == "compiled_cg":
@@ -166,50 +213,92 @@ def run_variant(preset: str, variant: str, windows: int, length: int, steps: int
         params_total=counts.total, params_active=counts.active,
         peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), final_loss=float(loss.detach()),
     )
+    if variant == "released":
+        row["attention"] = model.attention
     del model, opt, batch
     return row
 
 
-def main() -> None:
+def released_reference(rows: list[dict], card: str) -> dict[tuple[str, int], tuple[float, str]]:
+    """Per (preset, windows): the released code's points/s and where it comes from: measured in
+    this call with FlashAttention-2 (its recipe), else the quoted figure for this card."""
+    ref = {(k[1], k[2]): (v, f"quoted ({card}, not re-measured)") for k, v in RELEASED_QUOTED.items() if k[0] == card}
+    for r in rows:
+        if r.get("variant") == "released" and "error" not in r and r.get("attention") == "flash_attention_2":
+            ref[(r["preset"], r["windows"])] = (r["points_per_s"], "measured in this call")
+    return ref
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", nargs="+", default=["timemoe-50m", "timemoe-200m"])
     ap.add_argument("--variants", nargs="+", default=["reference", "grouped", "compiled"])
-    ap.add_argument("--windows", type=int, default=8, help="windows (rows) per step")
+    ap.add_argument("--windows", type=int, nargs="+", default=[8], help="windows (rows) per step; each is measured")
     ap.add_argument("--windows-per-preset", nargs="*", default=[], help="overrides like timemoe-ultra=2")
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reference-dir", default=None, help="folder made by benchmarks/released_timemoe.sh")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("train_step.py needs a CUDA GPU (or --device cpu for a smoke test)")
     torch.backends.cuda.matmul.allow_tf32 = True
+    released_classes, released_error = None, None
+    if "released" in args.variants:
+        try:
+            from benchmarks.released_code import import_released
+
+            if not args.reference_dir:
+                raise FileNotFoundError("--reference-dir not given")
+            released_classes = import_released(Path(args.reference_dir).resolve())
+        except Exception as exc:  # the quoted figures stand in for it
+            released_error = f"released code cannot run: {type(exc).__name__}: {exc}"[:300]
+            print(released_error, flush=True)
     per_preset = dict(item.split("=") for item in args.windows_per_preset)
     rows = []
     for preset in args.presets:
-        windows = int(per_preset.get(preset, args.windows))
-        for variant in args.variants:
-            try:
-                row = run_variant(preset, variant, windows, args.length, args.steps, args.warmup, args.device)
-            except torch.OutOfMemoryError as exc:
-                row = dict(preset=preset, variant=variant, windows=windows, error=f"OOM: {exc}"[:300])
-            except Exception as exc:  # keep the other variants' numbers
-                row = dict(preset=preset, variant=variant, windows=windows, error=f"{type(exc).__name__}: {exc}"[:500])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    ref = {r["preset"]: r for r in rows if r.get("variant") == "reference" and "error" not in r}
-    print(f"\n{'preset':14s} {'variant':10s} {'win':>4s} {'step ms':>9s} {'points/s':>11s} {'MFU':>6s} {'peak GB':>8s} {'x ref':>6s}")
+        for windows in ([int(per_preset[preset])] if preset in per_preset else args.windows):
+            for variant in args.variants:
+                if variant == "released" and released_classes is None:
+                    row = dict(preset=preset, variant=variant, windows=windows, error=released_error)
+                else:
+                    try:
+                        row = run_variant(preset, variant, windows, args.length, args.steps, args.warmup, args.device,
+                                          released_classes)
+                    except torch.OutOfMemoryError as exc:
+                        row = dict(preset=preset, variant=variant, windows=windows, error=f"OOM: {exc}"[:300])
+                    except Exception as exc:  # keep the other variants' numbers
+                        row = dict(preset=preset, variant=variant, windows=windows,
+                                   error=f"{type(exc).__name__}: {exc}"[:500])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+    card = card_of(device_name)
+    released = released_reference(rows, card)
+    ref = {(r["preset"], r["windows"]): r for r in rows if r.get("variant") == "reference" and "error" not in r}
+    print(f"\n{'preset':14s} {'variant':16s} {'win':>4s} {'step ms':>9s} {'points/s':>11s} {'MFU':>6s} {'peak GB':>8s} "
+          f"{'x ref':>6s} {'x released':>10s}  released from")
     for r in rows:
         if "error" in r:
-            print(f"{r['preset']:14s} {r['variant']:10s} {r['windows']:4d}  ERROR {r['error'][:80]}")
+            print(f"{r['preset']:14s} {r['variant']:16s} {r['windows']:4d}  ERROR {r['error'][:80]}")
             continue
-        base = ref.get(r["preset"])
+        base = ref.get((r["preset"], r["windows"]))
         ratio = r["points_per_s"] / base["points_per_s"] if base else math.nan
-        print(f"{r['preset']:14s} {r['variant']:10s} {r['windows']:4d} {1e3 * r['step_s_median']:9.1f} "
-              f"{r['points_per_s']:11,.0f} {100 * r['mfu']:5.1f}% {r['peak_mem_gb']:8.1f} {ratio:6.2f}")
-    meta = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(), torch=torch.__version__, python=platform.python_version(),
-                date=time.strftime("%Y-%m-%d"), argv=sys.argv)
+        rel, source = released.get((r["preset"], r["windows"]), (math.nan, "-"))
+        label = r["variant"] if r["variant"] != "released" else f"released/{r['attention']}"
+        print(f"{r['preset']:14s} {label:16s} {r['windows']:4d} {1e3 * r['step_s_median']:9.1f} "
+              f"{r['points_per_s']:11,.0f} {100 * r['mfu']:5.1f}% {r['peak_mem_gb']:8.1f} {ratio:6.2f} "
+              f"{r['points_per_s'] / rel:10.2f}  {source}")
+    for (preset, windows), (pps, source) in sorted(released.items()):
+        if not any(r.get("preset") == preset and r.get("windows") == windows for r in rows if "error" not in r):
+            continue
+        if source.startswith("quoted"):
+            print(f"{preset:14s} {'released':16s} {windows:4d} {'':>9s} {pps:11,.0f}  FlashAttention-2, {source}")
+    meta = dict(device=device_name, card=card, torch=torch.__version__, python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d"), argv=sys.argv, released_error=released_error,
+                released_reference={f"{p}/{w}": dict(points_per_s=v, source=src) for (p, w), (v, src) in released.items()})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
 

@@ -1,0 +1,40 @@
+"""``benchmarks/train_step.py``: the windows axis, the released code's row when it cannot run, and
+which released figure each of our rows is divided by (measured in the same call with the
+released recipe's FlashAttention-2, else the quoted one for the same card)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from train_step import RELEASED_QUOTED, card_of, released_reference  # noqa: E402
+
+
+def test_smoke_measures_every_windows_count_and_names_why_the_released_code_did_not_run(tmp_path):
+    out = tmp_path / "train_step.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--presets", "tiny", "--windows", "1", "2",
+           "--length", "128", "--steps", "1", "--warmup", "1", "--device", "cpu",
+           "--variants", "grouped", "released", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    grouped = {r["windows"]: r for r in rows if r["variant"] == "grouped"}
+    assert set(grouped) == {1, 2} and all(r["points_per_s"] > 0 for r in grouped.values())
+    released = [r for r in rows if r["variant"] == "released"]
+    assert len(released) == 2 and all("--reference-dir not given" in r["error"] for r in released)
+
+
+def test_released_reference_prefers_a_flash_attention_row_measured_in_the_same_call():
+    assert card_of("NVIDIA H100 80GB HBM3") == "H100" and card_of("NVIDIA H200") == "H200"
+    rows = [dict(preset="timemoe-50m", variant="released", windows=16, points_per_s=1.0, attention="eager"),
+            dict(preset="timemoe-200m", variant="released", windows=16, points_per_s=2.0,
+                 attention="flash_attention_2")]
+    ref = released_reference(rows, "H200")
+    # eager is not the released recipe: the quoted FlashAttention-2 figure stays the reference
+    assert ref[("timemoe-50m", 16)] == (RELEASED_QUOTED[("H200", "timemoe-50m", 16)], "quoted (H200, not re-measured)")
+    assert ref[("timemoe-200m", 16)] == (2.0, "measured in this call")
+    assert ("timemoe-50m", 8) in ref and ("timemoe-50m", 8) not in released_reference([], "H100")
