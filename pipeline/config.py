@@ -44,6 +44,10 @@ class DataSection:
     path: str = ""  # packed-shard root (local folder or s3://...), holding manifest.json
     loader: str = "ray"  # "ray": Ray Data shards (Ray Train); "plain": pyarrow reader per worker
     prefetch_batches: int = 4  # batches the iterator prepares ahead so the step never waits
+    # batches read ahead by a background thread, across epoch boundaries too: a new epoch of Ray
+    # Data shards starts a new execution (seconds), which then overlaps the end of the last one;
+    # 0 = batches are read in the step's own thread
+    lookahead_batches: int = 32
 
 
 @dataclass

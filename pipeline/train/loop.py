@@ -32,7 +32,7 @@ from pipeline.tracking import Tracker
 from pipeline.train import checkpoint
 from pipeline.train.adapters import apply_finetune_method, merged_state_dict
 from pipeline.train.checkpoint import ResumeState
-from pipeline.train.data import DataPosition
+from pipeline.train.data import DataPosition, prefetched
 from pipeline.train.heldout import HeldOut
 from pipeline.train.profiling import StepProfiler
 
@@ -51,24 +51,43 @@ class Runtime(Protocol):
 
 
 class BatchStream:
-    """Micro-batches across epochs, with the position kept and the time blocked measured."""
+    """Micro-batches across epochs, with the position kept and the time blocked measured.
 
-    def __init__(self, runtime: Runtime, position: DataPosition, device: torch.device):
+    With ``lookahead`` > 0 a background thread reads up to that many batches ahead, across epoch
+    boundaries, so the start-up of the next epoch's reader overlaps the steps on the last
+    batches of the current one; it stops after ``limit`` batches (what the run still needs), so
+    no epoch is started that no step will read."""
+
+    def __init__(self, runtime: Runtime, position: DataPosition, device: torch.device, lookahead: int = 0,
+                 limit: int | None = None):
         self.rt, self.pos, self.device = runtime, DataPosition(**vars(position)), device
-        self._it = runtime.train_epoch(self.pos.epoch, self.pos.batches)
+        self._it = prefetched(lambda: self._epochs(DataPosition(**vars(position)), limit), lookahead)
         self.wait_s = 0.0  # time blocked on the iterator since the last take_wait()
+
+    def _epochs(self, start: DataPosition, limit: int | None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """``(epoch, batch)`` from ``start`` on, epoch after epoch, at most ``limit`` of them."""
+        epoch, skip, given = start.epoch, start.batches, 0
+        while limit is None or given < limit:
+            n = 0
+            for batch in self.rt.train_epoch(epoch, skip):
+                n += 1
+                given += 1
+                yield epoch, batch
+                if limit is not None and given >= limit:
+                    return
+            if n == 0 and skip == 0:
+                raise RuntimeError(f"epoch {epoch} gave this worker no batch: the train split "
+                                   "holds fewer windows than micro_batch_size x workers")
+            epoch, skip = epoch + 1, 0
 
     def next(self) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
         try:
-            batch = next(self._it)
+            epoch, batch = next(self._it)
         except StopIteration:
-            if self.pos.batches == 0:
-                raise RuntimeError(f"epoch {self.pos.epoch} gave this worker no batch: the train split "
-                                   "holds fewer windows than micro_batch_size x workers") from None
-            self.pos = DataPosition(self.pos.epoch + 1, 0)
-            self._it = self.rt.train_epoch(self.pos.epoch, 0)
-            batch = next(self._it)
+            raise RuntimeError("the batch stream was asked for more batches than the run needs") from None
+        if epoch != self.pos.epoch:
+            self.pos = DataPosition(epoch, 0)
         self.pos.batches += 1
         self.wait_s += time.perf_counter() - t0
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -345,7 +364,9 @@ class TrainingRun:
         state = resume_state(engine, cfg, rt)
         open_tracking(tracker, state, cfg)
         return cls(cfg, rt, device, model_config(cfg.model), engine, ep_info, cfg.grad_accum_steps(rt.world_size),
-                   tracker, state, BatchStream(rt, state.data, device), out_root,
+                   tracker, state, BatchStream(rt, state.data, device, cfg.data.lookahead_batches,
+                                               limit=(cfg.train.max_steps - state.step) * cfg.grad_accum_steps(rt.world_size)),
+                   out_root,
                    StepProfiler(cfg.train.profile_steps, out_root, rt.rank, rt.use_gpu), _peak_flops(rt.use_gpu),
                    nonfinite=NonFiniteSteps(cfg.train.max_nonfinite_in_row),
                    early_stop=EarlyStop(cfg.train.early_stop_patience))

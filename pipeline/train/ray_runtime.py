@@ -53,18 +53,18 @@ class RayRuntime:
         self.cfg = cfg
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.use_gpu = cfg.scaling.use_gpu
-        self._reader = None
+        self._reader, self._train_shard = None, None
         if cfg.data.loader == "plain":
             self._reader = data.PlainReader(data.shard_files(cfg.data.path, data.TRAIN_DIR), cfg.train.micro_batch_size,
                                             self.rank, self.world_size, cfg.train.seed)
+        else:  # taken here, in the worker's own thread: epochs may be opened by the loop's read-ahead thread
+            self._train_shard = ray.train.get_dataset_shard("train")
 
     def train_epoch(self, epoch: int, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
         d = self.cfg.data
         if self._reader is not None:
             return data.plain_batches(self._reader, epoch, skip_batches, d.prefetch_batches)
-        import ray.train
-
-        it = data.ray_batches(ray.train.get_dataset_shard("train"), self.cfg.train.micro_batch_size, d.prefetch_batches)
+        it = data.ray_batches(self._train_shard, self.cfg.train.micro_batch_size, d.prefetch_batches)
         for _ in range(skip_batches):  # exact: the split order is deterministic (see pipeline.train.data)
             next(it)
         return it
