@@ -39,23 +39,62 @@ def test_windows_are_the_scaled_train_split_and_nothing_else(bench, tmp_path):
     assert manifest["source"] == {"benchmark": "toy", "split": "train", "rows": [start, end], "stride": 32}
     import pyarrow.parquet as pq
 
-    def rows(split: str) -> np.ndarray:
-        return np.concatenate([decode_batch(pq.read_table(u).to_pydict())["values"] for u in list_shards(str(data.path), split)])
+    def rows(split: str, key: str = "values") -> np.ndarray:
+        return np.concatenate([decode_batch(pq.read_table(u).to_pydict())[key] for u in list_shards(str(data.path), split)])
 
     train, val = rows("train"), rows("val")
     assert len(train) == data.train_windows > 0 and len(val) == data.val_windows > 0
-    cut = (end - start) - max(round(0.1 * (end - start)), 130)
-    # every window, recomputed independently from the train rows alone: channel-major, every 32
-    # rows (the held-out part every 8), the held-out part the last 10% but two windows at least (the exact
-    # equality shows no other row got in)
-    expect = []
-    for lo, hi, every in ((start, start + cut, 32), (start + cut, end, 8)):
-        part = scaled[lo:hi].astype(np.float32)
-        expect.append(np.array([part[s:s + 65, c] for c in range(part.shape[1]) for s in range(0, len(part) - 64, every)]))
-    np.testing.assert_array_equal(train, expect[0])
-    np.testing.assert_array_equal(val, expect[1])
+    n = end - start
+    cut = n - round(0.1 * n)  # the held-out part: the last 10% of the split, never more
+    part = scaled[start:end].astype(np.float32)
+    # every window, recomputed independently from the train rows alone, channel-major (the exact
+    # equality shows no other row got in): training windows every 32 rows of the first 90%;
+    # held-out windows ending every 8 rows in the last 10% (and at its end), context before it
+    expect_train = np.array([part[s:s + 65, c] for c in range(part.shape[1]) for s in range(0, cut - 64, 32)])
+    ends = sorted(set(range(max(cut + 1, 65), n + 1, 8)) | {n})
+    expect_val = np.array([part[e - 65:e, c] for c in range(part.shape[1]) for e in ends])
+    np.testing.assert_array_equal(train, expect_train)
+    np.testing.assert_array_equal(val, expect_val)
+    # only held-out points carry loss: a training step never scored on them, the held-out loss never on seen ones
+    loss = rows("val", "loss_mask")
+    expect_loss = np.array([np.arange(e - 65, e) >= cut for _ in range(part.shape[1]) for e in ends])
+    np.testing.assert_array_equal(loss, expect_loss)
+    assert rows("train", "loss_mask").all()
+
+
+def test_a_short_split_at_a_long_window_keeps_nine_tenths_for_training(bench, tmp_path):
+    """The paper's longest context on a short split: the held-out rows stay a tenth (they once
+    grew to two windows, most of the split), and the held-out windows still reach full length."""
+    ds = load_benchmark(bench, "toy")
+    start, end = scaled_values(ds)[1].train
+    width = (end - start) // 2
+    data = benchmark_train_shards(bench, "toy", tmp_path / "ft", window_length=width - 1, stride=8,
+                                  early_stop_fraction=0.1)
+    cut = (end - start) - round(0.1 * (end - start))
+    assert data.train_windows == len(range(0, cut - width + 1, 8)) * ds.values_TC.shape[1]
+    assert data.val_windows > 0
 
 
 def test_a_train_split_shorter_than_one_window_is_an_error(bench, tmp_path):
     with pytest.raises(ValueError, match="shorter than one window"):
         benchmark_train_shards(bench, "toy", tmp_path / "ft", window_length=4096)
+
+
+@pytest.mark.parametrize("workers,windows,expect", [(1, 7, (7, 7, 1)), (2, 7, (3, 6, 2)), (1, 100, (32, 32, 4))])
+def test_a_train_split_smaller_than_a_batch_trains_on_smaller_batches(tmp_path, workers, windows, expect):
+    """configs/finetune-gpu.yaml asks for batches of 32; ETTh1 at the paper's longest context has
+    fewer windows than that. The run takes what the split holds instead of failing at step 1."""
+    from model import TimeMoeConfig, TimeMoeModel
+    from pipeline.finetune.data import FinetuneData
+    from pipeline.finetune.protocol import FinetuneJob, Parent, finetune_config
+
+    TimeMoeModel(TimeMoeConfig.preset("tiny")).save_pretrained(tmp_path / "parent")
+    parent = Parent(tmp_path / "parent", "parent", 4096)
+    data = FinetuneData(tmp_path / "data", "ETTh1", "train", (0, 8640), windows, 0)
+    job = FinetuneJob(parent="parent", benchmarks=str(tmp_path), datasets=["ETTh1"], config="configs/finetune-gpu.yaml",
+                      overrides=[f"scaling.num_workers={workers}", "scaling.use_gpu=false"])
+    cfg = finetune_config(job, parent, data, tmp_path / "out")
+    assert (cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.max_steps) == expect
+    with pytest.raises(ValueError, match="1 training windows for 2 workers"):
+        finetune_config(FinetuneJob(**{**job.__dict__, "overrides": ["scaling.num_workers=2", "scaling.use_gpu=false"]}),
+                        parent, FinetuneData(tmp_path / "data", "ETTh1", "train", (0, 8640), 1, 0), tmp_path / "out")

@@ -100,13 +100,3 @@ def test_forecast_vectorised_preparation_and_fixed_batch_change_nothing():
     np.testing.assert_allclose(m.forecast(arr, 20, batch_size=3), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(m.forecast(arr, 20, batch_size=3, fixed_batch=True), ref, rtol=1e-5, atol=1e-5)
 
-
-def test_prefill_attention_order_changes_no_forecast():
-    """``prefill_attention="cudnn"`` only reorders SDPA's kernels (cuDNN is skipped where it
-    cannot run, as on a CPU): forecasts equal the eager model's; an unknown name is refused."""
-    eager = tiny()
-    ordered = compile_for_inference(tiny(), prefill_attention="cudnn")
-    x = random_walks(4, 64, seed=4)
-    torch.testing.assert_close(ordered.generate(x, 45), eager.generate(x, 45), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="prefill_attention"):
-        compile_for_inference(tiny(), prefill_attention="fastest")

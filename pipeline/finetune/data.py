@@ -7,8 +7,12 @@ fine-tuning sees only the TRAIN split of the dataset it is then evaluated on. As
 uses the last ``early_stop_fraction`` of the train split's rows, held out from training; the
 benchmark's own validation split stays unseen, like its test split.
 
-The held-out rows are at least two windows long (when the split allows it), cut every quarter of
-the training stride, so the held-out loss rests on enough windows. Values are scaled with
+The held-out rows never exceed that fraction: on a short split (ETTh1's 8,640 rows against the
+3,793-point windows of the paper's longest context) a held-out part of "two windows at least"
+would take most of the data the model is meant to learn from. A held-out window ends in the
+held-out rows, every quarter of the training stride, and reaches back into the rows before
+them for its context, as a test window does; only its held-out points carry loss, so the
+held-out loss is a forecast of points no training step saw. Values are scaled with
 the zero-shot protocol's scaler (``pipeline.evaluation.benchmark_data``:
 per channel, fitted on the train split), so the model fine-tunes on what it is evaluated on.
 Each channel is one series, cut into windows of ``window_length + 1`` points every ``stride``
@@ -63,19 +67,20 @@ def benchmark_train_shards(benchmarks_dir: str | Path, dataset: str, out_dir: st
     width = window_length + 1
     stride = stride or max(1, window_length // 4)
     held_out = int(round(early_stop_fraction * len(train_TC)))
-    if held_out:  # two windows' worth at least, or the held-out loss would rest on a handful of windows
-        held_out = min(max(held_out, 2 * width), len(train_TC) - width)
-    cut = len(train_TC) - max(held_out, 0)
-    parts = {TRAIN_DIR: (train_TC[:cut], stride), VAL_DIR: (train_TC[cut:], max(1, stride // 4))}
+    held_out = held_out if held_out >= 2 else 0  # one input and one label at least
+    cut = len(train_TC) - held_out
     out = Path(out_dir)
+    train_NW = _windows(train_TC[:cut], width, stride)
+    if len(train_NW) == 0:
+        raise ValueError(f"{dataset}: its train split ({len(train_TC)} rows, {held_out} of them held out) is shorter "
+                         f"than one window of {width} points; lower the window length")
+    parts = {TRAIN_DIR: (train_NW, np.ones_like(train_NW, np.uint8)),
+             VAL_DIR: _heldout_windows(train_TC, cut, width, max(1, stride // 4))}
     shards, counts = {}, {}
-    for split_dir, (values_TC, every) in parts.items():
-        windows = _windows(values_TC, width, every)
-        if split_dir == TRAIN_DIR and len(windows) == 0:
-            raise ValueError(f"{dataset}: its train split ({len(train_TC)} rows) is shorter than one window of "
-                             f"{width} points; lower the window length")
-        shards[split_dir] = _write(out / split_dir, windows, window_length, f"{dataset}/{split_dir}", rows_per_shard)
-        counts[split_dir] = len(windows)
+    for split_dir, (windows_NW, loss_NW) in parts.items():
+        shards[split_dir] = _write(out / split_dir, windows_NW, loss_NW, window_length, f"{dataset}/{split_dir}",
+                                   rows_per_shard)
+        counts[split_dir] = len(windows_NW)
     manifest = minimal_manifest(window_length, shards, source={"benchmark": dataset, "split": ALLOWED_SPLIT,
                                                                "rows": [start, end], "stride": stride})
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
@@ -91,12 +96,27 @@ def _windows(values_TC: np.ndarray, width: int, stride: int) -> np.ndarray:
                            for c in range(values_TC.shape[1])]).astype(np.float32)
 
 
-def _write(folder: Path, windows_NW: np.ndarray, window_length: int, name: str, rows_per_shard: int) -> list[dict]:
-    """The windows as shards through the preprocessing job's own writer (one series per row)."""
+def _heldout_windows(values_TC: np.ndarray, cut: int, width: int, every: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows ending in rows ``cut:`` (every ``every`` rows, the last row always), their context
+    reaching back before ``cut``; the loss mask keeps only the points at rows >= ``cut``."""
+    T, C = values_TC.shape
+    first_end = max(cut + 1, width)
+    if cut >= T or T < width:
+        return np.zeros((0, width), np.float32), np.zeros((0, width), np.uint8)
+    ends = sorted(set(range(first_end, T + 1, every)) | {T})
+    windows = np.concatenate([np.stack([values_TC[e - width:e, c] for e in ends]) for c in range(C)])
+    loss = np.concatenate([np.stack([np.arange(e - width, e) >= cut for e in ends]) for _ in range(C)])
+    return windows.astype(np.float32), loss.astype(np.uint8)
+
+
+def _write(folder: Path, windows_NW: np.ndarray, loss_NW: np.ndarray, window_length: int, name: str,
+           rows_per_shard: int) -> list[dict]:
+    """The windows as shards through the preprocessing job's own writer (one series per row;
+    ``loss_NW`` marks the points whose prediction counts)."""
     folder.mkdir(parents=True, exist_ok=True)
     n, width = windows_NW.shape
     rows = PackedRows(values_RW=windows_NW, segment_ids_RW=np.ones((n, width), np.int32),
-                      loss_mask_RW=np.ones((n, width), np.uint8), seg_mean=[[0.0]] * n, seg_std=[[1.0]] * n,
+                      loss_mask_RW=loss_NW, seg_mean=[[0.0]] * n, seg_std=[[1.0]] * n,
                       seg_series=[[f"{name}/{i}"] for i in range(n)], seg_lengths=[[width]] * n)
     fs, root = resolve_filesystem(str(folder))
     entries = []

@@ -38,6 +38,8 @@ from pipeline.parallel.parallelize import RUNTIME_FIELDS  # how the model runs, 
 from pipeline.tracking import experiment_id, tracking_uri
 from pipeline.train.ray_runtime import run_ray, training_run_id
 
+EARLY_STOP_HELD_OUT = 0.1  # the last tenth of the train split, when a held-out loss is watched
+
 # the paper's Table 4 (in-distribution, averages over ETTh1/2, ETTm1/2, Weather and the four
 # horizons), beside which docs/evaluation.md puts ours
 PAPER_IN_DISTRIBUTION = {"TimeMoE-base": (0.306, 0.362), "TimeMoE-large": (0.304, 0.359),
@@ -107,12 +109,28 @@ def resolve_parent(spec: str, dest: Path, tracking: str | None) -> Parent:
 def finetune_config(job: FinetuneJob, parent: Parent, data: FinetuneData, out: Path) -> TrainConfig:
     """The run's TrainConfig: the job's YAML, the parent's shape and weights, the data written for
     this dataset, enough steps for ``job.epochs`` passes over it, and the job's overrides last."""
-    base = load_config(job.config)
+    base = load_config(job.config, list(job.overrides))
     shape = {k: v for k, v in json.loads((parent.path / "config.json").read_text()).items()
              if k not in RUNTIME_FIELDS and k in TimeMoeConfig.preset("tiny").to_dict()}
-    steps = max(1, math.ceil(job.epochs * data.train_windows / base.train.global_batch_size))
     derived = [f"model.init_from={parent.path}", f"data.path={data.path}", f"train.output_dir={out / 'train'}",
-               f"train.max_steps={steps}", "train.export=true"]
+               "train.export=true"]
+    # a train split smaller than one batch (a short dataset at a long window) trains on smaller
+    # batches instead of failing at its first step
+    workers = base.scaling.num_workers
+    per_worker = data.train_windows // workers
+    if per_worker == 0:
+        raise ValueError(f"{data.dataset}: {data.train_windows} training windows for {workers} workers; "
+                         f"lower scaling.num_workers, --window-length or --stride")
+    batch = base.train.global_batch_size
+    if base.train.micro_batch_size > per_worker:
+        batch = per_worker * workers
+        derived += [f"train.micro_batch_size={per_worker}", f"train.global_batch_size={batch}"]
+        print(f"[finetune] {data.dataset}: {data.train_windows} training windows, fewer than a batch of "
+              f"{base.train.global_batch_size}: batch {batch} ({per_worker} per worker)", flush=True)
+    if base.train.early_stop_patience and not data.val_windows:
+        raise ValueError(f"{data.dataset}: train.early_stop_patience is set but the train split is too short "
+                         f"to hold rows out for it")
+    derived.append(f"train.max_steps={max(1, math.ceil(job.epochs * data.train_windows / batch))}")
     if torch.cuda.is_available():
         derived += ["scaling.use_gpu=true"]
     if job.tracking_uri:
@@ -139,8 +157,13 @@ def finetune_on_benchmark(job: FinetuneJob, dataset: str, parent: Parent, run_ro
     """Fine-tune ``parent`` on ``dataset``'s train split, evaluate it and the parent on its test
     split, register when asked (module doc)."""
     out = run_root / dataset
+    # rows are held out of the train split only when the run watches a held-out loss (eval_every,
+    # early stopping); with train.eval_every=0 it trains on the whole split, as the paper does
+    train = load_config(job.config, list(job.overrides)).train
+    watch = train.eval_every > 0 or train.early_stop_patience > 0
     data = benchmark_train_shards(job.benchmarks, dataset, out / "data", window_length_for(job, parent),
-                                  stride=job.stride, split=ALLOWED_SPLIT)
+                                  stride=job.stride, split=ALLOWED_SPLIT,
+                                  early_stop_fraction=EARLY_STOP_HELD_OUT if watch else 0.0)
     cfg = finetune_config(job, parent, data, out)
     uri = tracking_uri(cfg.tracking.tracking_uri, store_dir=job.output_dir)
     cfg.tracking.tracking_uri = uri

@@ -128,10 +128,7 @@ def apply_compile(model: nn.Module, expert_parallel: bool = False) -> None:
                 compile_expert_parallel_parts(module)
 
 
-PREFILL_ATTENTION = ("default", "cudnn")
-
-
-def compile_for_inference(model: nn.Module, decode: str = "eager", prefill_attention: str = "default") -> nn.Module:
+def compile_for_inference(model: nn.Module, decode: str = "eager") -> nn.Module:
     """Compile a model for ``generate``, in place: each decoder layer's PREFILL (the cache-free
     forward over the context, see ``model.modeling.TimeMoeDecoder``) with static shapes, one
     graph per (batch, context) shape shared by the identical layers. Decode steps change the key
@@ -141,19 +138,12 @@ def compile_for_inference(model: nn.Module, decode: str = "eager", prefill_atten
 
     Experts the grouped GEMM cannot run (fp32 on CUDA, or any compiled fp32) take the per-expert
     loop, whose split sizes come from the routing; it runs outside the graphs, since traced it
-    would specialise on the sizes and recompile every batch.
-
-    ``prefill_attention="cudnn"`` traces the prefill with cuDNN's fused attention first in SDPA's
-    order (flash, then the others, where cuDNN refuses a shape): on Hopper it runs the causal
-    prefill at head dims 32 and 64 faster than flash (docs/benchmarks.md). Decode keeps the
-    default order: its bottom-right causal mask is flash's case."""
+    would specialise on the sizes and recompile every batch."""
     from model.attention import Attention
     from model.moe import GroupedExperts
 
     if decode not in ("eager", "dynamic"):
         raise ValueError(f"compile_for_inference: decode={decode!r} not in ('eager', 'dynamic')")
-    if prefill_attention not in PREFILL_ATTENTION:
-        raise ValueError(f"compile_for_inference: prefill_attention={prefill_attention!r} not in {PREFILL_ATTENTION}")
     # one graph per shape and layer kind: the default limits would silently fall back to eager
     # after a few (batch, context) shapes
     dynamo = torch._dynamo.config
@@ -169,25 +159,9 @@ def compile_for_inference(model: nn.Module, decode: str = "eager", prefill_atten
     for layer in decoder_layers(model):
         eager = layer.forward
         prefill = torch.compile(eager, dynamic=False)
-        if prefill_attention == "cudnn":
-            prefill = _with_cudnn_attention_first(prefill)
         step = torch.compile(eager, dynamic=True) if decode == "dynamic" else eager
         layer.forward = functools.partial(_prefill_or_decode, prefill, step)
     return model
-
-
-def _with_cudnn_attention_first(fn):
-    """``fn`` traced and run with SDPA trying cuDNN first; the backend is chosen when the graph is
-    traced, so the context must also hold on the first call."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with sdpa_kernel(order, set_priority=True):
-            return fn(*args, **kwargs)
-    return run
 
 
 def _prefill_or_decode(prefill, decode, h_BLD, rope_BLd, q_seg_BL, k_seg_BS, kv_cache=None, *args):
