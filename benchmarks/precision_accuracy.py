@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -66,45 +67,62 @@ def main(argv: list[str] | None = None) -> int:
         cfg.datasets = list(args.datasets)
     if args.horizons:
         cfg.horizons = list(args.horizons)
-    runs, rows_by_dtype = {}, {}
-    for dtype in args.dtypes:
-        fc = ModelForecaster(copy.deepcopy(model), InferenceOptions(args.device, dtype, args.batch_size), name=name)
-        t0 = time.perf_counter()
-        result = evaluate(fc, args.benchmarks, cfg, model_name=name)
-        seconds = time.perf_counter() - t0
-        rows = [asdict(r) for r in result.rows]
-        rows_by_dtype[dtype] = rows
-        runs[dtype] = dict(seconds=seconds, avg_mse=result.average_mse(), inference=fc.describe(),
-                           windows=sum(r["windows"] for r in rows))
-        print(f"{dtype}: avg MSE {result.average_mse():.6f}, {runs[dtype]['windows']} windows in {seconds:.1f}s "
-              f"on {fc.describe()}", flush=True)
-        del fc
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
+    forecasters = {d: ModelForecaster(copy.deepcopy(model), InferenceOptions(args.device, d, args.batch_size), name=name)
+                   for d in args.dtypes}
     ref, others = args.dtypes[0], args.dtypes[1:]
-    table = compare(rows_by_dtype, ref)
+    rows_by_dtype: dict[str, list[dict]] = {d: [] for d in args.dtypes}
+    seconds = {d: 0.0 for d in args.dtypes}
+    datasets = list(cfg.datasets)
+    print(f"{'dataset':10s} {'h':>4s} {'windows':>8s} " + " ".join(f"{'MSE ' + d:>11s}" for d in args.dtypes)
+          + " " + " ".join(f"{'rel ' + d:>10s}" for d in others), flush=True)
+    # one dataset at a time in every dtype, the table and JSON rewritten after each: a run cut
+    # short by its time limit still leaves a like-for-like comparison of the datasets it finished
+    for i, dataset in enumerate(datasets):
+        part = dataclasses.replace(cfg, datasets=[dataset])
+        for d, fc in forecasters.items():
+            t0 = time.perf_counter()
+            result = evaluate(fc, args.benchmarks, part, model_name=name)
+            seconds[d] += time.perf_counter() - t0
+            rows_by_dtype[d] += [asdict(r) for r in result.rows]
+        table = compare(rows_by_dtype, ref)
+        for r in table[-len(part.horizons):]:
+            print(f"{r['dataset']:10s} {r['horizon']:4d} {r['windows']:8d} "
+                  + " ".join(f"{r['mse_' + d]:11.6f}" for d in args.dtypes)
+                  + " " + " ".join(f"{100 * r['mse_rel_' + d]:+9.3f}%" for d in others), flush=True)
+        report(args, cfg, forecasters, rows_by_dtype, seconds, table, ref, others, complete=i == len(datasets) - 1)
+    return 0
+
+
+def report(args, cfg: EvalConfig, forecasters: dict, rows_by_dtype: dict[str, list[dict]], seconds: dict[str, float],
+           table: list[dict], ref: str, others: list[str], complete: bool) -> None:
+    """The verdict over the datasets finished so far, printed at the end and written as JSON."""
+    def avg_mse(rows: list[dict]) -> float:
+        per_dataset = {}
+        for r in rows:
+            per_dataset.setdefault(r["dataset"], []).append(r["mse"])
+        return float(sum(sum(v) / len(v) for v in per_dataset.values()) / len(per_dataset))
+
+    runs = {d: dict(seconds=seconds[d], avg_mse=avg_mse(rows), inference=forecasters[d].describe(),
+                    windows=sum(r["windows"] for r in rows)) for d, rows in rows_by_dtype.items()}
     verdict = {d: dict(avg_mse_rel=runs[d]["avg_mse"] / runs[ref]["avg_mse"] - 1.0,
                        max_abs_row_mse_rel=max(abs(r[f"mse_rel_{d}"]) for r in table),
                        within_tolerance=abs(runs[d]["avg_mse"] / runs[ref]["avg_mse"] - 1.0) <= TOLERANCE)
                for d in others}
-    print(f"\n{'dataset':10s} {'h':>4s} {'windows':>8s} " + " ".join(f"{'MSE ' + d:>11s}" for d in args.dtypes)
-          + " " + " ".join(f"{'rel ' + d:>10s}" for d in others))
-    for r in table:
-        print(f"{r['dataset']:10s} {r['horizon']:4d} {r['windows']:8d} "
-              + " ".join(f"{r['mse_' + d]:11.6f}" for d in args.dtypes)
-              + " " + " ".join(f"{100 * r['mse_rel_' + d]:+9.3f}%" for d in others))
-    for d, v in verdict.items():
-        print(f"{d} vs {ref}: average MSE {100 * v['avg_mse_rel']:+.3f}% (tolerance {100 * TOLERANCE:.1f}%: "
-              f"{'within' if v['within_tolerance'] else 'OUTSIDE'}); largest row {100 * v['max_abs_row_mse_rel']:.3f}%")
+    if complete:
+        for d, run in runs.items():
+            print(f"{d}: avg MSE {run['avg_mse']:.6f}, {run['windows']} windows in {run['seconds']:.1f}s "
+                  f"on {run['inference']}", flush=True)
+        for d, v in verdict.items():
+            print(f"{d} vs {ref}: average MSE {100 * v['avg_mse_rel']:+.3f}% (tolerance {100 * TOLERANCE:.1f}%: "
+                  f"{'within' if v['within_tolerance'] else 'OUTSIDE'}); largest row {100 * v['max_abs_row_mse_rel']:.3f}%")
     if args.json:
         doc = dict(model=args.model, protocol=dict(stride=args.stride, datasets=cfg.datasets, horizons=cfg.horizons),
+                   complete=complete, datasets_done=sorted({r["dataset"] for r in table}),
                    reference=ref, runs=runs, rows=table, verdict=verdict, tolerance=TOLERANCE,
                    torch=torch.__version__, float32_matmul_precision=torch.get_float32_matmul_precision(),
                    date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
-    return 0
 
 
 if __name__ == "__main__":
