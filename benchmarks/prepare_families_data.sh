@@ -30,12 +30,7 @@ OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m preprocessing.kernelsynth "$RA
     --points "$SYNTH_POINTS" --seed 0 --workers "$WORKERS"
 
 echo "== embedded corpus, scale $SCALE -> $RAW/embedded"
-"$PY" -c "
-import json, sys
-from preprocessing.synthetic import generate_default_corpus
-s = generate_default_corpus(sys.argv[1], seed=0, scale=float(sys.argv[2]))
-print(json.dumps({k: s[k] for k in ('series', 'points', 'seconds')}))
-" "$RAW/embedded" "$SCALE"
+"$PY" -m preprocessing.synthetic "$RAW/embedded" "$SCALE" | grep -E '^ "(series|points|seconds)"'
 
 # provenance: the embedded corpus's datasets (preprocessing/synthetic.py DEFAULT_RECIPES) and the
 # KernelSynth folders are generated; everything else (the shared corpus) is real.

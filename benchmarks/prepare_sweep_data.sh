@@ -25,12 +25,7 @@ rm -rf "$OUT/sweep-1024" "$OUT/benchmarks"
 mkdir -p "$OUT/benchmarks"
 
 echo "== embedded synthetic corpus, scale $SCALE -> $tmp/synthetic"
-"$PY" -c "
-import json, sys
-from preprocessing.synthetic import generate_default_corpus
-s = generate_default_corpus(sys.argv[1], seed=0, scale=float(sys.argv[2]))
-print(json.dumps({k: s[k] for k in ('series', 'points', 'seconds')}))
-" "$tmp/synthetic" "$SCALE"
+"$PY" -m preprocessing.synthetic "$tmp/synthetic" "$SCALE" | grep -E '^ "(series|points|seconds)"'
 
 cat > "$tmp/preprocess.yaml" <<YAML
 seed: 0
