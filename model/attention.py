@@ -181,19 +181,34 @@ class Attention(nn.Module):
         kv_cache: LayerCache | None = None,
         backend: str | None = None,
         block_mask=None,
+        last_query_only: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``rope_BLd`` is ``rope_cos_sin`` of the query positions. ``q_seg``/``k_seg`` None means
         every row is one series (plain causal). With a cache the new keys/values are written at
         positions ``start .. start+L-1`` and ``k_seg_BS`` covers all ``start + L`` keys. Returns
-        the output and this forward's keys/values (all S of them with a cache)."""
+        the output and this forward's keys/values (all S of them with a cache).
+
+        ``last_query_only`` (cache-free forwards): keys and values of all L positions, the output
+        of the last one only, ``[B, 1, D]``."""
         B, L, _ = x_BLD.shape
-        hd = self.head_dim
-        q, k, v = self.qkv_proj(x_BLD).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
-        q_BHLd = q.view(B, L, self.n_heads, hd).transpose(1, 2)
-        k_BKLd = k.view(B, L, self.n_kv, hd).transpose(1, 2)
-        v_BKLd = v.view(B, L, self.n_kv, hd).transpose(1, 2)
+        hd, nq = self.head_dim, self.n_heads * self.head_dim
         cos, sin = rope_BLd  # computed once per forward by the decoder, shared by all layers
-        q_BHLd, k_BKLd = apply_rope(q_BHLd, cos, sin), apply_rope(k_BKLd, cos, sin)
+        if last_query_only:  # keys/values for every position, the query of the last one only
+            W, b = self.qkv_proj.weight, self.qkv_proj.bias
+            q = F.linear(x_BLD[:, -1:], W[:nq], b[:nq])
+            k, v = F.linear(x_BLD, W[nq:], b[nq:]).split([self.n_kv * hd, self.n_kv * hd], dim=-1)
+            Lq = 1
+        else:
+            q, k, v = self.qkv_proj(x_BLD).split([nq, self.n_kv * hd, self.n_kv * hd], dim=-1)
+            Lq = L
+        q_BHLd = apply_rope(q.view(B, Lq, self.n_heads, hd).transpose(1, 2), cos[:, L - Lq:], sin[:, L - Lq:])
+        k_BKLd = apply_rope(k.view(B, L, self.n_kv, hd).transpose(1, 2), cos, sin)
+        v_BKLd = v.view(B, L, self.n_kv, hd).transpose(1, 2)
+        if last_query_only:  # the last query is the last key: attend() masks it against all L
+            L, block_mask = 1, None
+            q_seg_BL = None if q_seg_BL is None else q_seg_BL[:, -1:]
+            if resolve_backend(backend or self.backend, x_BLD.device, q_seg_BL is not None) == "flex":
+                backend = "sdpa"  # one query row: its dense [B, 1, S] mask is tiny, no block mask to build
         if kv_cache is not None:
             out, new_kv = self.attend_cached(q_BHLd, k_BKLd, v_BKLd, kv_cache, q_seg_BL, k_seg_BS, backend)
         else:

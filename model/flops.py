@@ -79,19 +79,39 @@ def generate_flops_per_window(config: TimeMoeConfig, context: int, horizon: int)
                                                the new ones up to itself: causal, not m x (c+m))
 
     where ``N_body`` = active parameters minus the output heads (k of E routed experts, the
-    shared expert, router, norms, biases, embedding). The heads run once per step on the last
-    position only, one head of width s_j: ``2 * D * s_j``. Elementwise work (norms, RoPE,
-    softmax, SwiGLU products) is not counted, as usual for MFU."""
+    shared expert, router, norms, biases, embedding). In the prefill the last layer computes
+    keys and values for all ``context`` positions but everything else (query, attention, output
+    projection, FFN) for the last position only (``TimeMoeDecoder``): its other active
+    parameters, and the final norm's, are visited by one token, and its one query sees
+    ``context`` keys. The heads run
+    once per step on the last position only, one head of width s_j: ``2 * D * s_j``.
+    Elementwise work (norms, RoPE, softmax, SwiGLU products) is not counted, as usual for MFU."""
     from model.forecast import horizon_schedule
 
     D, NL = config.hidden_size, config.num_hidden_layers
     n_body = count_parameters(config).active - D * config.input_size * sum(config.horizon_lengths)
+    layer_active, layer_kv = _layer_parameters(config)
     steps = horizon_schedule(horizon, config.horizon_lengths)
     flops, cached = 0.0, 0
     for new in [context] + steps[:-1]:
         flops += 2 * n_body * new + 4 * NL * D * (new * cached + new * (new + 1) / 2)
+        if cached == 0 and NL:  # the prefill's last layer (and final norm): one position past its keys/values
+            flops -= 2 * (layer_active - layer_kv + D) * (new - 1) + 4 * D * (new * (new + 1) / 2 - new)
         cached += new
     return float(flops + sum(2 * D * config.input_size * s for s in steps))
+
+
+def _layer_parameters(config: TimeMoeConfig) -> tuple[int, int]:
+    """One decoder layer's active parameters, and those of its key/value projections."""
+    from model.modeling import DecoderLayer
+
+    with torch.device("meta"):
+        layer = DecoderLayer(config)
+    inactive = 0
+    if not config.use_dense:
+        inactive = (config.num_experts - config.num_experts_per_tok) * 3 * config.hidden_size * config.expert_intermediate_size
+    kv_rows = 2 * config.num_key_value_heads * config.head_dim
+    return sum(p.numel() for p in layer.parameters()) - inactive, kv_rows * (config.hidden_size + 1)
 
 
 def mfu(points_per_second: float, config: TimeMoeConfig, window_length: int, peak_flops: float = H100_BF16_PEAK_FLOPS) -> float:

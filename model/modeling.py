@@ -72,12 +72,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn_layer = SwiGLU(config.hidden_size, config.intermediate_size) if config.use_dense else MoeFeedForward(config)
 
-    def forward(self, h_BLD, rope_BLd, q_seg_BL, k_seg_BS, kv_cache=None, backend=None, block_mask=None):
+    def forward(self, h_BLD, rope_BLd, q_seg_BL, k_seg_BS, kv_cache=None, backend=None, block_mask=None,
+                last_only=False):
         """Returns ``(h_BLD, router_logits_TE | None, topk_idx_TK | None, (k, v))``; ``kv_cache`` is
-        this layer's ``attention.LayerCache`` when decoding, None otherwise."""
+        this layer's ``attention.LayerCache`` when decoding, None otherwise. ``last_only``: the
+        keys/values of every position, the hidden state of the last one only (``[B, 1, D]``)."""
         a, new_kv = self.self_attn(self.input_layernorm(h_BLD), rope_BLd, q_seg_BL, k_seg_BS, kv_cache,
-                                   backend, block_mask)
-        h_BLD = h_BLD + a
+                                   backend, block_mask, last_only)
+        h_BLD = (h_BLD[:, -1:] if last_only else h_BLD) + a
         if isinstance(self.ffn_layer, MoeFeedForward):
             f, logits_TE, idx_TK = self.ffn_layer(self.post_attention_layernorm(h_BLD))
         else:
@@ -103,7 +105,12 @@ class TimeMoeDecoder(nn.Module):
         With a ``kv_cache`` the L tokens extend it: at ``length == 0`` (the prefill) every layer runs
         cache-free, exactly the training forward, and its keys/values are copied into the cache
         afterwards, so the prefill is one pure graph per layer for ``torch.compile``; later calls
-        (decode steps) write into the cache inside attention. ``length`` then grows by L."""
+        (decode steps) write into the cache inside attention. ``length`` then grows by L.
+
+        In the prefill the last layer runs its attention output and FFN for the last position
+        only (its keys and values still for every position): generation reads only that hidden
+        state, and everything else the last layer computes would be thrown away. The prefill
+        then returns ``[B, 1, D]``."""
         h = self.embed_layer(x_BL)
         prefill = kv_cache is not None and kv_cache.length == 0
         block_mask = None
@@ -113,9 +120,10 @@ class TimeMoeDecoder(nn.Module):
             attn = self.layers[0].self_attn
             rope_BLd = rope_cos_sin(position_ids_BL, attn.head_dim, attn.rope_theta, h.dtype)
         logits, idxs = [], []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_kv = kv_cache.layer(i) if kv_cache is not None and not prefill else None
-            h, lg, ix, kv = layer(h, rope_BLd, q_seg_BL, k_seg_BS, layer_kv, backend, block_mask)
+            h, lg, ix, kv = layer(h, rope_BLd, q_seg_BL, k_seg_BS, layer_kv, backend, block_mask, prefill and i == last)
             if prefill:
                 kv_cache.fill(i, *kv)
             logits.append(lg)

@@ -100,3 +100,18 @@ def test_forecast_vectorised_preparation_and_fixed_batch_change_nothing():
     np.testing.assert_allclose(m.forecast(arr, 20, batch_size=3), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(m.forecast(arr, 20, batch_size=3, fixed_batch=True), ref, rtol=1e-5, atol=1e-5)
 
+
+
+def test_prefill_runs_the_last_layers_ffn_for_the_last_position_only():
+    """The prefill's last layer: keys/values for every position (the cache holds them), its FFN
+    for the one position generation reads; the earlier layers see the whole context. (The
+    forecasts' equality with the uncached reference is the tests above.)"""
+    m = tiny()
+    rows: dict[int, list[int]] = {0: [], 1: []}
+    hooks = [layer.ffn_layer.register_forward_hook(lambda mod, inp, out, i=i: rows[i].append(inp[0].shape[1]))
+             for i, layer in enumerate(m.model.layers)]
+    x = random_walks(3, 64, seed=5)
+    m.generate(x, 40)  # the prefill forecasts 32 values; one decode forward of those 32 forecasts the last 8
+    assert rows == {0: [64, 32], 1: [1, 32]}
+    for h in hooks:
+        h.remove()
