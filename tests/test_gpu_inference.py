@@ -64,3 +64,19 @@ def test_bf16_forecasts_are_close_to_fp32_on_the_gpu():
     rel = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
     assert 0 < rel < 2e-2, rel
 
+
+
+def test_cached_generate_with_left_padding_equals_the_uncached_reference_on_cuda():
+    """On CUDA the prefill of left-padded rows runs FlexAttention, and its last layer one query
+    row by SDPA with a dense mask: both against the uncached reference, in fp32."""
+    torch.manual_seed(3)
+    m = TimeMoeModel(TimeMoeConfig.preset("tiny")).cuda().eval()
+    x = torch.from_numpy(_walks(4, 96, seed=4)).float().cuda()
+    mask = torch.ones_like(x, dtype=torch.bool)
+    for i, n in enumerate([96, 50, 96, 17]):
+        mask[i, : 96 - n] = False
+    x = torch.where(mask, x, torch.zeros_like(x))
+    with torch.no_grad():
+        fast = m.generate(x, 45, attention_mask=mask)
+        slow = m.generate(x, 45, attention_mask=mask, use_cache=False)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
