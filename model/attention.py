@@ -207,8 +207,6 @@ class Attention(nn.Module):
         if last_query_only:  # the last query is the last key: attend() masks it against all L
             L, block_mask = 1, None
             q_seg_BL = None if q_seg_BL is None else q_seg_BL[:, -1:]
-            if resolve_backend(backend or self.backend, x_BLD.device, q_seg_BL is not None) == "flex":
-                backend = "sdpa"  # one query row: its dense [B, 1, S] mask is tiny, no block mask to build
         if kv_cache is not None:
             out, new_kv = self.attend_cached(q_BHLd, k_BKLd, v_BKLd, kv_cache, q_seg_BL, k_seg_BS, backend)
         else:
@@ -231,6 +229,8 @@ class Attention(nn.Module):
         L, S = q_BHLd.shape[2], k_BKSd.shape[2]
         packed = q_seg_BL is not None
         which = resolve_backend(backend or self.backend, q_BHLd.device, packed)
+        if which == "flex" and packed and L == 1:
+            which = "sdpa"  # one query row: its dense [B, 1, S] mask is tiny, no block mask to build
         if which == "flex" and packed:
             if block_mask is None:
                 block_mask = flex_block_mask(q_seg_BL, k_seg_BS)

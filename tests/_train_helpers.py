@@ -15,8 +15,17 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from model import TimeMoeConfig, TimeMoeModel
 from preprocessing.schema import MANIFEST_FILE, SCHEMA_VERSION, SHARD_PATTERN, window_schema
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised ``tiny`` model saved in the published layout at ``path``."""
+    torch.manual_seed(seed)
+    TimeMoeModel(TimeMoeConfig.preset("tiny")).save_pretrained(path)
+    return path
 
 
 def free_port() -> int:

@@ -14,19 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from model import TimeMoeConfig, TimeMoeModel
+from tests._train_helpers import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    TimeMoeModel(TimeMoeConfig.preset("tiny")).save_pretrained(path)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +135,7 @@ def test_registering_the_same_weights_twice_keeps_one_version(checkpoint, tmp_pa
     client = MlflowClient(mlflow_server)
     assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
     # other weights are a new version
-    other = tmp_path / "other"
-    torch.manual_seed(1)
-    TimeMoeModel(TimeMoeConfig.preset("tiny")).save_pretrained(other)
+    other = tiny_checkpoint(tmp_path / "other", seed=1)
     assert main(["--checkpoint", str(other), "--name", name, "--tracking-uri", mlflow_server]) == 0
     assert sorted(v.version for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
 

@@ -9,6 +9,7 @@ import pytest
 from pipeline.evaluation.benchmark_data import load_benchmark, scaled_values
 from pipeline.finetune.data import ContaminationError, benchmark_train_shards
 from preprocessing.schema import decode_batch, list_shards, read_manifest
+from tests._train_helpers import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +85,10 @@ def test_a_train_split_shorter_than_one_window_is_an_error(bench, tmp_path):
 def test_a_train_split_smaller_than_a_batch_trains_on_smaller_batches(tmp_path, workers, windows, expect):
     """configs/finetune-gpu.yaml asks for batches of 32; ETTh1 at the paper's longest context has
     fewer windows than that. The run takes what the split holds instead of failing at step 1."""
-    from model import TimeMoeConfig, TimeMoeModel
     from pipeline.finetune.data import FinetuneData
     from pipeline.finetune.protocol import FinetuneJob, Parent, finetune_config
 
-    TimeMoeModel(TimeMoeConfig.preset("tiny")).save_pretrained(tmp_path / "parent")
+    tiny_checkpoint(tmp_path / "parent")
     parent = Parent(tmp_path / "parent", "parent", 4096)
     data = FinetuneData(tmp_path / "data", "ETTh1", "train", (0, 8640), windows, 0)
     job = FinetuneJob(parent="parent", benchmarks=str(tmp_path), datasets=["ETTh1"], config="configs/finetune-gpu.yaml",

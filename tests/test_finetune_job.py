@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from model import TimeMoeConfig, TimeMoeModel
+from model import TimeMoeModel
+from tests._train_helpers import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +31,7 @@ def bench(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory) -> Path:
-    torch.manual_seed(5)
-    path = tmp_path_factory.mktemp("parent") / "tiny"
-    TimeMoeModel(TimeMoeConfig.preset("tiny")).save_pretrained(path)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("parent") / "tiny", seed=5)
 
 
 @pytest.mark.timeout(600)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from model import TimeMoeConfig, TimeMoeModel
+from model import TimeMoeModel
 from pipeline.evaluation.inference import (
     InferenceOptionError,
     InferenceOptions,
@@ -28,16 +28,14 @@ from pipeline.evaluation.inference import (
     resolve_dtype,
 )
 from pipeline.evaluation.protocol import EvalConfig, evaluate
+from tests._train_helpers import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    TimeMoeModel(TimeMoeConfig.preset("tiny")).save_pretrained(path)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=3)
 
 
 @pytest.fixture(scope="module")

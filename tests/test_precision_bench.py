@@ -8,16 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-from model import TimeMoeConfig, TimeMoeModel
+from tests._train_helpers import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_each_dataset_is_compared_in_both_dtypes_and_written_as_it_finishes(shared_data, tmp_path):
-    torch.manual_seed(0)
-    TimeMoeModel(TimeMoeConfig.preset("tiny")).save_pretrained(tmp_path / "tiny")
+    tiny_checkpoint(tmp_path / "tiny", seed=0)
     out = tmp_path / "precision.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "precision_accuracy.py"), "--model", str(tmp_path / "tiny"),
            "--benchmarks", str(shared_data / "benchmarks"), "--datasets", "ETTh1", "ETTh2", "--horizons", "96",

@@ -106,10 +106,12 @@ def resolve_parent(spec: str, dest: Path, tracking: str | None) -> Parent:
     return Parent(dest, label, int(model.config.max_position_embeddings))
 
 
-def finetune_config(job: FinetuneJob, parent: Parent, data: FinetuneData, out: Path) -> TrainConfig:
+def finetune_config(job: FinetuneJob, parent: Parent, data: FinetuneData, out: Path,
+                    base: TrainConfig | None = None) -> TrainConfig:
     """The run's TrainConfig: the job's YAML, the parent's shape and weights, the data written for
-    this dataset, enough steps for ``job.epochs`` passes over it, and the job's overrides last."""
-    base = load_config(job.config, list(job.overrides))
+    this dataset, enough steps for ``job.epochs`` passes over it, and the job's overrides last.
+    ``base``: the job's YAML with its overrides, when the caller has it already."""
+    base = base or load_config(job.config, list(job.overrides))
     shape = {k: v for k, v in json.loads((parent.path / "config.json").read_text()).items()
              if k not in RUNTIME_FIELDS and k in TimeMoeConfig.preset("tiny").to_dict()}
     derived = [f"model.init_from={parent.path}", f"data.path={data.path}", f"train.output_dir={out / 'train'}",
@@ -159,12 +161,12 @@ def finetune_on_benchmark(job: FinetuneJob, dataset: str, parent: Parent, run_ro
     out = run_root / dataset
     # rows are held out of the train split only when the run watches a held-out loss (eval_every,
     # early stopping); with train.eval_every=0 it trains on the whole split, as the paper does
-    train = load_config(job.config, list(job.overrides)).train
-    watch = train.eval_every > 0 or train.early_stop_patience > 0
+    base = load_config(job.config, list(job.overrides))
+    watch = base.train.eval_every > 0 or base.train.early_stop_patience > 0
     data = benchmark_train_shards(job.benchmarks, dataset, out / "data", window_length_for(job, parent),
                                   stride=job.stride, split=ALLOWED_SPLIT,
                                   early_stop_fraction=EARLY_STOP_HELD_OUT if watch else 0.0)
-    cfg = finetune_config(job, parent, data, out)
+    cfg = finetune_config(job, parent, data, out, base)
     uri = tracking_uri(cfg.tracking.tracking_uri, store_dir=job.output_dir)
     cfg.tracking.tracking_uri = uri
     if cfg.tracking.run_name is None:
