@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     print((Path(summary["run_dir"]) / "table.md").read_text(), flush=True)
     for name, d in summary["datasets"].items():
         extra = f"; registered {d['registered']} ({'promoted' if d['promoted'] else 'not promoted'})" if d["registered"] else ""
-        print(f"[finetune] {name}: {d['steps']} steps in {d['seconds']:.0f}s, model {d['model']}{extra}", flush=True)
+        print(f"[finetune] {name}: {d['steps']} steps in {d['epoch_seconds']:.1f}s "
+              f"({d['seconds']:.0f}s with start-up and export), model {d['model']}{extra}", flush=True)
     print(f"[finetune] summary: {summary['run_dir']}/summary.json", flush=True)
     return 0
 

@@ -45,7 +45,8 @@ def test_finetune_job_trains_evaluates_and_registers_with_lineage(ray_local, mlf
     rc = main(["--parent", str(parent), "--benchmarks", str(bench), "--datasets", "seasonal", "--horizons", "24",
                "--context", "96", "--window-length", "128", "--stride", "8", "--epochs", "1", "--eval-stride", "8",
                "--output-dir", str(out), "--register", "tiny-ft-seasonal", "--tracking-uri", mlflow_server,
-               "--device", "cpu", "--eval-workers", "0", "train.eval_every=3", "optim.lr=3e-3"])
+               "--device", "cpu", "--eval-workers", "0", "train.eval_every=3", "optim.lr=3e-3",
+               "data.loader=plain"])  # the loader configs/finetune-gpu.yaml uses
     printed = capsys.readouterr().out
     assert rc == 0, printed[-3000:]
     summary = json.loads(next(out.glob("run-*/summary.json")).read_text())
@@ -55,6 +56,9 @@ def test_finetune_job_trains_evaluates_and_registers_with_lineage(ray_local, mlf
     metrics = [json.loads(line) for line in Path(info["model"]).parent.joinpath("metrics.jsonl").read_text().splitlines()]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     assert len(evals) >= 2 and evals[-1] < evals[0], evals
+    # the epoch's wall time is its steps' own, inside the job's (start-up and export on top)
+    assert info["epoch_seconds"] == pytest.approx(sum(m["step_time_s"] for m in metrics), abs=0.01)
+    assert 0 < info["epoch_seconds"] < info["seconds"]
     # both tables from the one harness: same windows, parent zero-shot vs fine-tuned
     (row,) = summary["rows"]
     assert row["horizon"] == 24 and row["context"] == 96 and row["windows"] > 0

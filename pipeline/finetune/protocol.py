@@ -74,7 +74,8 @@ class DatasetOutcome:
     run_id: str | None
     model_dir: Path
     steps: int
-    seconds: float
+    seconds: float          # the training job, start-up and export included
+    epoch_seconds: float    # the training steps alone (their step_time_s summed)
     fine_tuned: EvalResult
     zero_shot: EvalResult
     registered: str | None = None
@@ -185,11 +186,20 @@ def finetune_on_benchmark(job: FinetuneJob, dataset: str, parent: Parent, run_ro
                                 model_name=f"fine-tuned ({cfg.finetune.method})")
     zero_shot = evaluate_model(str(parent.path), job.benchmarks, eval_cfg, job.inference, job.eval_workers, uri,
                                model_name="parent (zero-shot)")
-    outcome = DatasetOutcome(dataset, data, run_id, model_dir, cfg.train.max_steps, seconds, fine_tuned, zero_shot)
+    outcome = DatasetOutcome(dataset, data, run_id, model_dir, cfg.train.max_steps, seconds,
+                             steps_seconds(Path(cfg.train.output_dir) / "metrics.jsonl"), fine_tuned, zero_shot)
     _record_lineage(uri, run_id, parent, data, outcome)
     if job.register_name:
         _register(job, cfg, parent, outcome, uri)
     return outcome
+
+
+def steps_seconds(metrics_file: Path) -> float:
+    """The summed step times of a training run's ``metrics.jsonl`` (NaN when it is missing)."""
+    if not metrics_file.exists():
+        return float("nan")
+    lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return sum(float(m.get("step_time_s", 0.0)) for m in lines)
 
 
 def _record_lineage(uri: str, run_id: str | None, parent: Parent, data: FinetuneData, outcome: DatasetOutcome) -> None:
@@ -242,6 +252,7 @@ def in_distribution(job: FinetuneJob) -> dict[str, Any]:
     summary = {"parent": parent.label, "job": {k: v for k, v in asdict(job).items() if k != "inference"},
                "inference": asdict(job.inference), "rows": rows, "average": avg,
                "datasets": {o.dataset: {"run_id": o.run_id, "steps": o.steps, "seconds": round(o.seconds, 1),
+                                        "epoch_seconds": round(o.epoch_seconds, 2),
                                         "train_windows": o.data.train_windows, "model": str(o.model_dir),
                                         "registered": o.registered, "promoted": o.promoted} for o in outcomes},
                "paper_in_distribution": PAPER_IN_DISTRIBUTION}
