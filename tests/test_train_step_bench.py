@@ -18,12 +18,14 @@ def test_smoke_measures_every_windows_count_and_names_why_the_released_code_did_
     out = tmp_path / "train_step.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--presets", "tiny", "--windows", "1", "2",
            "--length", "128", "--steps", "1", "--warmup", "1", "--device", "cpu",
-           "--variants", "grouped", "released", "--out", str(out)]
+           "--variants", "grouped", "released", "--inference", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     grouped = {r["windows"]: r for r in rows if r["variant"] == "grouped"}
     assert set(grouped) == {1, 2} and all(r["points_per_s"] > 0 for r in grouped.values())
+    # --inference: the forward alone on the same batch, faster than the full step
+    assert all(r["infer_points_per_s"] > r["points_per_s"] for r in grouped.values())
     released = [r for r in rows if r["variant"] == "released"]
     assert len(released) == 2 and all("--reference-dir not given" in r["error"] for r in released)
 
