@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The training-speed tables on one GPU with no package index, from the repo root, each part well
+# inside a 10-minute window, results (tables and JSON) under OUT:
+#   bash benchmarks/gpu_training_speed.sh OUT step   # train_step.py: the released code and ours at 8 / 16 / 32
+#                                                    # windows; the precision table (fp32, bf16, bf16 + Flex,
+#                                                    # training and inference) at 16
+#   bash benchmarks/gpu_training_speed.sh OUT loop   # train_loop.py: the real loop against the step and
+#                                                    # against DeepSpeed's engine, same batch; data waits
+# "step" needs only torch (the released code runs from .reference/, made by benchmarks/released_timemoe.sh);
+# "loop" needs DeepSpeed, from the offline bundle in .bundle/ (deploy/build_offline_bundle.sh).
+# PRESETS (default "timemoe-50m timemoe-200m") and STEPS (default 6) narrow a run.
+set -u
+out=$1 part=$2
+mkdir -p "$out"
+presets=${PRESETS:-timemoe-50m timemoe-200m}
+steps=${STEPS:-6}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+case "$part" in
+step)
+    # shellcheck disable=SC2086
+    timeout 330 python3 benchmarks/train_step.py --presets $presets --windows 8 16 32 --variants released compiled \
+        --reference-dir .reference --steps "$steps" --warmup 3 --out "$out/train_step_windows.json" 2>&1 \
+        | grep -v -i warn | tee "$out/train_step_windows.txt" | tail -n 30
+    # shellcheck disable=SC2086
+    timeout 220 python3 benchmarks/train_step.py --presets $presets --windows 16 \
+        --variants compiled_fp32 compiled_sdpa compiled --inference --steps "$steps" --warmup 3 \
+        --out "$out/train_step_precision.json" 2>&1 | grep -v -i warn | tee "$out/train_step_precision.txt" | tail -n 14
+    ;;
+loop)
+    bash deploy/install_offline_bundle.sh /tmp/timemoe-env .bundle > "$out/bundle.log" 2>&1 || { tail "$out/bundle.log"; exit 1; }
+    . /tmp/timemoe-env/env.sh
+    # shellcheck disable=SC2086
+    timeout 480 python3 benchmarks/train_loop.py --presets $presets --windows 16 --steps 60 --skip 20 \
+        --json "$out/train_loop.json" 2>&1 | grep -v -i -E "warn|^\[20" | tee "$out/train_loop.txt" | tail -n 30
+    ;;
+*) echo "usage: $0 OUT step|loop" >&2; exit 2 ;;
+esac
