@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Trials of the sparse-vs-dense families study (configs/sweep-families-1gpu.yaml) on one GPU host with
+# no package index, from the repo root, inside one call of at most BUDGET_S seconds:
+#   bash benchmarks/gpu_families_shards.sh OUT "0 8 16" [BUDGET_S]
+# installs the offline bundle (.bundle/), writes the study's data (benchmarks/prepare_families_data.sh,
+# the same 1.2e8-point mixture every call, SHARED=.data), then trains the listed shards K of the plan's
+# 24 (python -m jobs.sweep --plan lists them: 0-7 dense, 8-15 sparse, 16-23 sparse_per_layer; within a
+# family s3 before s4, 3.6e7 before 1e8, seed 0 before seed 1) one after the other while the budget
+# lasts. Each finished trial appends its record to OUT/records-K.jsonl; a trial cut short writes
+# nothing and is simply run again in a later call. Copy the records to
+# benchmarks/results/sweep-families-1gpu/ afterwards.
+set -u
+out=$1 shards=$2 budget=${3:-585}
+t0=$(date +%s)
+mkdir -p "$out"
+left() { echo $(( budget - ($(date +%s) - t0) )); }
+bash deploy/install_offline_bundle.sh /tmp/timemoe-env .bundle > "$out/bundle.log" 2>&1 || { tail "$out/bundle.log"; exit 1; }
+. /tmp/timemoe-env/env.sh
+SHARED=.data PY=python3 WORKERS=$(nproc) bash benchmarks/prepare_families_data.sh > "$out/data.log" 2>&1 \
+    || { tail -n 20 "$out/data.log"; exit 1; }
+echo "[families] data ready after $(( $(date +%s) - t0 )) s: $(grep -m1 'points in' "$out/data.log")"
+for k in $shards; do
+    l=$(left)
+    [ "$l" -gt 60 ] || { echo "[families] shard $k not started (${l}s left)"; continue; }
+    echo "[families] shard $k/24 (${l}s left)"
+    timeout $(( l - 10 )) python3 -m jobs.sweep --config configs/sweep-families-1gpu.yaml \
+        --offline-records "$out/records-$k.jsonl" --shard "$k/24" > "$out/shard-$k.log" 2>&1
+    echo "[families] shard $k exit code $? after $(( $(date +%s) - t0 )) s"
+    grep -v -i -E "warn|^\[20" "$out/shard-$k.log" | grep -E "^\[|FAILED|Error" | tail -n 6
+done
