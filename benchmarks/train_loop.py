@@ -12,7 +12,9 @@ Three rows per (preset, windows), same model, same windows of 4096 points, same 
   runtime, no Ray) on packed shards written by the preprocessing job's writer with the same row
   layout: data reading and prefetch, the per-step metrics, the step log. Its points/s are the
   median of the loop's own ``points_per_s`` after the first ``--skip`` steps, and its largest
-  data wait after them is reported against the 50 ms target.
+  data wait after them is reported against the 50 ms target. Its last two steps run under the
+  loop's own profiler (``train.profile_steps``): the share of the wall time the device was busy
+  and the kernel time by family, i.e. how much of the gap is the device waiting for the host.
 
     python benchmarks/train_loop.py --presets timemoe-50m timemoe-200m --windows 16 --steps 60 --json OUT.json
 
@@ -85,7 +87,7 @@ def loop_config(preset: str, windows: int, steps: int, data: Path, output: Path,
                  "train.export=false", f"train.output_dir={output}", "scaling.num_workers=1",
                  f"scaling.use_gpu={str(cuda).lower()}", "tracking.enabled=false", "optim.warmup_steps=10",
                  "parallel.zero_stage=1", "parallel.ep_size=1", f"parallel.precision={'bf16' if cuda else 'fp32'}",
-                 f"parallel.compile={str(cuda).lower()}"]
+                 f"parallel.compile={str(cuda).lower()}", f"train.profile_steps=[{steps - 1},{steps}]"]
     cfg = load_config(str(base), overrides)
     cfg.validate()
     return cfg
@@ -130,9 +132,13 @@ def engine_row(cfg: TrainConfig, windows: int, length: int, steps: int, warmup: 
 
 def loop_row(cfg: TrainConfig, skip: int) -> dict:
     run_training(cfg, TorchrunRuntime(cfg, resume=False))
-    metrics = [json.loads(line) for line in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    after = [m for m in metrics if m["step"] > skip] or metrics
+    out = Path(cfg.train.output_dir)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first_profiled = cfg.train.profile_steps[0] if cfg.train.profile_steps else len(metrics) + 1
+    after = [m for m in metrics if skip < m["step"] < first_profiled] or metrics
+    profile = json.loads((out / "profile" / "rank0.json").read_text()) if (out / "profile" / "rank0.json").exists() else {}
     return dict(variant="loop", step_s_median=statistics.median(m["step_time_s"] for m in after),
+                profile={k: profile[k] for k in ("wall_ms_per_step", "busy_share", "kernel_ms_per_step") if k in profile},
                 points_per_s=statistics.median(m["points_per_s"] for m in after),
                 data_wait_ms_max=max(m["data_wait_ms"] for m in after),
                 data_wait_ms_max_all=max(m["data_wait_ms"] for m in metrics),
@@ -195,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
         wait = (f"{r['data_wait_ms_max']:.1f} / {r['data_wait_ms_max_all']:.1f} ms" if "data_wait_ms_max" in r else "-")
         print(f"{r['preset']:14s} {r['variant']:7s} {r['windows']:4d} {1e3 * r['step_s_median']:9.1f} "
               f"{r['points_per_s']:11,.0f} {100 * r['mfu']:5.1f}% {r['peak_mem_gb']:8.1f} {r['x_step']:7.2f} {wait:>34s}")
+        if r.get("profile"):
+            pr = r["profile"]
+            kernels = ", ".join(f"{k} {v:.1f}" for k, v in pr.get("kernel_ms_per_step", {}).items())
+            print(f"{'':14s} profiled: {pr.get('wall_ms_per_step', 0):.1f} ms/step, device busy "
+                  f"{100 * pr.get('busy_share', 0):.0f}%, kernels (ms/step) {kernels}")
     meta = dict(device=torch.cuda.get_device_name() if cuda else platform.processor(), torch=torch.__version__,
                 python=platform.python_version(), date=time.strftime("%Y-%m-%d"), argv=sys.argv)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -38,5 +38,6 @@ def test_cpu_smoke_reports_step_engine_and_loop_rows(tmp_path):
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"step", "engine", "loop"} and not any("error" in r for r in rows.values()), rows
     assert rows["step"]["x_step"] == 1.0 and all(r["points_per_s"] > 0 for r in rows.values())
-    assert rows["loop"]["steps_measured"] == 5  # steps 4..8
+    assert rows["loop"]["steps_measured"] == 3  # steps 4..6; 7 and 8 ran under the profiler
+    assert rows["loop"]["profile"]["wall_ms_per_step"] > 0 and "busy_share" in rows["loop"]["profile"]
     assert rows["loop"]["data_wait_ms_max"] <= rows["loop"]["data_wait_ms_max_all"]
