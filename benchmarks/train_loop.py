@@ -24,6 +24,7 @@ runs the same code uncompiled in fp32 on the tiny preset, as a smoke test.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -126,11 +127,13 @@ def engine_row(cfg: TrainConfig, windows: int, length: int, steps: int, warmup: 
     median = statistics.median(times)
     row = dict(variant="engine", step_s_median=median, points_per_s=windows * length / median,
                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
-    del engine
     return row
 
 
 def loop_row(cfg: TrainConfig, skip: int) -> dict:
+    gc.collect()  # the engine row's DeepSpeed engine holds reference cycles (and device memory)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     run_training(cfg, TorchrunRuntime(cfg, resume=False))
     out = Path(cfg.train.output_dir)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -90,3 +90,73 @@ def test_finetune_job_refuses_the_evaluated_borders(bench, parent, tmp_path, cap
                  "--output-dir", str(out)]) == 2
     assert f"--split {split}: fine-tuning may read only the train split" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def own_packed(ray_local, tmp_path_factory) -> Path:
+    """A user's own series (jsonl, seasonal), packed by the real preprocessing job at 128 points."""
+    from jobs.preprocess import main
+
+    root = tmp_path_factory.mktemp("own")
+    rng = np.random.default_rng(1)
+    (root / "raw").mkdir()
+    with open(root / "raw" / "plant.jsonl", "w") as fh:
+        for i in range(40):
+            t = np.arange(600)
+            x = np.sin(2 * np.pi * t / (12 + i % 5)) + 0.1 * rng.normal(size=len(t))
+            fh.write(json.dumps({"item_id": f"s{i}", "sequence": x.round(4).tolist()}) + "\n")
+    out = root / "packed"
+    (root / "preprocess.yaml").write_text("pack: {window_length: 128, val_fraction: 0.2}\n")
+    assert main(["--input", str(root / "raw"), "--output", str(out), "--config", str(root / "preprocess.yaml")]) == 0
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_finetune_on_own_packed_data_trains_on_train_and_beats_its_parent_on_val(ray_local, mlflow_server, parent,
+                                                                                 own_packed, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.finetune import main
+    from pipeline.scaling_laws.sweep import heldout_metrics
+
+    manifest = json.loads((own_packed / "manifest.json").read_text())
+    assert manifest["rows"]["val"] > 0 and manifest["rows"]["train"] > 0
+    out = tmp_path / "ft"
+    rc = main(["--parent", str(parent), "--data", str(own_packed), "--output-dir", str(out), "--epochs", "2",
+               "--register", "tiny-ft-own", "--tracking-uri", mlflow_server, "--device", "cpu",
+               "--heldout-windows", "64", "optim.lr=3e-3"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed[-3000:]
+    summary = json.loads(next(out.glob("run-*/summary.json")).read_text())
+    # one epoch = every train row once: steps x batch covers the train split twice
+    batch = 16  # configs/finetune-cpu.yaml
+    assert summary["steps"] == -(-2 * manifest["rows"]["train"] // batch)
+    assert summary["fine_tuned_heldout_loss"] < summary["parent_heldout_loss"], summary
+    # the scores are the held-out metrics of the two saved models on the same val windows
+    model = TimeMoeModel.from_pretrained(summary["model"])
+    loss, mse = heldout_metrics(model, str(own_packed), max_windows=64, batch_size=16)
+    assert loss == pytest.approx(summary["fine_tuned_heldout_loss"], rel=1e-5)
+    assert "| fine-tuned (full) |" in printed
+    mv = MlflowClient(mlflow_server).get_model_version_by_alias("tiny-ft-own", "champion")
+    assert mv.tags["finetune.dataset"] == str(own_packed) and mv.tags["finetune.split"] == "train"
+    assert mv.tags["promotion.decision"] == "promoted"
+
+
+def test_finetune_on_own_data_refuses_windows_longer_than_the_model_and_data_without_val(parent, tmp_path, capsys):
+    from jobs.finetune import main
+    from preprocessing.schema import minimal_manifest
+
+    long = tmp_path / "long"
+    long.mkdir()
+    (long / "manifest.json").write_text(json.dumps(minimal_manifest(100_000, {"train": [{"file": "x", "rows": 4}],
+                                                                               "val": [{"file": "y", "rows": 1}]})))
+    assert main(["--parent", str(parent), "--data", str(long), "--output-dir", str(tmp_path / "a")]) == 2
+    assert "windows of 100000 points are longer than the model's maximum context" in capsys.readouterr().err
+    no_val = tmp_path / "noval"
+    no_val.mkdir()
+    (no_val / "manifest.json").write_text(json.dumps(minimal_manifest(64, {"train": [{"file": "x", "rows": 4}]})))
+    assert main(["--parent", str(parent), "--data", str(no_val), "--output-dir", str(tmp_path / "b")]) == 2
+    assert "no val/ rows to compare the fine-tuned model with its parent" in capsys.readouterr().err
+    assert main(["--parent", str(parent), "--data", str(no_val), "--benchmarks", str(tmp_path),
+                 "--output-dir", str(tmp_path / "c")]) == 2
+    assert "either --benchmarks" in capsys.readouterr().err

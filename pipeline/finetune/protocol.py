@@ -65,6 +65,8 @@ class FinetuneJob:
     tracking_uri: str | None = None
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     eval_workers: int | str = "auto"
+    data: str | None = None           # packed output of jobs.preprocess instead of benchmarks (own_data.py)
+    heldout_windows: int = 2048       # with ``data``: val windows both models are scored on
 
 
 @dataclass
@@ -220,23 +222,29 @@ def _record_lineage(uri: str, run_id: str | None, parent: Parent, data: Finetune
 def _register(job: FinetuneJob, cfg: TrainConfig, parent: Parent, outcome: DatasetOutcome, uri: str) -> None:
     """A version of ``job.register_name`` tagged with its lineage and scores; the ``champion``
     alias moves to it only if it beats its parent's zero-shot score on the same test windows."""
+    ft, zs = outcome.fine_tuned.average_mse(), outcome.zero_shot.average_mse()
+    outcome.registered, outcome.promoted = register_version(
+        job.register_name, outcome.model_dir, outcome.run_id, uri, ft < zs,
+        {"finetune.parent": parent.label, "finetune.dataset": outcome.dataset, "finetune.split": ALLOWED_SPLIT,
+         "finetune.method": cfg.finetune.method, "finetune.protocol": outcome.fine_tuned.config.protocol_key(),
+         "in_distribution.avg_mse": repr(ft), "parent_zeroshot.avg_mse": repr(zs),
+         "promotion.reason": f"fine-tuned {ft:.6g} {'<' if ft < zs else '>='} parent zero-shot {zs:.6g}"})
+
+
+def register_version(name: str, model_dir: Path, run_id: str | None, uri: str, better: bool,
+                     tags: dict[str, str]) -> tuple[str, bool]:
+    """Register ``model_dir`` as a version of ``name`` with ``tags`` and the promotion decision;
+    ``champion`` moves to it only when ``better`` (it beat its parent on the same data).
+    Returns ``(models:/ URI, promoted)``."""
     from mlflow.tracking import MlflowClient
 
-    reg = register_checkpoint(outcome.model_dir, job.register_name, training_run_id=outcome.run_id,
-                              tracking_uri=uri)
+    reg = register_checkpoint(model_dir, name, training_run_id=run_id, tracking_uri=uri)
     client = MlflowClient(uri)
-    ft, zs = outcome.fine_tuned.average_mse(), outcome.zero_shot.average_mse()
-    better = ft < zs
-    tags = {"finetune.parent": parent.label, "finetune.dataset": outcome.dataset, "finetune.split": ALLOWED_SPLIT,
-            "finetune.method": cfg.finetune.method, "finetune.protocol": outcome.fine_tuned.config.protocol_key(),
-            "in_distribution.avg_mse": repr(ft), "parent_zeroshot.avg_mse": repr(zs),
-            "promotion.decision": "promoted" if better else "rejected",
-            "promotion.reason": f"fine-tuned {ft:.6g} {'<' if better else '>='} parent zero-shot {zs:.6g}"}
-    for k, v in tags.items():
-        client.set_model_version_tag(job.register_name, reg.version, k, v)
+    for k, v in {**tags, "promotion.decision": "promoted" if better else "rejected"}.items():
+        client.set_model_version_tag(name, reg.version, k, v)
     if better:
-        client.set_registered_model_alias(job.register_name, "champion", reg.version)
-    outcome.registered, outcome.promoted = reg.model_uri, better
+        client.set_registered_model_alias(name, "champion", reg.version)
+    return reg.model_uri, better
 
 
 def in_distribution(job: FinetuneJob) -> dict[str, Any]:
