@@ -47,9 +47,9 @@ from pipeline.train.loop import run_training  # noqa: E402
 from pipeline.train.torchrun import TorchrunRuntime  # noqa: E402
 from preprocessing.config import OutputConfig  # noqa: E402
 from preprocessing.pack import PackedRows  # noqa: E402
-from preprocessing.schema import MANIFEST_FILE, SHARD_PATTERN, TRAIN_DIR, minimal_manifest  # noqa: E402
+from preprocessing.schema import MANIFEST_FILE, TRAIN_DIR, minimal_manifest  # noqa: E402
 from preprocessing.storage import resolve_filesystem  # noqa: E402
-from preprocessing.writer import rows_table, write_shard  # noqa: E402
+from preprocessing.writer import write_named_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,13 +67,7 @@ def write_packed_shards(out: Path, rows: int, length: int, seed: int, rows_per_s
                         seg_series=[[f"bench/{r}/{k}" for k in range(len(n))] for r, n in enumerate(lengths)],
                         seg_lengths=lengths)
     fs, root = resolve_filesystem(str(out / TRAIN_DIR))
-    (out / TRAIN_DIR).mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i, first in enumerate(range(0, rows, rows_per_shard)):
-        last = min(first + rows_per_shard, rows)
-        name = SHARD_PATTERN.format(index=i)
-        write_shard(fs, f"{root}/{name}", rows_table(packed, first, last, length), OutputConfig())
-        entries.append({"file": name, "rows": last - first, "points": (last - first) * width})
+    entries = write_named_shards(fs, root, packed, length, OutputConfig(rows_per_shard=rows_per_shard))
     (out / MANIFEST_FILE).write_text(json.dumps(minimal_manifest(length, {TRAIN_DIR: entries},
                                                                  source={"benchmark": "train_loop"})))
     return out

@@ -128,6 +128,22 @@ def write_packed(fs: pafs.FileSystem, directory: str, rows: PackedRows, window_l
     return out
 
 
+def write_named_shards(fs: pafs.FileSystem, directory: str, rows: PackedRows, window_length: int,
+                       options: OutputConfig) -> list[dict[str, Any]]:
+    """Packed rows as the final ``shard-NNNNN`` files under ``directory`` in one go, for writers
+    without the job's publish step (fine-tuning data, benchmarks); returns the entries
+    ``schema.minimal_manifest`` lists (``file``, ``rows``, ``points`` = window slots)."""
+    fs.create_dir(directory, recursive=True)
+    entries = []
+    per = options.rows_per_shard
+    for index, start in enumerate(range(0, rows.num_rows, per)):
+        end = min(start + per, rows.num_rows)
+        name = SHARD_PATTERN.format(index=index)
+        write_shard(fs, join(directory, name), rows_table(rows, start, end, window_length), options)
+        entries.append({"file": name, "rows": end - start, "points": (end - start) * (window_length + 1)})
+    return entries
+
+
 JOURNAL_FILE = "_publishing.json"
 REPORT_FILES = ("report.json", "report.html")
 SPLITS = (TRAIN_DIR, VAL_DIR)

@@ -29,9 +29,9 @@ import numpy as np
 from pipeline.evaluation.benchmark_data import load_benchmark, scaled_values
 from preprocessing.config import OutputConfig
 from preprocessing.pack import PackedRows
-from preprocessing.schema import MANIFEST_FILE, SHARD_PATTERN, TRAIN_DIR, VAL_DIR, minimal_manifest
+from preprocessing.schema import MANIFEST_FILE, TRAIN_DIR, VAL_DIR, minimal_manifest
 from preprocessing.storage import resolve_filesystem
-from preprocessing.writer import rows_table, write_shard
+from preprocessing.writer import write_named_shards
 
 ALLOWED_SPLIT = "train"
 
@@ -113,16 +113,9 @@ def _write(folder: Path, windows_NW: np.ndarray, loss_NW: np.ndarray, window_len
            rows_per_shard: int) -> list[dict]:
     """The windows as shards through the preprocessing job's own writer (one series per row;
     ``loss_NW`` marks the points whose prediction counts)."""
-    folder.mkdir(parents=True, exist_ok=True)
     n, width = windows_NW.shape
     rows = PackedRows(values_RW=windows_NW, segment_ids_RW=np.ones((n, width), np.int32),
                       loss_mask_RW=loss_NW, seg_mean=[[0.0]] * n, seg_std=[[1.0]] * n,
                       seg_series=[[f"{name}/{i}"] for i in range(n)], seg_lengths=[[width]] * n)
     fs, root = resolve_filesystem(str(folder))
-    entries = []
-    for i, first in enumerate(range(0, n, rows_per_shard)):
-        last = min(first + rows_per_shard, n)
-        file = SHARD_PATTERN.format(index=i)
-        write_shard(fs, f"{root}/{file}", rows_table(rows, first, last, window_length), OutputConfig())
-        entries.append({"file": file, "rows": last - first, "points": (last - first) * width})
-    return entries
+    return write_named_shards(fs, root, rows, window_length, OutputConfig(rows_per_shard=rows_per_shard))

@@ -20,17 +20,8 @@ from typing import Any
 
 from pipeline.evaluation.inference import load_forecaster
 from pipeline.finetune.data import ALLOWED_SPLIT, FinetuneData
-from pipeline.finetune.protocol import (
-    FinetuneJob,
-    Parent,
-    finetune_config,
-    register_version,
-    resolve_parent,
-    steps_seconds,
-)
+from pipeline.finetune.protocol import FinetuneJob, Parent, register_version, resolve_parent, train_child
 from pipeline.scaling_laws.sweep import HeldOutMeasures, heldout_measures
-from pipeline.tracking import experiment_id, tracking_uri
-from pipeline.train.ray_runtime import run_ray, training_run_id
 from preprocessing.schema import TRAIN_DIR, VAL_DIR, read_manifest
 
 HELDOUT_BATCH = 16
@@ -71,18 +62,8 @@ def finetune_on_packed(job: FinetuneJob) -> dict[str, Any]:
     parent = resolve_parent(job.parent, run_root / "parent", job.tracking_uri)
     data = packed_finetune_data(job.data, parent)
     out = run_root / data.dataset
-    cfg = finetune_config(job, parent, data, out)
-    uri = tracking_uri(cfg.tracking.tracking_uri, store_dir=job.output_dir)
-    cfg.tracking.tracking_uri = uri
-    cfg.tracking.run_name = cfg.tracking.run_name or f"finetune-{data.dataset}-{cfg.finetune.method}"
-    experiment_id(uri, cfg.tracking.experiment, Path(job.output_dir) / "mlartifacts")
-    t0 = time.time()
-    result = run_ray(cfg)
-    if getattr(result, "error", None):
-        raise RuntimeError(f"fine-tuning on {job.data} failed: {result.error}")
-    seconds = time.time() - t0
-    model_dir = Path(cfg.train.output_dir) / "final_model"
-    run_id = training_run_id(result)
+    child = train_child(job, parent, data, out)
+    cfg, uri, model_dir, run_id = child.cfg, child.uri, child.model_dir, child.run_id
     tuned, base = heldout_of(str(model_dir), job, data, uri), heldout_of(str(parent.path), job, data, uri)
     better = tuned.loss < base.loss
     scores = {"fine_tuned_heldout_loss": tuned.loss, "fine_tuned_heldout_mse": tuned.mse,
@@ -107,8 +88,7 @@ def finetune_on_packed(job: FinetuneJob) -> dict[str, Any]:
     windows = min(job.heldout_windows, data.val_windows)
     summary = {"parent": parent.label, "data": job.data, "window_length": read_manifest(job.data)["window_length"],
                "train_windows": data.train_windows, "heldout_windows": windows, "steps": cfg.train.max_steps,
-               "seconds": round(seconds, 1),
-               "epoch_seconds": round(steps_seconds(Path(cfg.train.output_dir) / "metrics.jsonl"), 2),
+               "seconds": round(child.seconds, 1), "epoch_seconds": round(child.epoch_seconds, 2),
                "run_id": run_id, "model": str(model_dir), "registered": registered, "promoted": promoted,
                "method": cfg.finetune.method, **scores}
     (run_root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -169,31 +169,48 @@ def finetune_on_benchmark(job: FinetuneJob, dataset: str, parent: Parent, run_ro
     data = benchmark_train_shards(job.benchmarks, dataset, out / "data", window_length_for(job, parent),
                                   stride=job.stride, split=ALLOWED_SPLIT,
                                   early_stop_fraction=EARLY_STOP_HELD_OUT if watch else 0.0)
-    cfg = finetune_config(job, parent, data, out, base)
-    uri = tracking_uri(cfg.tracking.tracking_uri, store_dir=job.output_dir)
-    cfg.tracking.tracking_uri = uri
-    if cfg.tracking.run_name is None:
-        cfg.tracking.run_name = f"finetune-{dataset}-{cfg.finetune.method}"
-    experiment_id(uri, cfg.tracking.experiment, Path(job.output_dir) / "mlartifacts")
-    t0 = time.time()
-    result = run_ray(cfg)
-    if getattr(result, "error", None):
-        raise RuntimeError(f"fine-tuning on {dataset} failed: {result.error}")
-    seconds = time.time() - t0
-    model_dir = Path(cfg.train.output_dir) / "final_model"
-    run_id = training_run_id(result)
+    child = train_child(job, parent, data, out, base)
+    cfg, uri, model_dir, run_id = child.cfg, child.uri, child.model_dir, child.run_id
     eval_cfg = EvalConfig(datasets=[dataset], horizons=list(job.horizons), context=job.context,
                           stride=job.eval_stride, batch_size=job.inference.batch_size)
     fine_tuned = evaluate_model(str(model_dir), job.benchmarks, eval_cfg, job.inference, job.eval_workers, uri,
                                 model_name=f"fine-tuned ({cfg.finetune.method})")
     zero_shot = evaluate_model(str(parent.path), job.benchmarks, eval_cfg, job.inference, job.eval_workers, uri,
                                model_name="parent (zero-shot)")
-    outcome = DatasetOutcome(dataset, data, run_id, model_dir, cfg.train.max_steps, seconds,
-                             steps_seconds(Path(cfg.train.output_dir) / "metrics.jsonl"), fine_tuned, zero_shot)
+    outcome = DatasetOutcome(dataset, data, run_id, model_dir, cfg.train.max_steps, child.seconds,
+                             child.epoch_seconds, fine_tuned, zero_shot)
     _record_lineage(uri, run_id, parent, data, outcome)
     if job.register_name:
         _register(job, cfg, parent, outcome, uri)
     return outcome
+
+
+@dataclass
+class TrainedChild:
+    cfg: TrainConfig
+    uri: str                # the tracking store the run logged to
+    run_id: str | None
+    model_dir: Path         # the fine-tuned model in the published layout
+    seconds: float          # the training job, start-up and export included
+    epoch_seconds: float    # its steps alone
+
+
+def train_child(job: FinetuneJob, parent: Parent, data: FinetuneData, out: Path,
+                base: TrainConfig | None = None) -> TrainedChild:
+    """The fine-tuning run itself (step 3 of the module doc): its config, its tracking store, the
+    training loop through Ray Train; raises when the run failed."""
+    cfg = finetune_config(job, parent, data, out, base)
+    uri = tracking_uri(cfg.tracking.tracking_uri, store_dir=job.output_dir)
+    cfg.tracking.tracking_uri = uri
+    if cfg.tracking.run_name is None:
+        cfg.tracking.run_name = f"finetune-{data.dataset}-{cfg.finetune.method}"
+    experiment_id(uri, cfg.tracking.experiment, Path(job.output_dir) / "mlartifacts")
+    t0 = time.time()
+    result = run_ray(cfg)
+    if getattr(result, "error", None):
+        raise RuntimeError(f"fine-tuning on {data.dataset} failed: {result.error}")
+    return TrainedChild(cfg, uri, training_run_id(result), Path(cfg.train.output_dir) / "final_model",
+                        time.time() - t0, steps_seconds(Path(cfg.train.output_dir) / "metrics.jsonl"))
 
 
 def steps_seconds(metrics_file: Path) -> float:
