@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                         row["mfu"] = mfu(row["points_per_s"], mcfg, args.length) if cuda else float("nan")
                     found.append(row)
                     print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (list, dict))}), flush=True)
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # a run cut short keeps its rows
+                    Path(args.json).write_text(json.dumps(dict(partial=True, rows=rows + found), indent=2, default=str))
                 base = next((r for r in found if r["variant"] == "step" and "error" not in r), None)
                 for r in found:
                     r["x_step"] = r["points_per_s"] / base["points_per_s"] if base and "points_per_s" in r else float("nan")

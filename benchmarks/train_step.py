@@ -300,6 +300,12 @@ def released_reference(rows: list[dict], card: str) -> dict[tuple[str, int], tup
     return ref
 
 
+def write_rows(out: str, rows: list[dict], device: str) -> None:
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(dict(meta=dict(device=name, partial=True, argv=sys.argv), rows=rows), indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", nargs="+", default=["timemoe-50m", "timemoe-200m"])
@@ -346,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
                                    error=f"{type(exc).__name__}: {exc}"[:500])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                write_rows(args.out, rows, args.device)  # a run cut short keeps what it measured
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
     card = card_of(device_name)
     released = released_reference(rows, card)

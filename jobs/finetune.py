@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         if (args.data is None) == (args.benchmarks is None):
             raise ValueError("give either --benchmarks (the paper's in-distribution protocol) or --data (a "
                              "jobs.preprocess output), not both or neither")
+        if args.data:
+            given = [f"--{k.replace('_', '-')}" for k in ("window_length", "stride", "context") if getattr(args, k)]
+            if given:
+                raise ValueError(f"{', '.join(given)}: with --data the windows are the packed data's own "
+                                 "(re-pack with jobs.preprocess to change them)")
         overrides = list(args.overrides) + ([f"finetune.method={args.method}"] if args.method else [])
         job = FinetuneJob(parent=args.parent, benchmarks=args.benchmarks or "", datasets=list(args.datasets),
                           config=args.config, overrides=overrides, horizons=list(args.horizons),

@@ -117,7 +117,7 @@ def test_finetune_on_own_packed_data_trains_on_train_and_beats_its_parent_on_val
     from mlflow.tracking import MlflowClient
 
     from jobs.finetune import main
-    from pipeline.scaling_laws.sweep import heldout_metrics
+    from pipeline.train.validation import heldout_metrics
 
     manifest = json.loads((own_packed / "manifest.json").read_text())
     assert manifest["rows"]["val"] > 0 and manifest["rows"]["train"] > 0
@@ -160,3 +160,6 @@ def test_finetune_on_own_data_refuses_windows_longer_than_the_model_and_data_wit
     assert main(["--parent", str(parent), "--data", str(no_val), "--benchmarks", str(tmp_path),
                  "--output-dir", str(tmp_path / "c")]) == 2
     assert "either --benchmarks" in capsys.readouterr().err
+    assert main(["--parent", str(parent), "--data", str(no_val), "--window-length", "64",
+                 "--output-dir", str(tmp_path / "d")]) == 2
+    assert "--window-length: with --data the windows are the packed data's own" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import _helpers_scaling as H  # noqa: E402
 
 from pipeline.scaling_laws import report as R  # noqa: E402
 from pipeline.scaling_laws import sweep as S  # noqa: E402
+from pipeline.train.validation import heldout_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = H.TINY_WINDOW
@@ -58,7 +59,7 @@ def test_heldout_metrics_match_slow_reference(tmp_path):
     data = H.write_test_shards(tmp_path / "data", WINDOW, n_train=4, n_val=10)
     torch.manual_seed(0)
     m = model.TimeMoeModel(model.TimeMoeConfig.preset("tiny"))
-    loss, mse = S.heldout_metrics(m, str(data), max_windows=7, batch_size=3)
+    loss, mse = heldout_metrics(m, str(data), max_windows=7, batch_size=3)
     # Reference: one window at a time, the first 7 windows, plain loops.
     import pyarrow.parquet as pq
 

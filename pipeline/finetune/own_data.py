@@ -21,7 +21,7 @@ from typing import Any
 from pipeline.evaluation.inference import load_forecaster
 from pipeline.finetune.data import ALLOWED_SPLIT, FinetuneData
 from pipeline.finetune.protocol import FinetuneJob, Parent, register_version, resolve_parent, train_child
-from pipeline.scaling_laws.sweep import HeldOutMeasures, heldout_measures
+from pipeline.train.validation import HeldOutMeasures, heldout_measures
 from preprocessing.schema import TRAIN_DIR, VAL_DIR, read_manifest
 
 HELDOUT_BATCH = 16
