@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,6 +58,7 @@ from benchmarks.released_code import build_released, import_released  # noqa: E4
 from model import TimeMoeConfig, TimeMoeModel, horizon_schedule  # noqa: E402
 from model.attention import apply_rope, rope_cos_sin  # noqa: E402
 from model.flops import H100_BF16_PEAK_FLOPS, generate_flops_per_window  # noqa: E402
+from pipeline.scaling_laws.grid import GridConfig, model_config  # noqa: E402
 
 try:  # without it only the compiled rows fail, with this message
     from pipeline.parallel.parallelize import compile_for_inference  # noqa: E402
@@ -226,7 +228,7 @@ class Bench:
         if key not in self.models:
             torch.manual_seed(self.args.seed)
             with torch.device(self.dev):
-                m = TimeMoeModel(TimeMoeConfig.preset(preset)).to(DTYPES[dtype]).eval()
+                m = TimeMoeModel(model_shape(preset)).to(DTYPES[dtype]).eval()
             if kind == "compiled":
                 compile_for_inference(m)
             elif kind == "compiled-decode":
@@ -272,7 +274,7 @@ class Bench:
         if not like:
             return 0.0
         rate = min(r["flops_per_window"] * r["windows_per_s"] for r in like)  # FLOP/s, the slowest seen
-        flops = generate_flops_per_window(TimeMoeConfig.preset(spec["preset"]), spec["context"], spec["horizon"])
+        flops = generate_flops_per_window(model_shape(spec["preset"]), spec["context"], spec["horizon"])
         calls = (2 if spec["variant"].startswith("compiled") else 1) + self.args.repeats
         compile_s = max([r.get("compile_s") or 0.0 for r in ok] + [0.0]) if spec["variant"].startswith("compiled") else 0.0
         return calls * spec["batch"] * flops / rate + compile_s
@@ -303,7 +305,7 @@ class Bench:
     def generate_row(self, spec: dict) -> dict:
         impl, preset, dtype, variant = spec["impl"], spec["preset"], spec["dtype"], spec["variant"]
         T, H, B = spec["context"], spec["horizon"], spec["batch"]
-        cfg = TimeMoeConfig.preset(preset)
+        cfg = model_shape(preset)
         if impl == "released":
             model = self.released_model(preset, dtype)
             fn_of = lambda x: (lambda: model.generate(x.clone(), max_new_tokens=H)[:, T:])  # noqa: E731
@@ -443,12 +445,31 @@ def describe(r: dict) -> str:
     return f"sdpa     hd {r['head_dim']} b{r['batch']} T {r['context']}: {ks}"
 
 
+# Model shapes by name: the presets, plus every (family, size) of a sweep grid given with --grid,
+# named "<family>-<size>" (e.g. "sparse_per_layer-s4"), so each family's inference cost is measured
+# on the shape its trials trained.
+GRID_SHAPES: dict[str, TimeMoeConfig] = {}
+
+
+def add_grid_shapes(config_yaml: str) -> list[str]:
+    """Register the ``grid:`` section's shapes of a sweep YAML; returns their names."""
+    grid = GridConfig.from_dict(yaml.safe_load(Path(config_yaml).read_text()).get("grid") or {}, config_yaml)
+    for family in grid.families:
+        for size in grid.sizes:
+            GRID_SHAPES[f"{family}-{size.name}"] = model_config(grid, size, family)
+    return list(GRID_SHAPES)
+
+
+def model_shape(name: str) -> TimeMoeConfig:
+    return GRID_SHAPES[name] if name in GRID_SHAPES else TimeMoeConfig.preset(name)
+
+
 # ------------------------------------------------------------------------------ the plan
 def build_plan(args) -> list[dict]:
     """Rows in order of importance (module docstring)."""
     main, extra_batches = args.batches[0], args.batches[1:]
-    sparse = [p for p in args.presets if not TimeMoeConfig.preset(p).use_dense]
-    dense = [p for p in args.presets if TimeMoeConfig.preset(p).use_dense]
+    sparse = [p for p in args.presets if not model_shape(p).use_dense]
+    dense = [p for p in args.presets if model_shape(p).use_dense]
     dtypes = sorted(args.dtypes, key=lambda d: d != "bf16")  # bf16 first
     main_v = [v for v in ("compiled", "eager") if v in args.variants]
     before = ["before"] if "before" in args.variants else []  # the same-machine baseline: cheap, early
@@ -485,7 +506,10 @@ def parse_pair(s: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", nargs="+", default=["timemoe-50m", "timemoe-200m", "dense-50m", "dense-200m"])
+    ap.add_argument("--presets", nargs="+", default=None,
+                    help="default: timemoe-50m timemoe-200m dense-50m dense-200m (none with --grid)")
+    ap.add_argument("--grid", default=None, help="a sweep YAML: also measure its (family, size) shapes, named "
+                    "<family>-<size>; with --presets left out, only those")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     ap.add_argument("--variants", nargs="+", default=["compiled", "eager"], choices=list(VARIANTS))
     ap.add_argument("--pairs", nargs="+", type=parse_pair, default=list(PAPER_PAIRS), help="context/horizon, e.g. 512/96")
@@ -501,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="results, rewritten after every row")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test")
     args = ap.parse_args(argv)
+    grid_shapes = add_grid_shapes(args.grid) if args.grid else []
+    args.presets = (args.presets or ([] if grid_shapes else ["timemoe-50m", "timemoe-200m", "dense-50m", "dense-200m"])
+                    ) + grid_shapes
     args.e2e = None if args.e2e in (None, "", "none") else (args.e2e.split(":")[0], parse_pair(args.e2e.split(":")[1]))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("evaluate_gpu.py needs a CUDA GPU (or --device cpu for a smoke test)")

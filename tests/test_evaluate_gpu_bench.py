@@ -36,3 +36,38 @@ def test_smoke_invocation_writes_rows_and_protocol_estimate(tmp_path):
         assert e["complete"] and e["seconds"] > 0
         assert e["seconds"] == sum(p["windows"] / p["windows_per_s"] for p in e["per_pair"].values())
     assert "protocol min" in proc.stdout  # the summary table
+
+
+def test_grid_shapes_are_the_sweep_trials_models_and_their_flops(tmp_path):
+    """``--grid``: each (family, size) of a sweep YAML measured on the very model its trials train,
+    with that model's FLOPs per window."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from evaluate_gpu import add_grid_shapes, model_shape
+
+    from model.flops import count_parameters, generate_flops_per_window
+    from pipeline.scaling_laws.grid import GridConfig, expand_grid
+
+    config = tmp_path / "sweep.yaml"
+    grid = {"base_preset": "tiny", "window_length": 64, "num_experts": 4, "num_experts_per_tok": 2,
+            "sizes": [{"name": "a", "layers": 2, "hidden": 64}], "budgets": [1e5],
+            "families": ["dense", "sparse", "sparse_per_layer"]}
+    config.write_text(yaml.safe_dump({"grid": grid}))
+    names = add_grid_shapes(str(config))
+    assert sorted(names) == ["dense-a", "sparse-a", "sparse_per_layer-a"]
+    trials = {t.family: t for t in expand_grid(GridConfig.from_dict(grid))}
+    for family, trial in trials.items():
+        shape = model_shape(f"{family}-a")
+        assert count_parameters(shape).active == trial.n_active
+    assert model_shape("dense-a").use_dense and not model_shape("sparse-a").use_dense
+    out = tmp_path / "evaluate_gpu.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "evaluate_gpu.py"), "--grid", str(config), "--pairs", "64/8",
+           "--batches", "4", "--device", "cpu", "--dtypes", "fp32", "--variants", "eager", "--e2e", "none",
+           "--json", str(out), "--repeats", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["preset"]: r for r in json.loads(out.read_text())["rows"] if r["kind"] == "generate"}
+    assert set(rows) == set(names) and all(r["status"] == "ok" for r in rows.values())
+    for name, r in rows.items():
+        assert r["flops_per_window"] == generate_flops_per_window(model_shape(name), 64, 8)
