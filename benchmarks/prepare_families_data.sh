@@ -34,23 +34,12 @@ echo "== embedded corpus, scale $SCALE -> $RAW/embedded"
 
 # provenance: the embedded corpus's datasets (preprocessing/synthetic.py DEFAULT_RECIPES) and the
 # KernelSynth folders are generated; everything else (the shared corpus) is real.
-cat > "$RAW/preprocess.yaml" <<YAML
-seed: 0
-pack: {window_length: 1024, val_fraction: 0.06}
-contamination:
-  benchmarks: [$SHARED/benchmarks/ETTh1.csv.gz, $SHARED/benchmarks/ETTh2.csv.gz]
-provenance:
+. benchmarks/pack_sweep_corpus.sh
+pack_sweep_corpus "$PY" "$SHARED" "$OUT" families-1024 'provenance:
   "synthetic/kernelsynth_gp-*": synthetic/kernelsynth
   "synthetic/kernelsynth": synthetic/embedded
-  "*/synth_*": synthetic/embedded
-YAML
-
-echo "== python -m jobs.preprocess -> $OUT/families-1024"
-RAY_USAGE_STATS_ENABLED=0 "$PY" -m jobs.preprocess --config "$RAW/preprocess.yaml" \
-    --input "$RAW/kernelsynth/corpus" --input "$RAW/embedded" --input "$SHARED/corpus" --output "$OUT/families-1024" 2>&1 \
-    | grep -v -E "INFO|WARNING|^\s*$" | tail -3
+  "*/synth_*": synthetic/embedded' "$RAW/kernelsynth/corpus" "$RAW/embedded" "$SHARED/corpus"
 cp "$RAW/kernelsynth/kernelsynth.json" "$OUT/families-1024/"
-for name in ETTh1 ETTh2; do cp "$SHARED/benchmarks/$name.csv.gz" "$OUT/benchmarks/"; done
 rm -rf "$RAW"
 
 "$PY" - "$OUT/families-1024" <<'PYEOF'

@@ -22,26 +22,12 @@ LIMIT_MIB=45
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 rm -rf "$OUT/sweep-1024" "$OUT/benchmarks"
-mkdir -p "$OUT/benchmarks"
 
 echo "== embedded synthetic corpus, scale $SCALE -> $tmp/synthetic"
 "$PY" -m preprocessing.synthetic "$tmp/synthetic" "$SCALE" | grep -E '^ "(series|points|seconds)"'
 
-cat > "$tmp/preprocess.yaml" <<YAML
-seed: 0
-pack: {window_length: 1024, val_fraction: 0.06}
-contamination:
-  benchmarks: [$SHARED/benchmarks/ETTh1.csv.gz, $SHARED/benchmarks/ETTh2.csv.gz]
-YAML
-
-echo "== python -m jobs.preprocess (synthetic + $SHARED/corpus) -> $OUT/sweep-1024"
-RAY_USAGE_STATS_ENABLED=0 "$PY" -m jobs.preprocess --config "$tmp/preprocess.yaml" \
-    --input "$tmp/synthetic" --input "$SHARED/corpus" --output "$OUT/sweep-1024" 2>&1 \
-    | grep -v -E "INFO|WARNING|^\s*$" | tail -3
-
-for name in ETTh1 ETTh2; do
-    cp "$SHARED/benchmarks/$name.csv.gz" "$OUT/benchmarks/"
-done
+. benchmarks/pack_sweep_corpus.sh
+pack_sweep_corpus "$PY" "$SHARED" "$OUT" sweep-1024 "" "$tmp/synthetic" "$SHARED/corpus"
 
 "$PY" - "$OUT/sweep-1024" <<'PYEOF'
 import json, sys
