@@ -61,7 +61,7 @@ def write_packed_shards(out: Path, rows: int, length: int, seed: int, rows_per_s
     width = length + 1
     values = torch.cat([batch["inputs"], batch["labels"][:, -1:]], dim=1).numpy().astype(np.float32)
     seg = torch.cat([batch["segment_ids"], batch["segment_ids"][:, -1:]], dim=1).numpy().astype(np.int32)
-    lengths = [np.bincount(r)[1:][np.bincount(r)[1:] > 0].tolist() for r in seg]
+    lengths = [[int(n) for n in np.bincount(r)[1:] if n] for r in seg]
     packed = PackedRows(values_RW=values, segment_ids_RW=seg, loss_mask_RW=np.ones((rows, width), np.uint8),
                         seg_mean=[[0.0] * len(n) for n in lengths], seg_std=[[1.0] * len(n) for n in lengths],
                         seg_series=[[f"bench/{r}/{k}" for k in range(len(n))] for r, n in enumerate(lengths)],

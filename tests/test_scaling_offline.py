@@ -216,7 +216,9 @@ def test_families_config_plans_24_trials_in_runs_under_10_minutes():
     # No training row repeats: the largest budget's rows fit in the KernelSynth part alone.
     script = (ROOT / "benchmarks" / "prepare_families_data.sh").read_text()
     synth_points = float(re.search(r"SYNTH_POINTS=\$\{SYNTH_POINTS:-([0-9.e+]+)\}", script).group(1))
-    val_fraction = float(re.search(r"val_fraction: ([0-9.]+)", script).group(1))
+    assert "pack_sweep_corpus" in script  # the packing recipe it sources
+    recipe = (ROOT / "benchmarks" / "pack_sweep_corpus.sh").read_text()
+    val_fraction = float(re.search(r"val_fraction: ([0-9.]+)", recipe).group(1))
     rows_needed = max(p.points_seen for p in plans) // cfg.grid.window_length
     assert synth_points >= 1e8 and synth_points * (1 - val_fraction) / 1024 > 1.1 * rows_needed
 

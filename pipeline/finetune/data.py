@@ -42,7 +42,7 @@ class ContaminationError(ValueError):
 
 @dataclass(frozen=True)
 class FinetuneData:
-    path: Path          # packed shards (train/, val/, manifest.json)
+    path: Path | str    # packed shards (train/, val/, manifest.json); a URL for data on s3://
     dataset: str
     split: str          # always "train": what the run saw, recorded on it
     rows: tuple[int, int]  # the train split's rows used [start, end)

@@ -20,15 +20,23 @@ from typing import Any
 
 from pipeline.evaluation.inference import load_forecaster
 from pipeline.finetune.data import ALLOWED_SPLIT, FinetuneData
-from pipeline.finetune.protocol import FinetuneJob, Parent, register_version, resolve_parent, train_child
+from pipeline.finetune.protocol import (
+    FinetuneJob,
+    Parent,
+    record_lineage,
+    register_version,
+    resolve_parent,
+    train_child,
+)
 from pipeline.train.validation import HeldOutMeasures, heldout_measures
 from preprocessing.schema import TRAIN_DIR, VAL_DIR, read_manifest
 
 HELDOUT_BATCH = 16
 
 
-def packed_finetune_data(url: str, parent: Parent) -> FinetuneData:
-    """What the run will read, checked against the parent before anything trains."""
+def packed_finetune_data(url: str, parent: Parent) -> tuple[FinetuneData, int]:
+    """What the run will read and its window length, checked against the parent before anything
+    trains."""
     manifest = read_manifest(url)
     window = int(manifest["window_length"])
     if window > parent.max_context:
@@ -42,7 +50,7 @@ def packed_finetune_data(url: str, parent: Parent) -> FinetuneData:
         raise ValueError(f"{url}: no {VAL_DIR}/ rows to compare the fine-tuned model with its parent on; "
                          f"pack with pack.val_fraction > 0")
     name = url.rstrip("/").rsplit("/", 1)[-1]
-    return FinetuneData(url, name, ALLOWED_SPLIT, (0, train), train, val)  # type: ignore[arg-type]
+    return FinetuneData(url, name, ALLOWED_SPLIT, (0, train), train, val), window
 
 
 def heldout_of(model: str, job: FinetuneJob, data: FinetuneData, uri: str | None) -> HeldOutMeasures:
@@ -60,7 +68,7 @@ def finetune_on_packed(job: FinetuneJob) -> dict[str, Any]:
     run_root = Path(job.output_dir).resolve() / time.strftime("run-%Y%m%d-%H%M%S")
     run_root.mkdir(parents=True, exist_ok=False)
     parent = resolve_parent(job.parent, run_root / "parent", job.tracking_uri)
-    data = packed_finetune_data(job.data, parent)
+    data, window = packed_finetune_data(job.data, parent)
     out = run_root / data.dataset
     child = train_child(job, parent, data, out)
     cfg, uri, model_dir, run_id = child.cfg, child.uri, child.model_dir, child.run_id
@@ -68,15 +76,8 @@ def finetune_on_packed(job: FinetuneJob) -> dict[str, Any]:
     better = tuned.loss < base.loss
     scores = {"fine_tuned_heldout_loss": tuned.loss, "fine_tuned_heldout_mse": tuned.mse,
               "parent_heldout_loss": base.loss, "parent_heldout_mse": base.mse}
-    if run_id is not None:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
-        for k, v in {"finetune.parent": parent.label, "finetune.dataset": job.data, "finetune.split": ALLOWED_SPLIT,
-                     "finetune.rows": f"0:{data.train_windows}"}.items():
-            client.set_tag(run_id, k, v)
-        for k, v in scores.items():
-            client.log_metric(run_id, k.replace("_heldout_", "_heldout/"), v)
+    record_lineage(uri, run_id, parent, data, {k.replace("_heldout_", "_heldout/"): v for k, v in scores.items()},
+                   dataset_label=job.data)
     registered = promoted = None
     if job.register_name:
         registered, promoted = register_version(
@@ -86,7 +87,7 @@ def finetune_on_packed(job: FinetuneJob) -> dict[str, Any]:
              "parent_heldout.loss": repr(base.loss),
              "promotion.reason": f"held-out loss {tuned.loss:.6g} {'<' if better else '>='} parent {base.loss:.6g}"})
     windows = min(job.heldout_windows, data.val_windows)
-    summary = {"parent": parent.label, "data": job.data, "window_length": read_manifest(job.data)["window_length"],
+    summary = {"parent": parent.label, "data": job.data, "window_length": window,
                "train_windows": data.train_windows, "heldout_windows": windows, "steps": cfg.train.max_steps,
                "seconds": round(child.seconds, 1), "epoch_seconds": round(child.epoch_seconds, 2),
                "run_id": run_id, "model": str(model_dir), "registered": registered, "promoted": promoted,

@@ -179,7 +179,8 @@ def finetune_on_benchmark(job: FinetuneJob, dataset: str, parent: Parent, run_ro
                                model_name="parent (zero-shot)")
     outcome = DatasetOutcome(dataset, data, run_id, model_dir, cfg.train.max_steps, child.seconds,
                              child.epoch_seconds, fine_tuned, zero_shot)
-    _record_lineage(uri, run_id, parent, data, outcome)
+    record_lineage(uri, run_id, parent, data, {**fine_tuned.metrics(prefix="in_distribution"),
+                                               **zero_shot.metrics(prefix="parent_zeroshot")})
     if job.register_name:
         _register(job, cfg, parent, outcome, uri)
     return outcome
@@ -221,19 +222,20 @@ def steps_seconds(metrics_file: Path) -> float:
     return sum(float(m.get("step_time_s", 0.0)) for m in lines)
 
 
-def _record_lineage(uri: str, run_id: str | None, parent: Parent, data: FinetuneData, outcome: DatasetOutcome) -> None:
-    """On the training run: what it started from and which data it saw; both scores."""
+def record_lineage(uri: str, run_id: str | None, parent: Parent, data: FinetuneData, metrics: dict[str, float],
+                   dataset_label: str | None = None) -> None:
+    """On the training run: what it started from, which data it saw (``dataset_label``, default
+    the dataset's name) and its scores."""
     if run_id is None:
         return
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    for k, v in {"finetune.parent": parent.label, "finetune.dataset": data.dataset, "finetune.split": data.split,
-                 "finetune.rows": f"{data.rows[0]}:{data.rows[1]}"}.items():
+    for k, v in {"finetune.parent": parent.label, "finetune.dataset": dataset_label or data.dataset,
+                 "finetune.split": data.split, "finetune.rows": f"{data.rows[0]}:{data.rows[1]}"}.items():
         client.set_tag(run_id, k, v)
-    for name, res in (("in_distribution", outcome.fine_tuned), ("parent_zeroshot", outcome.zero_shot)):
-        for key, value in res.metrics(prefix=name).items():
-            client.log_metric(run_id, key, value)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
 
 
 def _register(job: FinetuneJob, cfg: TrainConfig, parent: Parent, outcome: DatasetOutcome, uri: str) -> None:
