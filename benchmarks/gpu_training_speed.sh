@@ -8,7 +8,8 @@
 #                                                    # against DeepSpeed's engine, same batch; data waits
 # "step" needs only torch (the released code runs from .reference/, made by benchmarks/released_timemoe.sh);
 # "loop" needs DeepSpeed, from the offline bundle in .bundle/ (deploy/build_offline_bundle.sh).
-# PRESETS (default "timemoe-50m timemoe-200m") and STEPS (default 6) narrow a run.
+# PRESETS (default "timemoe-50m timemoe-200m") and STEPS (default 6) narrow a run; LOOP_ARGS adds
+# train_loop.py options (e.g. "--engine-variants zero1 zero1-nocheck --profile-engine").
 set -u
 out=$1 part=$2
 mkdir -p "$out"
@@ -30,8 +31,8 @@ loop)
     bash deploy/install_offline_bundle.sh /tmp/timemoe-env .bundle > "$out/bundle.log" 2>&1 || { tail "$out/bundle.log"; exit 1; }
     . /tmp/timemoe-env/env.sh
     # shellcheck disable=SC2086
-    timeout 480 python3 benchmarks/train_loop.py --presets $presets --windows 16 --steps 60 --skip 20 \
-        --json "$out/train_loop.json" 2>&1 | grep -v -i -E "warn|^\[20" | tee "$out/train_loop.txt" | tail -n 30
+    timeout 540 python3 benchmarks/train_loop.py --presets $presets --windows 16 --steps 60 --skip 20 \
+        ${LOOP_ARGS:-} --json "$out/train_loop.json" 2>&1 | grep -v -i -E "warn|^\[20" | tee "$out/train_loop.txt" | tail -n 60
     ;;
 *) echo "usage: $0 OUT step|loop" >&2; exit 2 ;;
 esac

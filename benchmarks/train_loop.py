@@ -8,6 +8,9 @@ Three rows per (preset, windows), same model, same windows of 4096 points, same 
 - ``engine``: the same compiled model stepped by the project's DeepSpeed engine
   (``pipeline.parallel.parallelize``: ZeRO-1, bf16, DeepSpeed's optimizer path and gradient
   clipping), on the same batch, timed the same way: DeepSpeed's step against the plain one.
+  ``--engine-variants`` adds rows ``engine:NAME`` with DeepSpeed settings laid over the
+  project's (:data:`ENGINE_VARIANTS`); ``--profile-engine`` profiles two steps of each engine
+  row: device busy share, kernel time by family and the host ops that take the most time.
 - ``loop``: the real training loop (``pipeline.train.loop.run_training`` through the torchrun
   runtime, no Ray) on packed shards written by the preprocessing job's writer with the same row
   layout: data reading and prefetch, the per-step metrics, the step log. Its points/s are the
@@ -24,6 +27,7 @@ runs the same code uncompiled in fp32 on the tiny preset, as a smoke test.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -52,6 +56,19 @@ from preprocessing.storage import resolve_filesystem  # noqa: E402
 from preprocessing.writer import write_named_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# DeepSpeed settings compared with the project's (``zero1``), laid over its generated config
+ENGINE_VARIANTS: dict[str, dict] = {
+    "zero1": {},
+    # no per-gradient inf/nan scan and no host read of its flag before the optimizer step
+    "zero1-nocheck": {"bf16": {"check_grad_overflow": False}},
+    # gradients reduced after backward instead of copied into buckets from per-parameter hooks
+    "zero1-nooverlap": {"zero_optimization": {"overlap_comm": False, "contiguous_gradients": False}},
+    "zero1-nocheck-nooverlap": {"bf16": {"check_grad_overflow": False},
+                                "zero_optimization": {"overlap_comm": False, "contiguous_gradients": False}},
+    # no ZeRO: DeepSpeed's bf16 optimizer (fp32 master weights, its own gradient hooks)
+    "zero0": {"zero_optimization": {"stage": 0}},
+}
 
 
 def write_packed_shards(out: Path, rows: int, length: int, seed: int, rows_per_shard: int = 256) -> Path:
@@ -102,13 +119,41 @@ def timed(step, steps: int, warmup: int, cuda: bool) -> list[float]:
     return times
 
 
-def engine_row(cfg: TrainConfig, windows: int, length: int, steps: int, warmup: int, cuda: bool) -> dict:
+def profile_two_steps(step, cuda: bool) -> dict:
+    """Device busy share, kernel ms per step by family, and the host ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.train.profiling import summarize
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t = time.perf_counter()
+        for _ in range(2):
+            step()
+        sync()
+        wall_us = (time.perf_counter() - t) * 1e6
+    events = prof.events()
+    kernels = [(e.name, float(e.time_range.elapsed_us())) for e in events
+               if e.device_type != torch.autograd.DeviceType.CPU]
+    summary = summarize(kernels, wall_us, 2) if cuda else {"wall_ms_per_step": wall_us / 2e3}
+    host = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:20]
+    summary["host_ops_ms_per_step"] = [(a.key[:80], a.self_cpu_time_total / 2e3, a.count // 2) for a in host]
+    return summary
+
+
+def engine_row(cfg: TrainConfig, windows: int, length: int, steps: int, warmup: int, cuda: bool,
+               variant: str = "zero1", profile: bool = False) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    gc.collect()  # an earlier engine holds reference cycles (and device memory)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     init_distributed(cuda)
-    engine, _ = parallelize(build_model(cfg.model, cfg.train.seed), cfg, 1, cuda)
+    overrides = ENGINE_VARIANTS[variant]
+    if not cuda:  # bf16 settings do not apply to the fp32 smoke test
+        overrides = {k: v for k, v in overrides.items() if k != "bf16"}
+    engine, _ = parallelize(build_model(cfg.model, cfg.train.seed), cfg, 1, cuda, deepspeed_overrides=overrides)
     batch = make_batch(windows, length, packed=True, device=str(device.type), seed=1)
 
     def step():
@@ -119,8 +164,12 @@ def engine_row(cfg: TrainConfig, windows: int, length: int, steps: int, warmup: 
 
     times = timed(step, steps, warmup, cuda)
     median = statistics.median(times)
-    row = dict(variant="engine", step_s_median=median, points_per_s=windows * length / median,
+    row = dict(variant="engine" if variant == "zero1" else f"engine:{variant}", step_s_median=median,
+               points_per_s=windows * length / median,
                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+    if profile:
+        row["profile"] = profile_two_steps(step, cuda)
+    del engine
     return row
 
 
@@ -151,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip", type=int, default=20, help="loop steps left out of its medians (compile, warm-up)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rows", type=int, default=0, help="rows of packed data (default: one epoch = steps x windows)")
+    ap.add_argument("--engine-variants", nargs="+", default=["zero1"], choices=sorted(ENGINE_VARIANTS),
+                    help="DeepSpeed settings to time (zero1 is the project's)")
+    ap.add_argument("--profile-engine", action="store_true", help="profile two steps of each engine row")
     ap.add_argument("--json", default="benchmarks/results/train_loop.json")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test (tiny preset, fp32, no compile)")
     args = ap.parse_args(argv)
@@ -171,11 +223,14 @@ def main(argv: list[str] | None = None) -> None:
                 mcfg = model_config(cfg.model)
                 timed_steps = max(3, args.steps // 3)
                 found = []
-                for name, make in (
-                        ("step", lambda: dict(run_variant(preset, "compiled" if cuda else "grouped", windows, args.length,
-                                                          timed_steps, args.warmup, args.device), variant="step")),
-                        ("engine", lambda: engine_row(cfg, windows, args.length, timed_steps, args.warmup, cuda)),
-                        ("loop", lambda: loop_row(cfg, args.skip))):
+                makers = [("step", lambda: dict(run_variant(preset, "compiled" if cuda else "grouped", windows,
+                                                            args.length, timed_steps, args.warmup, args.device),
+                                                variant="step"))]
+                makers += [(f"engine:{v}", functools.partial(engine_row, cfg, windows, args.length, timed_steps,
+                                                             args.warmup, cuda, v, args.profile_engine))
+                           for v in args.engine_variants]
+                makers.append(("loop", lambda: loop_row(cfg, args.skip)))
+                for name, make in makers:
                     try:
                         row = make()
                     except Exception as exc:  # keep the other rows
@@ -191,20 +246,23 @@ def main(argv: list[str] | None = None) -> None:
                 for r in found:
                     r["x_step"] = r["points_per_s"] / base["points_per_s"] if base and "points_per_s" in r else float("nan")
                 rows += found
-    print(f"\n{'preset':14s} {'row':7s} {'win':>4s} {'step ms':>9s} {'points/s':>11s} {'MFU':>6s} {'peak GB':>8s} "
+    print(f"\n{'preset':14s} {'row':24s} {'win':>4s} {'step ms':>9s} {'points/s':>11s} {'MFU':>6s} {'peak GB':>8s} "
           f"{'x step':>7s} {'data wait max (after skip / all)':>34s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['preset']:14s} {r['variant']:7s} {r['windows']:4d}  ERROR {r['error'][:90]}")
+            print(f"{r['preset']:14s} {r['variant']:24s} {r['windows']:4d}  ERROR {r['error'][:90]}")
             continue
         wait = (f"{r['data_wait_ms_max']:.1f} / {r['data_wait_ms_max_all']:.1f} ms" if "data_wait_ms_max" in r else "-")
-        print(f"{r['preset']:14s} {r['variant']:7s} {r['windows']:4d} {1e3 * r['step_s_median']:9.1f} "
+        print(f"{r['preset']:14s} {r['variant']:24s} {r['windows']:4d} {1e3 * r['step_s_median']:9.1f} "
               f"{r['points_per_s']:11,.0f} {100 * r['mfu']:5.1f}% {r['peak_mem_gb']:8.1f} {r['x_step']:7.2f} {wait:>34s}")
         if r.get("profile"):
             pr = r["profile"]
             kernels = ", ".join(f"{k} {v:.1f}" for k, v in pr.get("kernel_ms_per_step", {}).items())
             print(f"{'':14s} profiled: {pr.get('wall_ms_per_step', 0):.1f} ms/step, device busy "
                   f"{100 * pr.get('busy_share', 0):.0f}%, kernels (ms/step) {kernels}")
+            if pr.get("host_ops_ms_per_step"):
+                print(f"{'':14s} host ops (self ms/step, calls/step): " + "; ".join(
+                    f"{n} {ms:.1f} x{c}" for n, ms, c in pr["host_ops_ms_per_step"][:12]))
     meta = dict(device=torch.cuda.get_device_name() if cuda else platform.processor(), torch=torch.__version__,
                 python=platform.python_version(), date=time.strftime("%Y-%m-%d"), argv=sys.argv)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

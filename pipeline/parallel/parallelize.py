@@ -174,8 +174,18 @@ def moe_leaf_classes() -> list[type]:
     return [MoeFeedForward]
 
 
-def parallelize(model: nn.Module, cfg: TrainConfig, world_size: int, use_gpu: bool) -> tuple[Any, Any]:
-    """Return ``(engine, ep_info)``; ``ep_info`` is None when EP = 1."""
+def merge_nested(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``patch`` laid over it, nested dicts merged key by key (a new dict)."""
+    out = dict(base)
+    for key, value in patch.items():
+        out[key] = merge_nested(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parallelize(model: nn.Module, cfg: TrainConfig, world_size: int, use_gpu: bool,
+                deepspeed_overrides: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """Return ``(engine, ep_info)``; ``ep_info`` is None when EP = 1. ``deepspeed_overrides`` are
+    laid over the generated DeepSpeed config (benchmarks compare DeepSpeed settings with it)."""
     import deepspeed
 
     par = cfg.parallel
@@ -198,6 +208,8 @@ def parallelize(model: nn.Module, cfg: TrainConfig, world_size: int, use_gpu: bo
     optimizer = optim.build_optimizer(groups, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     ds_cfg = deepspeed_config(par, cfg.train, cfg.optim, world_size, cfg.grad_accum_steps(world_size), use_gpu)
+    if deepspeed_overrides:
+        ds_cfg = merge_nested(ds_cfg, deepspeed_overrides)
     engine, _, _, _ = deepspeed.initialize(  # 6.
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
