@@ -60,12 +60,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # DeepSpeed settings compared with the project's (``zero1``), laid over its generated config
 ENGINE_VARIANTS: dict[str, dict] = {
     "zero1": {},
-    # no per-gradient inf/nan scan and no host read of its flag before the optimizer step
-    "zero1-nocheck": {"bf16": {"check_grad_overflow": False}},
-    # gradients reduced after backward instead of copied into buckets from per-parameter hooks
-    "zero1-nooverlap": {"zero_optimization": {"overlap_comm": False, "contiguous_gradients": False}},
-    "zero1-nocheck-nooverlap": {"bf16": {"check_grad_overflow": False},
-                                "zero_optimization": {"overlap_comm": False, "contiguous_gradients": False}},
+    # DeepSpeed's bf16 overflow check (an inf/nan test per gradient tensor, its flag read on the
+    # host) on top of the optimizer's own device-side skip
+    "zero1-check": {"bf16": {"check_grad_overflow": True}},
+    # gradients copied into reduce buckets by per-parameter hooks during backward
+    "zero1-overlap": {"zero_optimization": {"overlap_comm": True, "contiguous_gradients": True}},
+    # both: the project's DeepSpeed settings before the loop-against-step measurement
+    "zero1-check-overlap": {"bf16": {"check_grad_overflow": True},
+                            "zero_optimization": {"overlap_comm": True, "contiguous_gradients": True}},
     # no ZeRO: DeepSpeed's bf16 optimizer (fp32 master weights, its own gradient hooks)
     "zero0": {"zero_optimization": {"stage": 0}},
 }
@@ -90,7 +92,8 @@ def write_packed_shards(out: Path, rows: int, length: int, seed: int, rows_per_s
     return out
 
 
-def loop_config(preset: str, windows: int, steps: int, data: Path, output: Path, cuda: bool) -> TrainConfig:
+def loop_config(preset: str, windows: int, steps: int, data: Path, output: Path, cuda: bool,
+                async_metrics: bool = True) -> TrainConfig:
     """The preset's recipe at ``windows`` per step on one device, nothing saved, no tracking."""
     base = ROOT / "configs" / (f"{preset}.yaml" if (ROOT / "configs" / f"{preset}.yaml").exists() else "tiny-cpu.yaml")
     overrides = [f"model.preset={preset}", f"data.path={data}", "data.loader=plain", f"train.max_steps={steps}",
@@ -99,7 +102,8 @@ def loop_config(preset: str, windows: int, steps: int, data: Path, output: Path,
                  "train.export=false", f"train.output_dir={output}", "scaling.num_workers=1",
                  f"scaling.use_gpu={str(cuda).lower()}", "tracking.enabled=false", "optim.warmup_steps=10",
                  "parallel.zero_stage=1", "parallel.ep_size=1", f"parallel.precision={'bf16' if cuda else 'fp32'}",
-                 f"parallel.compile={str(cuda).lower()}", f"train.profile_steps=[{steps - 1},{steps}]"]
+                 f"parallel.compile={str(cuda).lower()}", f"train.profile_steps=[{steps - 1},{steps}]",
+                 f"train.async_metrics={str(async_metrics).lower()}"]
     cfg = load_config(str(base), overrides)
     cfg.validate()
     return cfg
@@ -177,13 +181,17 @@ def loop_row(cfg: TrainConfig, skip: int) -> dict:
     gc.collect()  # the engine row's DeepSpeed engine holds reference cycles (and device memory)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    t = time.perf_counter()
     run_training(cfg, TorchrunRuntime(cfg, resume=False))
+    wall_s = time.perf_counter() - t
     out = Path(cfg.train.output_dir)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first_profiled = cfg.train.profile_steps[0] if cfg.train.profile_steps else len(metrics) + 1
     after = [m for m in metrics if skip < m["step"] < first_profiled] or metrics
     profile = json.loads((out / "profile" / "rank0.json").read_text()) if (out / "profile" / "rank0.json").exists() else {}
-    return dict(variant="loop", step_s_median=statistics.median(m["step_time_s"] for m in after),
+    return dict(variant="loop" if cfg.train.async_metrics else "loop:sync-metrics",
+                step_s_median=statistics.median(m["step_time_s"] for m in after), wall_s=wall_s,
+                step_s_sum_all=sum(m["step_time_s"] for m in metrics),
                 profile={k: profile[k] for k in ("wall_ms_per_step", "busy_share", "kernel_ms_per_step") if k in profile},
                 points_per_s=statistics.median(m["points_per_s"] for m in after),
                 data_wait_ms_max=max(m["data_wait_ms"] for m in after),
@@ -203,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--engine-variants", nargs="+", default=["zero1"], choices=sorted(ENGINE_VARIANTS),
                     help="DeepSpeed settings to time (zero1 is the project's)")
     ap.add_argument("--profile-engine", action="store_true", help="profile two steps of each engine row")
+    ap.add_argument("--loop-modes", nargs="+", default=["async"], choices=["async", "sync"],
+                    help="loop rows: metrics read one step late (async, the default) or at each step's end")
     ap.add_argument("--json", default="benchmarks/results/train_loop.json")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test (tiny preset, fp32, no compile)")
     args = ap.parse_args(argv)
@@ -220,16 +230,20 @@ def main(argv: list[str] | None = None) -> None:
                 data = write_packed_shards(Path(tmp) / f"data-{preset}-{windows}",
                                            args.rows or args.steps * windows, args.length, seed=2)
                 cfg = loop_config(preset, windows, args.steps, data, Path(tmp) / f"run-{preset}-{windows}", cuda)
+                # the loop rows run before the engine rows: each engine left behind (compiled
+                # graphs, allocator state) could only slow what comes after it
                 mcfg = model_config(cfg.model)
                 timed_steps = max(3, args.steps // 3)
                 found = []
                 makers = [("step", lambda: dict(run_variant(preset, "compiled" if cuda else "grouped", windows,
                                                             args.length, timed_steps, args.warmup, args.device),
                                                 variant="step"))]
+                makers += [(f"loop:{mode}", functools.partial(loop_row, loop_config(
+                    preset, windows, args.steps, data, Path(tmp) / f"run-{preset}-{windows}-{mode}", cuda,
+                    async_metrics=mode == "async"), args.skip)) for mode in args.loop_modes]
                 makers += [(f"engine:{v}", functools.partial(engine_row, cfg, windows, args.length, timed_steps,
                                                              args.warmup, cuda, v, args.profile_engine))
                            for v in args.engine_variants]
-                makers.append(("loop", lambda: loop_row(cfg, args.skip)))
                 for name, make in makers:
                     try:
                         row = make()

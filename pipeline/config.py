@@ -101,7 +101,10 @@ class TrainSection:
     # (first, last) optimizer steps to profile on every rank (torch.profiler); summary per rank
     # in <output_dir>/profile/ (pipeline.train.profiling). Empty: no profiling.
     profile_steps: tuple[int, ...] = ()
-    # A step whose loss or gradient norm is not finite is skipped (DeepSpeed does not apply it),
+    # Read each step's metrics (loss, expert counts, gradient norm) while the next step runs, so
+    # the device never idles for the read; False reads them at the end of their own step.
+    async_metrics: bool = True
+    # A step whose loss or gradient norm is not finite is skipped (the optimizer does not apply it),
     # counted and logged; this many in a row stop the run with an error. 0: never stop.
     max_nonfinite_in_row: int = 5
     # Stop when the held-out loss (evaluated every eval_every steps) has not improved for this

@@ -9,7 +9,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig, load_config
 from pipeline.parallel.deepspeed_config import deepspeed_config
-from pipeline.parallel.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
+from pipeline.parallel.optim import FiniteStepAdamW, build_optimizer, build_scheduler, lr_multiplier, param_groups
 
 
 def reference_lr(step: int, peak: float, warmup: int, total: int, floor_ratio: float) -> float:
@@ -112,6 +112,59 @@ def test_deepspeed_config_batch_geometry_and_precision():
     assert deepspeed_config(cfg.parallel, cfg.train, cfg.optim, 4, accum, use_gpu=True)["bf16"]["enabled"]
     with pytest.raises(ValueError, match="not a multiple"):
         cfg.grad_accum_steps(world_size=3)
+
+
+def test_gpu_bf16_config_leaves_the_nonfinite_check_to_the_optimizer_and_hooks_to_several_workers():
+    cfg = TrainConfig()
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 4
+    one = deepspeed_config(cfg.parallel, cfg.train, cfg.optim, 1, 2, use_gpu=True)
+    two = deepspeed_config(cfg.parallel, cfg.train, cfg.optim, 2, 1, use_gpu=True)
+    cpu = deepspeed_config(cfg.parallel, cfg.train, cfg.optim, 1, 2, use_gpu=False)
+    assert one["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert cpu["bf16"]["check_grad_overflow"] is True  # fp32 on CPU: DeepSpeed's own skip stays
+    assert not one["zero_optimization"]["overlap_comm"] and not one["zero_optimization"]["contiguous_gradients"]
+    assert two["zero_optimization"]["overlap_comm"] and two["zero_optimization"]["contiguous_gradients"]
+
+
+def _reference_adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int,
+                          lr: float, betas: tuple[float, float], eps: float, wd: float) -> None:
+    """AdamW as the paper writes it, one tensor, in place (decoupled decay before the update)."""
+    p.mul_(1 - lr * wd)
+    m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+    v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+    m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+    p.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+
+
+def test_finite_step_adamw_matches_adamw_and_skips_a_nonfinite_step_exactly():
+    torch.manual_seed(0)
+    cfg = TrainConfig().optim
+    w = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = build_optimizer([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], cfg,
+                          skip_nonfinite_on_device=True)
+    assert isinstance(opt, FiniteStepAdamW) and opt.defaults["fused"]
+    ref = {name: [t.detach().clone(), torch.zeros_like(t), torch.zeros_like(t), 0, wd]
+           for name, t, wd in (("w", w, 0.1), ("b", b, 0.0))}
+    grads = [torch.randn(5, 3, dtype=torch.float64) for _ in range(4)]
+    for k, gw in enumerate(grads):
+        if k == 2:
+            gw = gw.clone()
+            gw[1, 1] = float("nan")  # one bad value anywhere: the whole step is skipped
+        w.grad, b.grad = gw, torch.full((3,), 0.5 * (k + 1), dtype=torch.float64)
+        opt.step()
+        if k == 2:
+            assert opt.found_inf.item() == 1.0
+            continue
+        for name, g in (("w", gw), ("b", b.grad)):
+            r = ref[name]
+            r[3] += 1
+            _reference_adamw_step(r[0], g, r[1], r[2], r[3], cfg.lr, tuple(cfg.betas), cfg.eps, r[4])
+    torch.testing.assert_close(w.detach(), ref["w"][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.detach(), ref["b"][0], rtol=1e-12, atol=1e-12)
+    # the skipped step left the step count and the moments as after three real steps
+    assert float(opt.state[w]["step"]) == 3.0
+    torch.testing.assert_close(opt.state[w]["exp_avg"], ref["w"][1], rtol=1e-12, atol=1e-12)
 
 
 def test_init_from_loads_checkpoint_weights_and_checks_the_shape(tmp_path):

@@ -18,6 +18,11 @@ def resolve_precision(parallel: ParallelSection, use_gpu: bool) -> str:
     return parallel.precision
 
 
+def skips_nonfinite_on_device(parallel: ParallelSection, use_gpu: bool) -> bool:
+    """Whether the optimizer guards against non-finite gradients itself (bf16 on GPU)."""
+    return use_gpu and resolve_precision(parallel, use_gpu) == "bf16"
+
+
 def deepspeed_config(
     parallel: ParallelSection,
     train: TrainSection,
@@ -29,8 +34,11 @@ def deepspeed_config(
     precision = resolve_precision(parallel, use_gpu)
     zero: dict[str, Any] = {"stage": parallel.zero_stage}
     if parallel.zero_stage in (1, 2):
-        # Reduce in buckets while backward runs; contiguous grads keep the reduce simple.
-        zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=int(5e7))
+        # Reduce in buckets while backward runs; contiguous grads keep the reduce simple. On one
+        # worker there is nothing to reduce, and the per-parameter hooks that fill the buckets
+        # cost host time the device waits for (docs/benchmarks.md, the loop against the step).
+        overlap = use_gpu and world_size > 1
+        zero.update(overlap_comm=overlap, contiguous_gradients=overlap, reduce_bucket_size=int(5e7))
     if parallel.zero_stage == 3:
         zero.update(
             overlap_comm=use_gpu,
@@ -45,7 +53,10 @@ def deepspeed_config(
         "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        # On GPU the optimizer skips non-finite steps itself, on the device
+        # (optim.FiniteStepAdamW, see skips_nonfinite_on_device); DeepSpeed's check would read
+        # a flag on the host after an inf/nan test per gradient tensor, every step.
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": not skips_nonfinite_on_device(parallel, use_gpu)},
         "fp16": {"enabled": False},
         # Our AdamW is torch's; ZeRO only vets DeepSpeed's own optimizers.
         "zero_allow_untested_optimizer": True,

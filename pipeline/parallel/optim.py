@@ -41,8 +41,29 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(groups: list[dict], cfg: OptimSection) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+class FiniteStepAdamW(torch.optim.AdamW):
+    """Fused AdamW that skips a step whose gradients are not all finite, decided on the device:
+    parameters, moments and the step count stay as they were (the fused kernel's ``found_inf``),
+    and the host never waits for the verdict. It replaces DeepSpeed's bf16 overflow check, which
+    launches an inf/nan test per gradient tensor and reads the flag on the host every step."""
+
+    def __init__(self, params, **kwargs) -> None:
+        super().__init__(params, fused=True, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            norms = torch.stack(torch._foreach_norm(grads))
+            self.found_inf = (~torch.isfinite(norms).all()).float()  # read by the fused kernel
+        return super().step(closure)
+
+
+def build_optimizer(groups: list[dict], cfg: OptimSection, skip_nonfinite_on_device: bool = False) -> torch.optim.Optimizer:
+    """AdamW; with ``skip_nonfinite_on_device`` the fused :class:`FiniteStepAdamW` (the GPU
+    training path, where DeepSpeed's own bf16 check is off)."""
+    kind = FiniteStepAdamW if skip_nonfinite_on_device else torch.optim.AdamW
+    return kind(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimSection, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

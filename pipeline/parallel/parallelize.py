@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.config import ModelSection, TrainConfig
 from pipeline.parallel import optim
-from pipeline.parallel.deepspeed_config import deepspeed_config
+from pipeline.parallel.deepspeed_config import deepspeed_config, skips_nonfinite_on_device
 from pipeline.parallel.expert_parallel import apply_expert_parallel, split_moe_param_groups
 
 
@@ -205,7 +205,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, world_size: int, use_gpu: bo
     if ep_info is not None:
 
         groups = split_moe_param_groups(groups)
-    optimizer = optim.build_optimizer(groups, cfg.optim)
+    optimizer = optim.build_optimizer(groups, cfg.optim, skips_nonfinite_on_device(par, use_gpu))
     scheduler = optim.build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     ds_cfg = deepspeed_config(par, cfg.train, cfg.optim, world_size, cfg.grad_accum_steps(world_size), use_gpu)
     if deepspeed_overrides:

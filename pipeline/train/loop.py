@@ -470,11 +470,12 @@ class TrainingRun:
                             grad_norm=None if on_device or gn is None else float(gn), grad_norm_on_device=on_device)
 
     def must_settle(self, step: int) -> bool:
-        """Steps whose metrics are needed before the next step starts: checkpoints (their state
+        """Steps whose metrics are needed before the next step starts (all of them without
+        ``train.async_metrics``): checkpoints (their state
         must be this step's), evaluations (early stopping), the end of a profile (its window is
         exactly the profiled steps) and the last step."""
         t = self.cfg.train
-        return (step == t.max_steps or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
+        return (not t.async_metrics or step == t.max_steps or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
                 or bool(t.eval_every and step % t.eval_every == 0)
                 or bool(t.profile_steps and step == t.profile_steps[-1]))
 
