@@ -21,8 +21,9 @@ run so the ratios are measured on the same machine:
 - ``released``: the released Time-MoE code itself (``--reference-dir``, made by
   ``benchmarks/released_timemoe.sh``) on our weights: its own forward and loss (one series per
   window), backward, gradient clipping and torch AdamW, as its Hugging Face trainer steps. Its
-  recipe uses FlashAttention-2; where ``flash_attn`` is not installed it runs its eager attention,
-  and the row says which (``attention``).
+  recipe uses FlashAttention-2; where ``flash_attn`` is not installed its FlashAttention-2 class
+  runs on PyTorch's copy of the same kernels (SDPA's flash backend, ``flash_attention_2/sdpa``;
+  without CUDA its eager attention), and the row says which (``attention``).
 
 The released code's full-step rates measured earlier with FlashAttention-2 (``RELEASED_QUOTED``)
 are printed beside ours for every (card, preset, windows) they cover, marked "quoted, not
@@ -54,6 +55,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.released_code import FLASH_VIA_SDPA  # noqa: E402
 from model import TimeMoeConfig, TimeMoeModel  # noqa: E402
 from model.flops import count_parameters, mfu, training_flops_per_point  # noqa: E402
 from model.moe import MoeFeedForward  # noqa: E402
@@ -295,7 +297,8 @@ def released_reference(rows: list[dict], card: str) -> dict[tuple[str, int], tup
     this call with FlashAttention-2 (its recipe), else the quoted figure for this card."""
     ref = {(k[1], k[2]): (v, f"quoted ({card}, not re-measured)") for k, v in RELEASED_QUOTED.items() if k[0] == card}
     for r in rows:
-        if r.get("variant") == "released" and "error" not in r and r.get("attention") == "flash_attention_2":
+        if r.get("variant") == "released" and "error" not in r and r.get("attention") in ("flash_attention_2",
+                                                                                           FLASH_VIA_SDPA):
             ref[(r["preset"], r["windows"])] = (r["points_per_s"], "measured in this call")
     return ref
 

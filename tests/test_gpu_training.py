@@ -1,17 +1,23 @@
 """CUDA only: the DeepSpeed engine as the training loop builds it (bf16, ZeRO-1, one worker), where
-non-finite steps are skipped by the optimizer on the device instead of DeepSpeed's host-side check."""
+non-finite steps are skipped by the optimizer on the device instead of DeepSpeed's host-side check.
+
+The check runs in a child process: the test session pins DeepSpeed to its CPU accelerator
+(conftest), and DeepSpeed picks its accelerator once per process."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _engine():
-    pytest.importorskip("deepspeed")
     from pipeline.config import TrainConfig
     from pipeline.parallel.parallelize import build_model, init_distributed, parallelize
 
@@ -35,6 +41,14 @@ def _step(engine, batch, loss_factor: float = 1.0) -> None:
 
 
 def test_a_nonfinite_step_leaves_weights_and_optimizer_state_as_they_were():
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cuda",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "skip checked" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def check_nonfinite_step_is_skipped() -> None:
     from pipeline.parallel.optim import FiniteStepAdamW
 
     engine = _engine()
@@ -59,3 +73,8 @@ def test_a_nonfinite_step_leaves_weights_and_optimizer_state_as_they_were():
     _step(engine, batch)  # and training goes on from there
     assert torch.isfinite(torch.as_tensor(engine.get_global_grad_norm())).item()
     assert any(not torch.equal(p.detach(), weights[n]) for n, p in engine.module.named_parameters())
+    print("skip checked")
+
+
+if __name__ == "__main__":
+    check_nonfinite_step_is_skipped()

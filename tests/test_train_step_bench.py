@@ -40,3 +40,29 @@ def test_released_reference_prefers_a_flash_attention_row_measured_in_the_same_c
     assert ref[("timemoe-50m", 16)] == (RELEASED_QUOTED[("H200", "timemoe-50m", 16)], "quoted (H200, not re-measured)")
     assert ref[("timemoe-200m", 16)] == (2.0, "measured in this call")
     assert ("timemoe-50m", 8) in ref and ("timemoe-50m", 8) not in released_reference([], "H100")
+
+
+def test_flash_attn_stand_in_keeps_flash_attn_layout_and_causal_alignment():
+    import pytest
+    import torch
+
+    from benchmarks.released_code import flash_attn_func_via_sdpa
+
+    def naive(q, k, v, causal):  # [B, L, H, D], flash-attn's bottom-right causal alignment
+        s = torch.einsum("blhd,bshd->bhls", q, k) / q.shape[-1] ** 0.5
+        if causal:
+            lq, lk = q.shape[1], k.shape[1]
+            allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+            s = s.masked_fill(~allowed, float("-inf"))
+        return torch.einsum("bhls,bshd->blhd", s.softmax(-1), v)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 7, 3, 16, generator=g) for _ in range(3))
+    for causal in (True, False):
+        torch.testing.assert_close(flash_attn_func_via_sdpa(q, k, v, causal=causal), naive(q, k, v, causal),
+                                   rtol=1e-5, atol=1e-5)
+    # a decode step: one query sees every key
+    torch.testing.assert_close(flash_attn_func_via_sdpa(q[:, -1:], k, v, causal=True), naive(q[:, -1:], k, v, True),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="fewer queries than keys"):
+        flash_attn_func_via_sdpa(q[:, -3:], k, v, causal=True)
