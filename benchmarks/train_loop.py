@@ -92,8 +92,7 @@ def write_packed_shards(out: Path, rows: int, length: int, seed: int, rows_per_s
     return out
 
 
-def loop_config(preset: str, windows: int, steps: int, data: Path, output: Path, cuda: bool,
-                async_metrics: bool = True) -> TrainConfig:
+def loop_config(preset: str, windows: int, steps: int, data: Path, output: Path, cuda: bool) -> TrainConfig:
     """The preset's recipe at ``windows`` per step on one device, nothing saved, no tracking."""
     base = ROOT / "configs" / (f"{preset}.yaml" if (ROOT / "configs" / f"{preset}.yaml").exists() else "tiny-cpu.yaml")
     overrides = [f"model.preset={preset}", f"data.path={data}", "data.loader=plain", f"train.max_steps={steps}",
@@ -102,8 +101,7 @@ def loop_config(preset: str, windows: int, steps: int, data: Path, output: Path,
                  "train.export=false", f"train.output_dir={output}", "scaling.num_workers=1",
                  f"scaling.use_gpu={str(cuda).lower()}", "tracking.enabled=false", "optim.warmup_steps=10",
                  "parallel.zero_stage=1", "parallel.ep_size=1", f"parallel.precision={'bf16' if cuda else 'fp32'}",
-                 f"parallel.compile={str(cuda).lower()}", f"train.profile_steps=[{steps - 1},{steps}]",
-                 f"train.async_metrics={str(async_metrics).lower()}"]
+                 f"parallel.compile={str(cuda).lower()}", f"train.profile_steps=[{steps - 1},{steps}]"]
     cfg = load_config(str(base), overrides)
     cfg.validate()
     return cfg
@@ -189,7 +187,7 @@ def loop_row(cfg: TrainConfig, skip: int) -> dict:
     first_profiled = cfg.train.profile_steps[0] if cfg.train.profile_steps else len(metrics) + 1
     after = [m for m in metrics if skip < m["step"] < first_profiled] or metrics
     profile = json.loads((out / "profile" / "rank0.json").read_text()) if (out / "profile" / "rank0.json").exists() else {}
-    return dict(variant="loop" if cfg.train.async_metrics else "loop:sync-metrics",
+    return dict(variant="loop",
                 step_s_median=statistics.median(m["step_time_s"] for m in after), wall_s=wall_s,
                 step_s_sum_all=sum(m["step_time_s"] for m in metrics),
                 profile={k: profile[k] for k in ("wall_ms_per_step", "busy_share", "kernel_ms_per_step") if k in profile},
@@ -211,8 +209,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--engine-variants", nargs="+", default=["zero1"], choices=sorted(ENGINE_VARIANTS),
                     help="DeepSpeed settings to time (zero1 is the project's)")
     ap.add_argument("--profile-engine", action="store_true", help="profile two steps of each engine row")
-    ap.add_argument("--loop-modes", nargs="+", default=["async"], choices=["async", "sync"],
-                    help="loop rows: metrics read one step late (async, the default) or at each step's end")
     ap.add_argument("--json", default="benchmarks/results/train_loop.json")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test (tiny preset, fp32, no compile)")
     args = ap.parse_args(argv)
@@ -238,9 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                 makers = [("step", lambda: dict(run_variant(preset, "compiled" if cuda else "grouped", windows,
                                                             args.length, timed_steps, args.warmup, args.device),
                                                 variant="step"))]
-                makers += [(f"loop:{mode}", functools.partial(loop_row, loop_config(
-                    preset, windows, args.steps, data, Path(tmp) / f"run-{preset}-{windows}-{mode}", cuda,
-                    async_metrics=mode == "async"), args.skip)) for mode in args.loop_modes]
+                makers.append(("loop", lambda: loop_row(cfg, args.skip)))
                 makers += [(f"engine:{v}", functools.partial(engine_row, cfg, windows, args.length, timed_steps,
                                                              args.warmup, cuda, v, args.profile_engine))
                            for v in args.engine_variants]

@@ -101,9 +101,6 @@ class TrainSection:
     # (first, last) optimizer steps to profile on every rank (torch.profiler); summary per rank
     # in <output_dir>/profile/ (pipeline.train.profiling). Empty: no profiling.
     profile_steps: tuple[int, ...] = ()
-    # Read each step's metrics (loss, expert counts, gradient norm) while the next step runs, so
-    # the device never idles for the read; False reads them at the end of their own step.
-    async_metrics: bool = True
     # A step whose loss or gradient norm is not finite is skipped (the optimizer does not apply it),
     # counted and logged; this many in a row stop the run with an error. 0: never stop.
     max_nonfinite_in_row: int = 5

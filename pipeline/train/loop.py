@@ -309,29 +309,19 @@ class TrainResult:
 
 
 def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
-    """Train to ``cfg.train.max_steps`` (or an early stop); return the history and the engine.
-
-    A step's metrics are read while the next step runs (one step late), so reading them never
-    leaves the device idle; steps that checkpoint, evaluate, end a profile or end the run are
-    settled before the next one starts (:meth:`TrainingRun.must_settle`)."""
+    """Train to ``cfg.train.max_steps`` (or an early stop); return the history and the engine."""
     run = TrainingRun.start(cfg, rt)      # seeds, process group, model, engine, resume, tracking
-    in_flight: LaunchedStep | None = None
     while run.state.step < cfg.train.max_steps:
-        launched = run.step()               # micro-batches, one optimizer step, queued on the device
-        if in_flight is not None:
-            run.settle(in_flight)           # the previous step's metrics, logged
-        in_flight = launched
-        if run.must_settle(launched.step):
-            in_flight = None
-            if run.settle(launched):        # + held-out metrics, checkpoints; True: early stop
-                break
+        launched = run.step()               # micro-batches, one optimizer step, its metrics in one copy
+        if run.settle(launched):            # metrics logged, held-out metrics, checkpoints; True: early stop
+            break
     return run.finish()                     # final evaluation, export, pictures
 
 
 @dataclass
 class LaunchedStep:
     """One optimizer step as the host left it: its kernels queued, its metrics on their way to
-    the host (``ready`` passed: ``values`` holds the stats, ``counts`` numbers of tokens per
+    the host in ONE copy (``ready`` passed: ``values`` holds the stats, then the tokens per
     expert, then the gradient norm when the engine keeps it on the device)."""
 
     step: int
@@ -383,7 +373,6 @@ class TrainingRun:
     load_since_log: torch.Tensor | None = None  # rank 0's tokens per expert since the last log step
     nonfinite: NonFiniteSteps | None = None
     early_stop: EarlyStop | None = None
-    _last_done: float = 0.0  # when the last settled step's metrics arrived (perf_counter)
 
     @classmethod
     def start(cls, cfg: TrainConfig, rt: Runtime) -> "TrainingRun":
@@ -412,8 +401,8 @@ class TrainingRun:
                    early_stop=EarlyStop(cfg.train.early_stop_patience))
 
     def step(self) -> LaunchedStep:
-        """One optimizer step over ``accum`` micro-batches, queued on the device; its metrics
-        start their way to the host without waiting. Without ZeRO a non-finite loss on any rank
+        """One optimizer step over ``accum`` micro-batches, queued on the device, its metrics on
+        their way to the host in one copy (read by :meth:`settle`). Without ZeRO a non-finite loss on any rank
         drops the step's update here (ZeRO 1-3 skip a step with a non-finite gradient norm
         themselves)."""
         engine, rt = self.engine, self.rt
@@ -446,7 +435,8 @@ class TrainingRun:
 
     def _launch_readback(self, stats: StepStats, counts_LE: torch.Tensor | None, lr: float, t0: float) -> LaunchedStep:
         """The step's stats (averaged over micro-batches, reduced across ranks), rank 0's expert
-        counts and the gradient norm as ONE vector, copied to the host asynchronously."""
+        counts and the gradient norm as ONE vector: one copy to the host and one wait per step
+        instead of one per metric."""
         rt = self.rt
         wait_s = self.batches.take_wait()
         stats_vec = torch.stack(stats.values) / self.accum
@@ -469,16 +459,6 @@ class TrainingRun:
                             counts_shape=tuple(counts_LE.shape) if counts_LE is not None else None,
                             grad_norm=None if on_device or gn is None else float(gn), grad_norm_on_device=on_device)
 
-    def must_settle(self, step: int) -> bool:
-        """Steps whose metrics are needed before the next step starts (all of them without
-        ``train.async_metrics``): checkpoints (their state
-        must be this step's), evaluations (early stopping), the end of a profile (its window is
-        exactly the profiled steps) and the last step."""
-        t = self.cfg.train
-        return (not t.async_metrics or step == t.max_steps or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
-                or bool(t.eval_every and step % t.eval_every == 0)
-                or bool(t.profile_steps and step == t.profile_steps[-1]))
-
     def settle(self, launched: LaunchedStep) -> bool:
         """Wait for a step's metrics, log them, checkpoint; True when the run should stop early."""
         m = self.metrics(launched)                 # reduced over ranks; non-finite steps counted
@@ -491,11 +471,7 @@ class TrainingRun:
         cfg, rt, step = self.cfg, self.rt, launched.step
         if launched.ready is not None:
             launched.ready.synchronize()
-        done = time.perf_counter()
-        # from the later of this step's start and the previous step's end: the device's pace
-        # while steps overlap, and evaluation or checkpoint time left out after a settled step
-        dt = done - max(launched.t0, self._last_done)
-        self._last_done = done
+        dt = time.perf_counter() - launched.t0
         points = cfg.train.global_batch_size * self.window_len
         vals = launched.values
         n = len(launched.names)
@@ -557,14 +533,12 @@ class TrainingRun:
 
     def checkpoint_or_stop(self, m: dict[str, float], step: int) -> bool:
         """Checkpoint every ``checkpoint_every`` steps and at the end; True when the held-out loss
-        says stop (``early_stop_patience``). Only settled steps (:meth:`must_settle`) checkpoint,
-        so ``self.state`` is this step's."""
+        says stop (``early_stop_patience``)."""
         cfg, state = self.cfg, self.state
         stop = "eval_loss" in m and self.early_stop.stop_after(m["eval_loss"])
         every = cfg.train.checkpoint_every
         last = step == cfg.train.max_steps or stop
         if (every and step % every == 0) or (last and cfg.train.checkpoint_at_end):
-            assert state.step == step, f"checkpoint of step {step} asked after step {state.step} started"
             self.rt.save_and_report(self.engine, state, {"step": step, "loss": m["loss"]})
         if stop and self.rt.rank == 0:
             say(f"[train] early stop at step {step}: eval loss {m['eval_loss']:.4f}, best "
