@@ -43,6 +43,7 @@ Needs only torch (no Ray/DeepSpeed/MLflow), so it runs on the bare GPU image.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import platform
@@ -353,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
                     except Exception as exc:  # keep the other variants' numbers
                         row = dict(preset=preset, variant=variant, windows=windows,
                                    error=f"{type(exc).__name__}: {exc}"[:500])
+                    if "error" in row and args.device == "cuda":
+                        gc.collect()  # what the failed variant's frames held, before the next one builds
+                        torch.cuda.empty_cache()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write_rows(args.out, rows, args.device)  # a run cut short keeps what it measured
