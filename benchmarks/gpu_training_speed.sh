@@ -9,7 +9,7 @@
 # "step" needs only torch (the released code runs from .reference/, made by benchmarks/released_timemoe.sh);
 # "loop" needs DeepSpeed, from the offline bundle in .bundle/ (deploy/build_offline_bundle.sh).
 # PRESETS (default "timemoe-50m timemoe-200m") and STEPS (default 6) narrow a run; LOOP_ARGS adds
-# train_loop.py options (e.g. "--engine-variants zero1 zero1-nocheck --profile-engine").
+# train_loop.py options (e.g. "--engine-variants zero1 zero1-check-overlap --profile-engine").
 set -u
 out=$1 part=$2
 mkdir -p "$out"
