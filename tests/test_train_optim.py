@@ -167,6 +167,33 @@ def test_finite_step_adamw_matches_adamw_and_skips_a_nonfinite_step_exactly():
     torch.testing.assert_close(opt.state[w]["exp_avg"], ref["w"][1], rtol=1e-12, atol=1e-12)
 
 
+def test_finite_step_adamw_skips_every_group_when_the_global_norm_is_not_finite():
+    """DeepSpeed's way: one group at a time, finite groups' gradients zeroed by the clip when the
+    global norm is NaN. No group may move, and a finite norm lets both step."""
+    cfg = TrainConfig().optim
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    opt = build_optimizer([{"params": [a], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], cfg,
+                          skip_nonfinite_on_device=True)
+    norm = {"value": torch.tensor(1.0)}
+    opt.global_grad_norm = lambda: norm["value"]
+
+    def ds_style_step(ga, gb):
+        a.grad, b.grad = ga, gb
+        groups = opt.param_groups
+        for g in groups:
+            opt.param_groups = [g]
+            opt.step()
+        opt.param_groups = groups
+
+    ds_style_step(torch.full((3,), 0.5), torch.full((2,), 0.5))  # a real step: both move
+    before = a.detach().clone(), b.detach().clone(), opt.state[b]["exp_avg"].clone()
+    assert not torch.equal(before[0], torch.ones(3)) and not torch.equal(before[1], torch.ones(2))
+    norm["value"] = torch.tensor(float("nan"))
+    ds_style_step(torch.tensor([0.0, float("nan"), 0.0]), torch.zeros(2))  # b's gradient zeroed by the clip
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+    assert torch.equal(opt.state[b]["exp_avg"], before[2]) and float(opt.state[b]["step"]) == 1.0
+
+
 def test_init_from_loads_checkpoint_weights_and_checks_the_shape(tmp_path):
     from model import TimeMoeConfig, TimeMoeModel
     from pipeline.config import ModelSection

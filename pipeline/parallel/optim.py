@@ -8,6 +8,7 @@ norm's gain pulls it towards 0, which is a different model, not regularisation. 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -45,17 +46,26 @@ class FiniteStepAdamW(torch.optim.AdamW):
     """Fused AdamW that skips a step whose gradients are not all finite, decided on the device:
     parameters, moments and the step count stay as they were (the fused kernel's ``found_inf``),
     and the host never waits for the verdict. It replaces DeepSpeed's bf16 overflow check, which
-    launches an inf/nan test per gradient tensor and reads the flag on the host every step."""
+    launches an inf/nan test per gradient tensor and reads the flag on the host every step.
+
+    DeepSpeed steps the optimizer one parameter group at a time, after clipping every group by
+    the GLOBAL norm (a non-finite norm zeroes the finite groups' gradients): with
+    ``global_grad_norm`` set (``pipeline.parallel.parallelize`` points it at the engine's norm of
+    this step), a non-finite global norm skips every group, not only those holding the bad values."""
 
     def __init__(self, params, **kwargs) -> None:
         super().__init__(params, fused=True, **kwargs)
+        self.global_grad_norm: Callable[[], Any] | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if grads:
-            norms = torch.stack(torch._foreach_norm(grads))
-            self.found_inf = (~torch.isfinite(norms).all()).float()  # read by the fused kernel
+            checks = torch.stack(torch._foreach_norm(grads))
+            norm = self.global_grad_norm() if self.global_grad_norm is not None else None
+            if torch.is_tensor(norm):
+                checks = torch.cat([checks, norm.detach().reshape(1).to(checks)])
+            self.found_inf = (~torch.isfinite(checks).all()).float()  # read by the fused kernel
         return super().step(closure)
 
 

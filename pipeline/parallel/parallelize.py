@@ -213,4 +213,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, world_size: int, use_gpu: bo
     engine, _, _, _ = deepspeed.initialize(  # 6.
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
+    if isinstance(optimizer, optim.FiniteStepAdamW):
+        # ZeRO sets this step's global norm before it steps the groups (None while it is off)
+        optimizer.global_grad_norm = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
     return engine, ep_info
