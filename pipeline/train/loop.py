@@ -239,9 +239,10 @@ class EarlyStop:
 
 
 class NonFiniteSteps:
-    """Steps whose loss or gradient norm is not finite. Such a step is not applied (DeepSpeed's
-    ZeRO optimizer's overflow check zeroes the gradients and keeps the weights; without ZeRO the
-    loop drops the step's gradients itself); here each one is counted (metric ``nonfinite_steps``) and logged, and
+    """Steps whose loss or gradient norm is not finite. Such a step is not applied (on GPU in bf16
+    the optimizer skips it on the device, ``pipeline.parallel.optim.FiniteStepAdamW``; otherwise
+    DeepSpeed's ZeRO optimizer's overflow check zeroes the gradients and keeps the weights; without
+    ZeRO the loop drops the step's gradients itself); here each one is counted (metric ``nonfinite_steps``) and logged, and
     ``max_in_row`` of them in a row stop the run: the model or the data is broken, and going on
     would only burn GPU hours."""
 
@@ -402,9 +403,9 @@ class TrainingRun:
 
     def step(self) -> LaunchedStep:
         """One optimizer step over ``accum`` micro-batches, queued on the device, its metrics on
-        their way to the host in one copy (read by :meth:`settle`). Without ZeRO a non-finite loss on any rank
-        drops the step's update here (ZeRO 1-3 skip a step with a non-finite gradient norm
-        themselves)."""
+        their way to the host in one copy (read by :meth:`settle`). Without ZeRO a non-finite loss
+        on any rank drops the step's update here (with ZeRO 1-3 the optimizer skips a step with a
+        non-finite gradient norm: ``NonFiniteSteps``)."""
         engine, rt = self.engine, self.rt
         self.profiler.before_step(self.state.step + 1)
         t0 = time.perf_counter()
