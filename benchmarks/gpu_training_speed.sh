@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The training-speed tables on one GPU with no package index, from the repo root, each part well
 # inside a 10-minute window, results (tables and JSON) under OUT:
-#   bash benchmarks/gpu_training_speed.sh OUT step   # train_step.py: the released code and ours at 8 / 16 / 32
-#                                                    # windows; the precision table (fp32, bf16, bf16 + Flex,
-#                                                    # training and inference) at 16
+#   bash benchmarks/gpu_training_speed.sh OUT step       # train_step.py: the released code and ours at
+#                                                        # 8 / 16 / 32 windows, same call
+#   bash benchmarks/gpu_training_speed.sh OUT precision  # the precision table (bf16 + Flex, bf16, fp32;
+#                                                        # training and inference) at 16 windows
 #   bash benchmarks/gpu_training_speed.sh OUT loop   # train_loop.py: the real loop against the step and
 #                                                    # against DeepSpeed's engine, same batch; data waits
-# "step" needs only torch (the released code runs from .reference/, made by benchmarks/released_timemoe.sh);
+# "step" and "precision" need only torch (the released code runs from .reference/, made by benchmarks/released_timemoe.sh);
 # "loop" needs DeepSpeed, from the offline bundle in .bundle/ (deploy/build_offline_bundle.sh).
 # PRESETS (default "timemoe-50m timemoe-200m") and STEPS (default 6) narrow a run; LOOP_ARGS adds
 # train_loop.py options (e.g. "--engine-variants zero1 zero1-check-overlap --profile-engine").
@@ -19,12 +20,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 case "$part" in
 step)
     # shellcheck disable=SC2086
-    timeout 330 python3 benchmarks/train_step.py --presets $presets --windows 8 16 32 --variants released compiled \
+    timeout 540 python3 benchmarks/train_step.py --presets $presets --windows 8 16 32 --variants released compiled \
         --reference-dir .reference --steps "$steps" --warmup 3 --out "$out/train_step_windows.json" 2>&1 \
         | grep -v -i warn | tee "$out/train_step_windows.txt" | tail -n 30
+    ;;
+precision)
+    # fp32 last: where it does not fit, its out-of-memory error cannot take the bf16 rows with it
     # shellcheck disable=SC2086
-    timeout 220 python3 benchmarks/train_step.py --presets $presets --windows 16 \
-        --variants compiled_fp32 compiled_sdpa compiled --inference --steps "$steps" --warmup 3 \
+    timeout 540 python3 benchmarks/train_step.py --presets $presets --windows 16 \
+        --variants compiled compiled_sdpa compiled_fp32 --inference --steps "$steps" --warmup 3 \
         --out "$out/train_step_precision.json" 2>&1 | grep -v -i warn | tee "$out/train_step_precision.txt" | tail -n 14
     ;;
 loop)
@@ -34,5 +38,5 @@ loop)
     timeout 540 python3 benchmarks/train_loop.py --presets $presets --windows 16 --steps 60 --skip 20 \
         ${LOOP_ARGS:-} --json "$out/train_loop.json" 2>&1 | grep -v -i -E "warn|^\[20" | tee "$out/train_loop.txt" | tail -n 60
     ;;
-*) echo "usage: $0 OUT step|loop" >&2; exit 2 ;;
+*) echo "usage: $0 OUT step|precision|loop" >&2; exit 2 ;;
 esac
