@@ -11,6 +11,7 @@
 # The 1e8-point trials read 97,664 rows of 1,025 points; 1.2e8 KernelSynth points give ~110k training
 # rows after the val/ split, so no training row repeats (tests/test_scaling_offline.py checks the sums).
 # Usage: bash benchmarks/prepare_families_data.sh   (SYNTH_POINTS=1.2e8 WORKERS=16 SCALE=8 SHARED=../shared/data)
+# KERNELSYNTH_READY=1 uses a $RAW/kernelsynth already written with these same arguments (seed 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -22,12 +23,18 @@ SHARED=$(cd "${SHARED:-../shared/data}" && pwd)
 OUT=.gpudata
 RAW=${RAW:-$OUT/families-raw}
 
-rm -rf "$OUT/families-1024" "$RAW"
-mkdir -p "$OUT/benchmarks" "$RAW"
-
-echo "== KernelSynth, $SYNTH_POINTS points, $WORKERS processes -> $RAW/kernelsynth"
-OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m preprocessing.kernelsynth "$RAW/kernelsynth" \
-    --points "$SYNTH_POINTS" --seed 0 --workers "$WORKERS"
+rm -rf "$OUT/families-1024" "$RAW/embedded"
+if [ -n "${KERNELSYNTH_READY:-}" ] && [ -f "$RAW/kernelsynth/kernelsynth.json" ]; then
+    # gpu_families_shards.sh makes it with these arguments while the bundle installs
+    echo "== KernelSynth: $RAW/kernelsynth made beforehand: $(cat "$RAW/kernelsynth/kernelsynth.json")"
+else
+    rm -rf "$RAW"
+    mkdir -p "$RAW"
+    echo "== KernelSynth, $SYNTH_POINTS points, $WORKERS processes -> $RAW/kernelsynth"
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m preprocessing.kernelsynth "$RAW/kernelsynth" \
+        --points "$SYNTH_POINTS" --seed 0 --workers "$WORKERS"
+fi
+mkdir -p "$OUT/benchmarks"
 
 echo "== embedded corpus, scale $SCALE -> $RAW/embedded"
 "$PY" -m preprocessing.synthetic "$RAW/embedded" "$SCALE" | grep -E '^ "(series|points|seconds)"'
