@@ -16,16 +16,14 @@ mkdir -p "$out"
 left() { echo $(( budget - ($(date +%s) - t0) )); }
 # KernelSynth needs only numpy and pyarrow (in a torch image): it runs while the bundle installs;
 # if it fails there, prepare_families_data.sh makes it again after the install
-rm -rf .gpudata/families-raw
-mkdir -p .gpudata/families-raw
-(OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python3 -m preprocessing.kernelsynth .gpudata/families-raw/kernelsynth \
-    --points 1.2e8 --seed 0 --workers "$(nproc)" > "$out/kernelsynth.log" 2>&1) &
+(KERNELSYNTH_ONLY=1 SHARED=.data PY=python3 WORKERS=$(nproc) bash benchmarks/prepare_families_data.sh \
+    > "$out/kernelsynth.log" 2>&1) &
 synth=$!
 bash deploy/install_offline_bundle.sh /tmp/timemoe-env .bundle > "$out/bundle.log" 2>&1 || { tail "$out/bundle.log"; exit 1; }
 . /tmp/timemoe-env/env.sh
 ready=""
 wait $synth && ready=1
-KERNELSYNTH_READY=$ready SYNTH_POINTS=1.2e8 SHARED=.data PY=python3 WORKERS=$(nproc) \
+KERNELSYNTH_READY=$ready SHARED=.data PY=python3 WORKERS=$(nproc) \
     bash benchmarks/prepare_families_data.sh > "$out/data.log" 2>&1 || { tail -n 20 "$out/data.log"; exit 1; }
 echo "[families] data ready after $(( $(date +%s) - t0 )) s: $(grep -m1 'points in' "$out/data.log")"
 for k in $shards; do

@@ -11,7 +11,8 @@
 # The 1e8-point trials read 97,664 rows of 1,025 points; 1.2e8 KernelSynth points give ~110k training
 # rows after the val/ split, so no training row repeats (tests/test_scaling_offline.py checks the sums).
 # Usage: bash benchmarks/prepare_families_data.sh   (SYNTH_POINTS=1.2e8 WORKERS=16 SCALE=8 SHARED=../shared/data)
-# KERNELSYNTH_READY=1 uses a $RAW/kernelsynth already written with these same arguments (seed 0).
+# KERNELSYNTH_ONLY=1 writes $RAW/kernelsynth and stops (it needs only numpy and pyarrow); a later
+# run with KERNELSYNTH_READY=1 uses it instead of making it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,7 +26,7 @@ RAW=${RAW:-$OUT/families-raw}
 
 rm -rf "$OUT/families-1024" "$RAW/embedded"
 if [ -n "${KERNELSYNTH_READY:-}" ] && [ -f "$RAW/kernelsynth/kernelsynth.json" ]; then
-    # gpu_families_shards.sh makes it with these arguments while the bundle installs
+    # a KERNELSYNTH_ONLY=1 run made it (gpu_families_shards.sh, while the bundle installs)
     echo "== KernelSynth: $RAW/kernelsynth made beforehand: $(cat "$RAW/kernelsynth/kernelsynth.json")"
 else
     rm -rf "$RAW"
@@ -34,6 +35,7 @@ else
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m preprocessing.kernelsynth "$RAW/kernelsynth" \
         --points "$SYNTH_POINTS" --seed 0 --workers "$WORKERS"
 fi
+[ -z "${KERNELSYNTH_ONLY:-}" ] || exit 0
 mkdir -p "$OUT/benchmarks"
 
 echo "== embedded corpus, scale $SCALE -> $RAW/embedded"
