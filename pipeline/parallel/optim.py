@@ -59,13 +59,12 @@ class FiniteStepAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            checks = torch.stack(torch._foreach_norm(grads))
-            norm = self.global_grad_norm() if self.global_grad_norm is not None else None
-            if torch.is_tensor(norm):
-                checks = torch.cat([checks, norm.detach().reshape(1).to(checks)])
-            self.found_inf = (~torch.isfinite(checks).all()).float()  # read by the fused kernel
+        norm = self.global_grad_norm() if self.global_grad_norm is not None else None
+        if not torch.is_tensor(norm):  # no engine norm: this group's own gradients decide
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.stack(torch._foreach_norm(grads)) if grads else None
+        if norm is not None:
+            self.found_inf = (~torch.isfinite(norm.detach()).all()).float()  # read by the fused kernel
         return super().step(closure)
 
 

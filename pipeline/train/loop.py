@@ -313,41 +313,12 @@ def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     """Train to ``cfg.train.max_steps`` (or an early stop); return the history and the engine."""
     run = TrainingRun.start(cfg, rt)      # seeds, process group, model, engine, resume, tracking
     while run.state.step < cfg.train.max_steps:
-        launched = run.step()               # micro-batches, one optimizer step, its metrics in one copy
-        if run.settle(launched):            # metrics logged, held-out metrics, checkpoints; True: early stop
+        stats, counts_LE, lr, t0 = run.step()       # micro-batches, one optimizer step
+        m = run.metrics(stats, counts_LE, lr, t0)  # reduced over ranks; non-finite steps counted
+        run.log(m)                                  # metrics.jsonl, MLflow, the step line
+        if run.checkpoint_or_stop(m):               # checkpoints; early stopping
             break
-    return run.finish()                     # final evaluation, export, pictures
-
-
-@dataclass
-class LaunchedStep:
-    """One optimizer step as the host left it: its kernels queued, its metrics on their way to
-    the host in ONE copy (``ready`` passed: ``values`` holds the stats, then the tokens per
-    expert, then the gradient norm when the engine keeps it on the device)."""
-
-    step: int
-    points_seen: int
-    lr: float
-    t0: float
-    wait_s: float
-    names: list[str]
-    values: torch.Tensor
-    ready: Any  # torch.cuda.Event, or None when ``values`` is already on the host
-    counts_shape: tuple[int, ...] | None
-    grad_norm: float | None  # the engine's norm when it was a host number (or None: in ``values``)
-    grad_norm_on_device: bool = False
-
-
-def copy_to_host(vec: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Start copying ``vec`` to (pinned) host memory without waiting for the device; return the
-    host tensor and the event after which it holds the values (None on CPU: already there)."""
-    if vec.device.type != "cuda":
-        return vec.detach().clone(), None
-    host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
-    host.copy_(vec.detach(), non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
+    return run.finish()                             # final evaluation, export, pictures
 
 
 @dataclass
@@ -401,10 +372,9 @@ class TrainingRun:
                    nonfinite=NonFiniteSteps(cfg.train.max_nonfinite_in_row),
                    early_stop=EarlyStop(cfg.train.early_stop_patience))
 
-    def step(self) -> LaunchedStep:
-        """One optimizer step over ``accum`` micro-batches, queued on the device, its metrics on
-        their way to the host in one copy (read by :meth:`settle`). Without ZeRO a non-finite loss
-        on any rank drops the step's update here (with ZeRO 1-3 the optimizer skips a step with a
+    def step(self) -> tuple[StepStats, torch.Tensor | None, float, float]:
+        """One optimizer step over ``accum`` micro-batches. Without ZeRO a non-finite loss on any
+        rank drops the step's update here (with ZeRO 1-3 the optimizer skips a step with a
         non-finite gradient norm: ``NonFiniteSteps``)."""
         engine, rt = self.engine, self.rt
         self.profiler.before_step(self.state.step + 1)
@@ -424,7 +394,7 @@ class TrainingRun:
             engine.step()
             stats.add(out)
             if getattr(out, "expert_counts", None) is not None:
-                c = out.expert_counts.detach().float()
+                c = out.expert_counts.detach().float()  # read with the step's other metrics
                 counts_LE = c if counts_LE is None else counts_LE + c
         if not self.window_len:
             self.window_len = b["inputs"].shape[1]
@@ -432,88 +402,62 @@ class TrainingRun:
         self.state.step += 1
         self.state.data = DataPosition(**vars(self.batches.pos))
         self.state.points_seen += self.cfg.train.global_batch_size * self.window_len
-        return self._launch_readback(stats, counts_LE, lr, t0)
+        return stats, counts_LE, lr, t0
 
-    def _launch_readback(self, stats: StepStats, counts_LE: torch.Tensor | None, lr: float, t0: float) -> LaunchedStep:
-        """The step's stats (averaged over micro-batches, reduced across ranks), rank 0's expert
-        counts and the gradient norm as ONE vector: one copy to the host and one wait per step
-        instead of one per metric."""
-        rt = self.rt
-        wait_s = self.batches.take_wait()
-        stats_vec = torch.stack(stats.values) / self.accum
-        if rt.world_size > 1:  # queued on the device (NCCL) or done in place (gloo): no host round trip
-            wait = torch.tensor([wait_s], dtype=stats_vec.dtype)
-            stats_vec = torch.cat([stats_vec, wait.pin_memory().to(stats_vec.device, non_blocking=True)
-                                   if stats_vec.device.type == "cuda" else wait])
-            dist.all_reduce(stats_vec)
-            stats_vec = stats_vec / rt.world_size
-        parts = [stats_vec.double()]
-        if counts_LE is not None:
-            parts.append(counts_LE.reshape(-1).double())
-        gn = self.engine.get_global_grad_norm()
-        on_device = torch.is_tensor(gn)
-        if on_device:
-            parts.append(gn.detach().reshape(1).to(stats_vec.device).double())
-        values, ready = copy_to_host(torch.cat(parts))
-        return LaunchedStep(step=self.state.step, points_seen=self.state.points_seen, lr=lr, t0=t0,
-                            wait_s=wait_s, names=list(stats.names), values=values, ready=ready,
-                            counts_shape=tuple(counts_LE.shape) if counts_LE is not None else None,
-                            grad_norm=None if on_device or gn is None else float(gn), grad_norm_on_device=on_device)
-
-    def settle(self, launched: LaunchedStep) -> bool:
-        """Wait for a step's metrics, log them, checkpoint; True when the run should stop early."""
-        m = self.metrics(launched)                 # reduced over ranks; non-finite steps counted
-        self.log(m, launched.step)                 # metrics.jsonl, MLflow, the step line
-        return self.checkpoint_or_stop(m, launched.step)
-
-    def metrics(self, launched: LaunchedStep) -> dict[str, float]:
+    def metrics(self, stats: StepStats, counts_LE: torch.Tensor | None, lr: float, t0: float) -> dict[str, float]:
         """The step's metrics, the same on every rank (reduced), with the held-out metrics every
         ``eval_every`` steps."""
-        cfg, rt, step = self.cfg, self.rt, launched.step
-        if launched.ready is not None:
-            launched.ready.synchronize()
-        dt = time.perf_counter() - launched.t0
+        cfg, rt, state = self.cfg, self.rt, self.state
         points = cfg.train.global_batch_size * self.window_len
-        vals = launched.values
-        n = len(launched.names)
-        m = dict(zip(launched.names, vals[:n].tolist()))
-        wait_s = float(vals[n]) if rt.world_size > 1 else launched.wait_s
-        rest = vals[n + 1:] if rt.world_size > 1 else vals[n:]
-        counts_LE = None
-        if launched.counts_shape is not None:
-            size = math.prod(launched.counts_shape)
-            counts_LE, rest = rest[:size].float().view(launched.counts_shape), rest[size:]
-        m.update(lr=launched.lr, points_seen=launched.points_seen, points_per_s=points / dt, step_time_s=dt,
-                 data_wait_ms=wait_s * 1000.0)
+        # the stats, rank 0's expert counts and a device-side gradient norm in ONE copy to the
+        # host: one wait per step instead of one per metric
+        gn = self.engine.get_global_grad_norm()
+        parts = [torch.stack(stats.values).double() / self.accum]
+        if counts_LE is not None:
+            parts.append(counts_LE.reshape(-1).double())
+        if torch.is_tensor(gn):
+            parts.append(gn.detach().reshape(1).to(parts[0]))
+        host = torch.cat(parts).cpu()
+        n = len(stats.names)
+        if counts_LE is not None:
+            counts_LE = host[n:n + counts_LE.numel()].float().view(counts_LE.shape)
+        if torch.is_tensor(gn):
+            gn = host[-1]
+        wait_s = self.batches.take_wait()
+        vec = all_reduce_sum(torch.cat([host[:n], torch.tensor([wait_s], dtype=torch.float64)]), rt.world_size,
+                             self.device) / rt.world_size
+        dt = time.perf_counter() - t0
+        m = dict(zip(stats.names, vec[:-1].tolist()))
+        m.update(lr=lr, points_seen=state.points_seen, points_per_s=points / dt, step_time_s=dt,
+                 data_wait_ms=float(vec[-1]) * 1000.0)
         if rt.use_gpu:
             m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        profile = self.profiler.after_step(step)
+        profile = self.profiler.after_step(state.step)
         if profile is not None:
             m["all_to_all_share"] = profile["all_to_all_share"]
             if rt.rank == 0:
                 say(f"[train] profile of steps {list(cfg.train.profile_steps)}: {profile['wall_ms_per_step']:.1f} ms/step, "
                     f"all-to-all {100 * profile['all_to_all_share']:.1f}%, kernels (ms/step) "
                     + ", ".join(f"{k} {v:.1f}" for k, v in profile["kernel_ms_per_step"].items()))
-        gn = float(rest[0]) if launched.grad_norm_on_device else launched.grad_norm
         if gn is not None:
-            m["grad_norm"] = gn
-        self.nonfinite.check(m, step, rt.rank)
-        m["train_flops"] = self.flops_pp * launched.points_seen
+            m["grad_norm"] = float(gn)
+        self.nonfinite.check(m, state.step, rt.rank)
+        m["train_flops"] = self.flops_pp * state.points_seen
         if self.peak:
             m["mfu"] = mfu(points / dt / rt.world_size, self.mcfg, self.window_len, self.peak)
         if counts_LE is not None:
             self.load_since_log = counts_LE if self.load_since_log is None else self.load_since_log + counts_LE
             m.update(expert_load_metrics(counts_LE, cfg.parallel.ep_size))
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
             m.update(evaluate(self.engine, rt.val_batches(), cfg.train.eval_batches, self.device, rt.world_size))
-        self.history.append({"step": step, **m})
+        self.history.append({"step": state.step, **m})
         self.step_clock.tick()
         return m
 
-    def log(self, m: dict[str, float], step: int) -> None:
+    def log(self, m: dict[str, float]) -> None:
         """Every step to ``metrics.jsonl``; every ``log_every`` steps to MLflow, the expert-load
         records and the step line."""
-        cfg, rt = self.cfg, self.rt
+        cfg, rt, step = self.cfg, self.rt, self.state.step
         if rt.rank == 0:
             with (self.out_root / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, **m}) + "\n")
@@ -532,17 +476,17 @@ class TrainingRun:
                 f"{m['points_per_s'] / 1e3:.1f}k pts/s | data-wait {m['data_wait_ms']:.1f} ms{ev} | "
                 f"ETA {_fmt_eta(eta)}")
 
-    def checkpoint_or_stop(self, m: dict[str, float], step: int) -> bool:
+    def checkpoint_or_stop(self, m: dict[str, float]) -> bool:
         """Checkpoint every ``checkpoint_every`` steps and at the end; True when the held-out loss
         says stop (``early_stop_patience``)."""
         cfg, state = self.cfg, self.state
         stop = "eval_loss" in m and self.early_stop.stop_after(m["eval_loss"])
         every = cfg.train.checkpoint_every
-        last = step == cfg.train.max_steps or stop
-        if (every and step % every == 0) or (last and cfg.train.checkpoint_at_end):
-            self.rt.save_and_report(self.engine, state, {"step": step, "loss": m["loss"]})
+        last = state.step == cfg.train.max_steps or stop
+        if (every and state.step % every == 0) or (last and cfg.train.checkpoint_at_end):
+            self.rt.save_and_report(self.engine, state, {"step": state.step, "loss": m["loss"]})
         if stop and self.rt.rank == 0:
-            say(f"[train] early stop at step {step}: eval loss {m['eval_loss']:.4f}, best "
+            say(f"[train] early stop at step {state.step}: eval loss {m['eval_loss']:.4f}, best "
                 f"{self.early_stop.best:.4f} {self.early_stop.patience} evaluations ago (train.early_stop_patience)")
         return stop
 
