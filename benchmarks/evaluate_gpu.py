@@ -7,7 +7,8 @@ order of importance so that ``--budget-s`` cuts the least important ones:
    before the preallocated cache: a ``torch.cat`` of the whole cache per layer and step, a dense
    decode mask, RoPE per forward; the baseline on the same card) at every pair at the first
    batch size; after the first preset the end-to-end check; then the released code
-2. ``compiled-decode`` (decode steps compiled with dynamic shapes too)
+2. ``compiled-cudnn`` (the prefill traced with cuDNN attention first) and ``compiled-decode``
+   (decode steps compiled with dynamic shapes too)
 3. fp32, 4. the dense twins, 5. the other batch sizes. After the first preset, causal SDPA
 alone per kernel (flash, memory-efficient, cuDNN) at the prefill shapes (CUDA only).
 A row that runs out of memory is recorded as "oom" and retried at half the batch. A row whose
@@ -56,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.released_code import build_released, import_released  # noqa: E402
 from model import TimeMoeConfig, TimeMoeModel, horizon_schedule  # noqa: E402
-from model.attention import apply_rope, rope_cos_sin  # noqa: E402
+from model.attention import CUDNN_FIRST, Attention, apply_rope, rope_cos_sin  # noqa: E402
 from model.flops import H100_BF16_PEAK_FLOPS, generate_flops_per_window  # noqa: E402
 from pipeline.scaling_laws.grid import GridConfig, model_config  # noqa: E402
 
@@ -68,7 +69,7 @@ except ImportError as _err:
 
 PAPER_PAIRS = ((512, 96), (1024, 192), (2048, 336), (3072, 720))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VARIANTS = ("compiled", "eager", "before", "compiled-decode")
+VARIANTS = ("compiled", "eager", "before", "compiled-decode", "compiled-cudnn")
 # the paper's files: rows x channels (the ETT borders are fixed, weather's test split is 20%)
 PAPER_SPLITS = {"ETTh1": (14400, 7), "ETTh2": (14400, 7), "ETTm1": (57600, 7), "ETTm2": (57600, 7),
                 "weather": (52696, 21)}
@@ -233,6 +234,11 @@ class Bench:
                 compile_for_inference(m)
             elif kind == "compiled-decode":
                 compile_for_inference(m, decode="dynamic")
+            elif kind == "compiled-cudnn":  # the prefill traced with cuDNN attention first
+                for module in m.modules():
+                    if isinstance(module, Attention):
+                        module.causal_kernel_order = CUDNN_FIRST
+                compile_for_inference(m)
             self.models[key] = m
         return self.models[key]
 
@@ -343,7 +349,27 @@ class Bench:
             self.outputs[key] = (f"{impl} {variant}", out)
         if not torch.isfinite(out).all():
             row["warning"] = "non-finite forecasts"
+        if self.args.breakdown and impl == "ours":
+            row["breakdown"] = self.breakdown(model, x, H, median)
         return row
+
+    def breakdown(self, model, x_BT: torch.Tensor, horizon: int, generate_s: float) -> dict:
+        """Where one ``generate`` call's time goes: the prefill alone (``generate`` of one point,
+        the rest is the decode steps), and the device kernels by family. ``floor_share`` = GEMM +
+        attention kernel time over the wall time: the share left if every other op (norms, RoPE,
+        activations, routing, copies) and every gap between kernels cost nothing."""
+        from pipeline.train.profiling import profile_calls
+
+        _, _, times = self.time_calls(lambda: model.generate(x_BT, 1), 2, self.args.repeats)
+        prefill_s = times[len(times) // 2]
+        out = dict(prefill_s=prefill_s, prefill_share=prefill_s / generate_s)
+        prof = profile_calls(lambda: model.generate(x_BT, horizon), 1, self.cuda)
+        out["profile"] = {k: prof[k] for k in ("wall_ms_per_step", "busy_share", "kernel_ms_per_step", "top_kernels_ms_per_step")
+                          if k in prof}
+        kernel_ms = prof.get("kernel_ms_per_step", {})
+        if kernel_ms:
+            out["floor_share"] = (kernel_ms.get("gemm", 0.0) + kernel_ms.get("attention", 0.0)) / prof["wall_ms_per_step"]
+        return out
 
     def e2e_row(self, spec: dict) -> dict:
         """``forecast`` on one real dataset at one pair through the evaluation harness."""
@@ -473,7 +499,7 @@ def build_plan(args) -> list[dict]:
     dtypes = sorted(args.dtypes, key=lambda d: d != "bf16")  # bf16 first
     main_v = [v for v in ("compiled", "eager") if v in args.variants]
     before = ["before"] if "before" in args.variants else []  # the same-machine baseline: cheap, early
-    extra_v = ["compiled-decode"] if "compiled-decode" in args.variants else []
+    extra_v = [v for v in ("compiled-cudnn", "compiled-decode") if v in args.variants]
     first_dtype = dtypes[0]
 
     def gen(preset, dtype, variant, T, H, B, tier, impl="ours"):
@@ -524,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-attention-kernels", dest="attention_kernels", action="store_false")
     ap.add_argument("--json", default=None, help="results, rewritten after every row")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test")
+    ap.add_argument("--breakdown", action="store_true", help="per row of ours: the prefill's share of the time and a "
+                    "profile of one call (kernel time by family, the GEMM + attention floor)")
     args = ap.parse_args(argv)
     grid_shapes = add_grid_shapes(args.grid) if args.grid else []
     args.presets = (args.presets or ([] if grid_shapes else ["timemoe-50m", "timemoe-200m", "dense-50m", "dense-200m"])
@@ -580,6 +608,16 @@ def print_summary(bench: Bench) -> None:
         total = f"{e['minutes']:12.1f}" if e["complete"] else f"{'(partial)':>12s}"
         print(f"{e['impl']:8s} {e['preset']:13s} {e['dtype']:5s} {e['variant']:15s} " + " ".join(cells)
               + f" {total} {e['minutes_with_compile'] - e['minutes']:8.1f}m")
+    broken = [r for r in bench.rows if r.get("breakdown")]
+    if broken:
+        print("\nwhere the time goes (one call; kernel ms by family; floor = GEMM + attention kernels / wall):")
+        for r in broken:
+            b = r["breakdown"]
+            fam = "  ".join(f"{k} {v:.0f}" for k, v in b["profile"].get("kernel_ms_per_step", {}).items())
+            floor = f"  floor {100 * b['floor_share']:.0f}%" if "floor_share" in b else ""
+            print(f"  {r['preset']:13s} {r['variant']:15s} {r['context']}/{r['horizon']} b{r['batch']}: prefill "
+                  f"{100 * b['prefill_share']:.0f}% of {1e3 * r['batch_s_median']:.0f} ms; busy "
+                  f"{100 * b['profile'].get('busy_share', 0):.0f}%; {fam}{floor}")
     if not isinstance(bench.released, tuple):
         print("\nreleased Time-MoE code NOT re-measured here; earlier numbers (windows/s):")
         for name, v in QUOTED.items():

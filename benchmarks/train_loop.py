@@ -48,6 +48,7 @@ from model.flops import mfu  # noqa: E402
 from pipeline.config import TrainConfig, load_config  # noqa: E402
 from pipeline.parallel.parallelize import build_model, init_distributed, model_config, parallelize  # noqa: E402
 from pipeline.train.loop import run_training  # noqa: E402
+from pipeline.train.profiling import profile_calls  # noqa: E402
 from pipeline.train.torchrun import TorchrunRuntime  # noqa: E402
 from preprocessing.config import OutputConfig  # noqa: E402
 from preprocessing.pack import PackedRows  # noqa: E402
@@ -121,29 +122,6 @@ def timed(step, steps: int, warmup: int, cuda: bool) -> list[float]:
     return times
 
 
-def profile_two_steps(step, cuda: bool) -> dict:
-    """Device busy share, kernel ms per step by family, and the host ops with the most self time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from pipeline.train.profiling import summarize
-
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        t = time.perf_counter()
-        for _ in range(2):
-            step()
-        sync()
-        wall_us = (time.perf_counter() - t) * 1e6
-    events = prof.events()
-    kernels = [(e.name, float(e.time_range.elapsed_us())) for e in events
-               if e.device_type != torch.autograd.DeviceType.CPU]
-    summary = summarize(kernels, wall_us, 2) if cuda else {"wall_ms_per_step": wall_us / 2e3}
-    host = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:20]
-    summary["host_ops_ms_per_step"] = [(a.key[:80], a.self_cpu_time_total / 2e3, a.count // 2) for a in host]
-    return summary
-
-
 def engine_row(cfg: TrainConfig, windows: int, length: int, steps: int, warmup: int, cuda: bool,
                variant: str = "zero1", profile: bool = False) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -170,7 +148,7 @@ def engine_row(cfg: TrainConfig, windows: int, length: int, steps: int, warmup: 
                points_per_s=windows * length / median,
                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
     if profile:
-        row["profile"] = profile_two_steps(step, cuda)
+        row["profile"] = profile_calls(step, 2, cuda)
     del engine
     return row
 

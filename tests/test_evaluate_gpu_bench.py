@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_smoke_invocation_writes_rows_and_protocol_estimate(tmp_path):
     out = tmp_path / "evaluate_gpu.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "evaluate_gpu.py"), "--presets", "tiny", "--pairs", "512/96",
-           "--batches", "8", "--device", "cpu", "--json", str(out), "--repeats", "1"]
+           "--batches", "8", "--device", "cpu", "--json", str(out), "--repeats", "1", "--breakdown"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -22,6 +22,10 @@ def test_smoke_invocation_writes_rows_and_protocol_estimate(tmp_path):
     for r in rows:
         assert r["status"] == "ok", r
         assert r["windows_per_s"] > 0 and r["mfu"] > 0 and r["flops_per_window"] > 0
+    for r in rows:  # --breakdown: the prefill alone (512 points) is most, not all, of a 96-point forecast
+        b = r["breakdown"]
+        assert 0.2 < b["prefill_share"] < 1.0 and b["profile"]["wall_ms_per_step"] > 0, b
+    assert "where the time goes" in proc.stdout
     compiled = [r for r in rows if r["variant"] == "compiled"]
     assert all(r["compile_s"] is not None for r in compiled)
     # compiled and eager forecasts agree (fp32 tightly, bf16 to its rounding)

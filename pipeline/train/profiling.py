@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -57,6 +57,27 @@ def summarize(kernels: list[tuple[str, float]], wall_us: float, steps: int) -> d
         "all_to_all_share": by_cat.get("all_to_all", 0.0) / wall_us if wall_us else 0.0,
         "top_kernels_ms_per_step": [(n[:120], us / 1e3 / max(steps, 1)) for n, us in top],
     }
+
+
+def profile_calls(fn: Callable[[], Any], calls: int, cuda: bool) -> dict[str, Any]:
+    """Profile ``calls`` calls of ``fn``: :func:`summarize` of the device kernels (per call) plus
+    the host ops with the most self time. Without CUDA only the wall time and host ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        wall_us = (time.perf_counter() - t) * 1e6
+    kernels = [(e.name, float(e.time_range.elapsed_us())) for e in prof.events()
+               if e.device_type != torch.autograd.DeviceType.CPU]
+    summary = summarize(kernels, wall_us, calls) if cuda else {"wall_ms_per_step": wall_us / 1e3 / calls}
+    host = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:20]
+    summary["host_ops_ms_per_step"] = [(a.key[:80], a.self_cpu_time_total / 1e3 / calls, a.count // calls) for a in host]
+    return summary
 
 
 class StepProfiler:
