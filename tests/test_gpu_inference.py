@@ -32,6 +32,7 @@ def test_auto_is_the_first_gpu_in_bf16():
     assert next(fc.model.parameters()).is_cuda
     d = fc.describe()
     assert d["dtype"] == "bf16" and d["gpu"] == torch.cuda.get_device_name(0)
+    assert fc.compiled and d["compiled"] is True  # compile auto: on for a GPU in bf16
 
 
 def test_batch_from_free_memory_is_a_power_of_two_that_runs():
@@ -107,4 +108,20 @@ def test_cudnn_first_prefill_runs_cudnn_attention_and_matches_the_default_kernel
     kernels = sorted({e.name for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU})
     assert any("cudnn" in k.lower() for k in kernels), f"no cuDNN kernel among {kernels}"
     rel = (out - ref).norm() / ref.norm()
+    assert rel < 3e-2, rel
+
+
+def test_compiled_forecaster_equals_eager_on_the_gpu_with_nan_padded_series():
+    """The default GPU path (compile auto -> on) against the eager one, in bf16, for series of
+    unequal lengths with leading NaNs (left-padded rows: FlexAttention inside the compiled prefill)
+    and a short last batch (padded to the batch size)."""
+    rng = np.random.default_rng(6)
+    series = [rng.normal(size=n).cumsum() for n in (700, 512, 300, 512, 512, 90, 512)]
+    series[3][:40] = np.nan
+    compiled = ModelForecaster(_model("timemoe-50m", seed=2), InferenceOptions(batch_size=4))
+    eager = ModelForecaster(_model("timemoe-50m", seed=2), InferenceOptions(batch_size=4, compile="off"))
+    assert compiled.compiled and not eager.compiled
+    a, b = compiled.forecast(series, 96), eager.forecast(series, 96)
+    assert a.shape == (7, 96) and np.isfinite(a).all()
+    rel = np.linalg.norm(a - b) / np.linalg.norm(b)
     assert rel < 3e-2, rel

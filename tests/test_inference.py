@@ -6,6 +6,7 @@ directly, and the single-process ``evaluate``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -21,8 +22,10 @@ from pipeline.evaluation.inference import (
     InferenceOptionError,
     InferenceOptions,
     ModelForecaster,
+    add_cli_options,
     forecast,
     load_checkpoint,
+    options_from_args,
     resolve,
     resolve_device,
     resolve_dtype,
@@ -97,7 +100,7 @@ def test_cpu_fp32_forecaster_equals_the_model_exactly(checkpoint):
     fc = ModelForecaster(load_checkpoint(str(checkpoint))[0], InferenceOptions("cpu", "fp32"))
     np.testing.assert_array_equal(fc.forecast(series, 24), direct)
     np.testing.assert_array_equal(forecast(str(checkpoint), series, 24, device="cpu", dtype="fp32"), direct)
-    assert fc.describe() == {"device": "cpu", "dtype": "fp32", "batch_size": 256}
+    assert fc.describe() == {"device": "cpu", "dtype": "fp32", "batch_size": 256, "compiled": False}
 
 
 def test_compiled_forecaster_equals_eager_and_pads_batches(checkpoint):
@@ -107,7 +110,31 @@ def test_compiled_forecaster_equals_eager_and_pads_batches(checkpoint):
     eager = ModelForecaster(load_checkpoint(str(checkpoint))[0], InferenceOptions("cpu", "fp32", 4))
     compiled = ModelForecaster(load_checkpoint(str(checkpoint))[0], InferenceOptions("cpu", "fp32", 4, compile=True))
     np.testing.assert_allclose(compiled.forecast(series, 16), eager.forecast(series, 16), rtol=1e-4, atol=1e-4)
-    assert compiled.describe()["compiled"] is True and "compiled" not in eager.describe()
+    assert compiled.describe()["compiled"] is True and eager.describe()["compiled"] is False
+
+
+def test_compile_modes_auto_is_on_only_for_a_gpu_in_half_precision():
+    """``--compile auto`` (the default) compiles on a CUDA device in bf16/fp16 only, so CPU and fp32
+    runs stay on the eager path whose results earlier runs recorded; bad values name the option."""
+    from pipeline.evaluation.inference import compile_mode, resolve_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    auto = InferenceOptions()
+    assert resolve_compile(auto, cuda, torch.bfloat16) and resolve_compile(auto, cuda, torch.float16)
+    assert not resolve_compile(auto, cuda, torch.float32) and not resolve_compile(auto, cpu, torch.bfloat16)
+    assert resolve_compile(InferenceOptions(compile="on"), cpu, torch.float32)
+    assert not resolve_compile(InferenceOptions(compile="off"), cuda, torch.bfloat16)
+    assert [compile_mode(v) for v in (None, "", True, False, "1", "no", "ON", "auto")] == \
+        ["auto", "auto", "on", "off", "on", "off", "on", "auto"]
+    with pytest.raises(InferenceOptionError, match="--compile 'fast'"):
+        compile_mode("fast")
+    parser = argparse.ArgumentParser()
+    add_cli_options(parser)
+    assert options_from_args(parser.parse_args([])).compile == "auto"
+    assert options_from_args(parser.parse_args(["--compile"])).compile == "on"
+    assert options_from_args(parser.parse_args(["--compile", "off"])).compile == "off"
+    with pytest.raises(InferenceOptionError, match="--compile"):
+        options_from_args(parser.parse_args(["--compile", "maybe"]))
 
 
 def test_bf16_on_cpu_is_close_to_fp32(checkpoint):

@@ -12,10 +12,12 @@ Options (the CLIs' ``--device`` / ``--dtype`` / ``--batch-size``):
   results were computed with, so they reproduce exactly); on a GPU, sized from the free memory
   by a probe forward at the actual context and horizon. A batch that runs out of GPU memory is
   halved with a warning and retried, so a protocol run never dies on a too-large batch.
-- ``compile``: the prefill of every decoder layer compiled with static shapes
-  (``pipeline.parallel.parallelize.compile_for_inference``) and every batch padded to the batch size, so
-  one graph serves a whole (context, horizon) pair; the same forecasts to float rounding, a few
-  seconds of compilation per shape. Off by default (docs/evaluation.md gives the measured gain).
+- ``compile``: ``on`` = the prefill of every decoder layer compiled with static shapes
+  (``pipeline.parallel.parallelize.compile_for_inference``) and every batch padded to the batch
+  size, so one graph serves a whole (context, horizon) pair; the same forecasts to float rounding,
+  a few seconds of compilation per shape. ``auto`` (default) = on for a CUDA device in bf16/fp16,
+  where it is 1.4-1.7x faster (docs/evaluation.md), off on the CPU and in fp32, whose results then
+  reproduce earlier eager runs exactly; ``off``.
 
 Bad options raise :class:`InferenceOptionError`, a ``ValueError`` whose message names the option;
 the CLIs print it as one line.
@@ -47,12 +49,29 @@ class InferenceOptionError(ValueError):
     """A bad ``--device`` / ``--dtype`` / ``--batch-size``; the message names the option."""
 
 
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def compile_mode(value: Any) -> str:
+    """``auto``/``on``/``off`` from a flag, a config value (booleans allowed) or an environment
+    variable (``1``/``true``/``yes`` mean on, ``0``/``false``/``no`` off)."""
+    if value is None or value == "":
+        return "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = str(value).strip().lower()
+    text = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(text, text)
+    if text not in COMPILE_MODES:
+        raise InferenceOptionError(f"--compile {value!r}: unknown; use {', '.join(COMPILE_MODES)}")
+    return text
+
+
 @dataclass
 class InferenceOptions:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int | None = None
-    compile: bool = False
+    compile: str | bool = "auto"
 
     @classmethod
     def from_env(cls, model_config: dict[str, Any] | None = None) -> "InferenceOptions":
@@ -63,7 +82,7 @@ class InferenceOptions:
         return cls(device=str(mc.get("device") or os.environ.get(DEVICE_ENV) or "auto"),
                    dtype=str(mc.get("dtype") or os.environ.get(DTYPE_ENV) or "auto"),
                    batch_size=None if bs in (None, "", "auto") else int(bs),
-                   compile=str(mc.get("compile", os.environ.get(COMPILE_ENV, ""))).lower() in ("1", "true", "yes"))
+                   compile=compile_mode(mc.get("compile", os.environ.get(COMPILE_ENV))))
 
 
 def add_cli_options(parser: Any, from_config: bool = False) -> None:
@@ -74,9 +93,10 @@ def add_cli_options(parser: Any, from_config: bool = False) -> None:
     parser.add_argument("--dtype", default=auto, help="auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, fp16")
     parser.add_argument("--batch-size", default=None, help="windows per forecast batch (default: 256 on CPU, "
                         "from free GPU memory on a GPU)")
-    parser.add_argument("--compile", action="store_true", default=None if from_config else False,
-                        help="compile the model's prefill for static shapes (faster on a GPU after a few "
-                             "seconds of compilation per context length)")
+    parser.add_argument("--compile", nargs="?", const="on", default=None if from_config else "auto",
+                        help="auto (default: on for a GPU in bf16/fp16, off on CPU), on, off: the model's prefill "
+                             "compiled for static shapes (faster on a GPU after a few seconds of compilation per "
+                             "context length); a bare --compile means on")
 
 
 def options_from_args(args: Any) -> InferenceOptions:
@@ -92,7 +112,7 @@ def options_from_args(args: Any) -> InferenceOptions:
     else:
         bs = None
     opts = InferenceOptions(device=str(args.device or "auto"), dtype=str(args.dtype or "auto"), batch_size=bs,
-                            compile=bool(getattr(args, "compile", False)))
+                            compile=compile_mode(getattr(args, "compile", None)))
     resolve(opts)  # fail at start, not after training
     return opts
 
@@ -133,7 +153,14 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 def resolve(opts: InferenceOptions) -> tuple[torch.device, torch.dtype]:
     device = resolve_device(opts.device)
+    compile_mode(opts.compile)  # a bad value fails here, with the device and dtype
     return device, resolve_dtype(opts.dtype, device)
+
+
+def resolve_compile(opts: InferenceOptions, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the prefill is compiled: ``auto`` = on a CUDA device in bf16/fp16 (module doc)."""
+    mode = compile_mode(opts.compile)
+    return mode == "on" or (mode == "auto" and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -152,7 +179,8 @@ class ModelForecaster:
         self.options = options or InferenceOptions()
         self.device, self.dtype = resolve(self.options)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        if self.options.compile:
+        self.compiled = resolve_compile(self.options, self.device, self.dtype)
+        if self.compiled:
             compile_for_inference(self.model)
         self.name = name
         self._batch_cache: dict[tuple[int, int], int] = {}
@@ -210,8 +238,8 @@ class ModelForecaster:
             chunk = series[start : start + batch]
             try:
                 # on the CPU the model's own default sub-batch, which earlier CPU results used
-                inner = batch if self.device.type == "cuda" or self.options.compile else 64
-                out.append(self.model.forecast(chunk, horizon, batch_size=inner, fixed_batch=self.options.compile))
+                inner = batch if self.device.type == "cuda" or self.compiled else 64
+                out.append(self.model.forecast(chunk, horizon, batch_size=inner, fixed_batch=self.compiled))
                 start += len(chunk)
                 continue
             except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -232,8 +260,7 @@ class ModelForecaster:
         """What produced the results (stated beside them; not part of the protocol key)."""
         d: dict[str, Any] = {"device": str(self.device), "dtype": dtype_name(self.dtype),
                              "batch_size": self.options.batch_size or ("auto" if self.device.type == "cuda" else CPU_BATCH)}
-        if self.options.compile:
-            d["compiled"] = True
+        d["compiled"] = self.compiled
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)
         return d
@@ -293,7 +320,7 @@ def load_forecaster(spec: str, options: InferenceOptions | None = None,
 
 def forecast(model: str | TimeMoeModel, series: np.ndarray | Sequence[np.ndarray], horizon: int,
              device: str = "auto", dtype: str = "auto", batch_size: int | None = None,
-             tracking_uri: str | None = None, compile: bool = False) -> np.ndarray:
+             tracking_uri: str | None = None, compile: str | bool = "auto") -> np.ndarray:
     """One call from a checkpoint (or a loaded model) to forecasts ``[B, horizon]`` in the
     series' units, on the chosen device (the model's ``forecast`` contract: any lengths, NaNs)."""
     opts = InferenceOptions(device=device, dtype=dtype, batch_size=batch_size, compile=compile)

@@ -37,7 +37,7 @@ class EvalStage:
     device: str | None = None  # None: auto (pipeline.evaluation.inference); the CLI's --device wins
     dtype: str | None = None
     batch_size: int | None = None
-    compile: bool = False  # pipeline.evaluation.inference: compiled prefill (faster on a GPU); the CLI's --compile wins
+    compile: str | bool = "auto"  # pipeline.evaluation.inference: auto/on/off compiled prefill; the CLI's --compile wins
     workers: int | str = "auto"  # pipeline.evaluation.workers: auto, N or 0
     heldout_seed: int = 10_000  # synthetic held-out series when no --benchmarks is given
     baselines: list[str] = field(default_factory=lambda: ["naive", "seasonal_naive"])
