@@ -103,13 +103,19 @@ def test_cpu_fp32_forecaster_equals_the_model_exactly(checkpoint):
     assert fc.describe() == {"device": "cpu", "dtype": "fp32", "batch_size": 256, "compiled": False}
 
 
-def test_compiled_forecaster_equals_eager_and_pads_batches(checkpoint):
-    """``--compile``: the compiled prefill gives the eager forecasts (fp32, float rounding), for a
-    short last batch too (padded to the batch size: one graph per shape), and says so."""
+def test_compiled_forecaster_equals_eager_and_runs_short_batches_eager(checkpoint):
+    """``--compile``: the compiled prefill gives the eager forecasts (fp32, float rounding), and a
+    short last batch runs eager (no graph compiled for its shape, no padding), and says so."""
+    from torch._dynamo.utils import counters
+
     series = _series(10, 200, seed=4)
     eager = ModelForecaster(load_checkpoint(str(checkpoint))[0], InferenceOptions("cpu", "fp32", 4))
     compiled = ModelForecaster(load_checkpoint(str(checkpoint))[0], InferenceOptions("cpu", "fp32", 4, compile=True))
     np.testing.assert_allclose(compiled.forecast(series, 16), eager.forecast(series, 16), rtol=1e-4, atol=1e-4)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the full batches compiled
+    np.testing.assert_allclose(compiled.forecast(series[:3], 16), eager.forecast(series[:3], 16), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs  # the short batch compiled nothing
     assert compiled.describe()["compiled"] is True and eager.describe()["compiled"] is False
 
 

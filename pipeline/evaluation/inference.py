@@ -13,9 +13,9 @@ Options (the CLIs' ``--device`` / ``--dtype`` / ``--batch-size``):
   by a probe forward at the actual context and horizon. A batch that runs out of GPU memory is
   halved with a warning and retried, so a protocol run never dies on a too-large batch.
 - ``compile``: ``on`` = the prefill of every decoder layer compiled with static shapes
-  (``pipeline.parallel.parallelize.compile_for_inference``) and every batch padded to the batch
-  size, so one graph serves a whole (context, horizon) pair; the same forecasts to float rounding,
-  a few seconds of compilation per shape. ``auto`` (default) = on for a CUDA device in bf16/fp16,
+  (``pipeline.parallel.parallelize.compile_for_inference``) for full batches, so one graph serves a
+  whole (context, horizon) pair and a short last batch runs eager; the same forecasts to float
+  rounding, a few seconds of compilation per shape. ``auto`` (default) = on for a CUDA device in bf16/fp16,
   where it is 1.4-1.7x faster (docs/evaluation.md), off on the CPU and in fp32, whose results then
   reproduce earlier eager runs exactly; ``off``.
 
@@ -24,6 +24,7 @@ the CLIs print it as one line.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -214,7 +215,8 @@ class ModelForecaster:
         gen = torch.Generator().manual_seed(0)
         probe = torch.randn(PROBE_BATCH, context, generator=gen).cumsum(1)
         probe = (probe - probe.mean(1, keepdim=True)) / probe.std(1, keepdim=True)
-        self.model.generate(probe.to(self.device), horizon)
+        with self._stance(full_batch=False):  # eager: no graph for the probe's shape, and a larger peak
+            self.model.generate(probe.to(self.device), horizon)
         torch.cuda.synchronize(self.device)
         per_window = max(1, (torch.cuda.max_memory_allocated(self.device) - base)) / PROBE_BATCH
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -239,7 +241,8 @@ class ModelForecaster:
             try:
                 # on the CPU the model's own default sub-batch, which earlier CPU results used
                 inner = batch if self.device.type == "cuda" or self.compiled else 64
-                out.append(self.model.forecast(chunk, horizon, batch_size=inner, fixed_batch=self.compiled))
+                with self._stance(len(chunk) == batch):
+                    out.append(self.model.forecast(chunk, horizon, batch_size=inner))
                 start += len(chunk)
                 continue
             except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -255,6 +258,14 @@ class ModelForecaster:
                 print(f"[inference] warning: out of memory on {self.device} at context {context}, "
                       f"horizon {horizon}; batch size lowered to {batch}", file=sys.stderr, flush=True)
         return np.concatenate(out)
+
+    def _stance(self, full_batch: bool):
+        """Compiled graphs for full batches only: a short batch (the last of a protocol item; the
+        probe) runs eager rather than compiling a graph for its shape or being padded to the full
+        batch, which at a coarse stride would multiply the work."""
+        if not self.compiled or full_batch:
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager")
 
     def describe(self) -> dict[str, Any]:
         """What produced the results (stated beside them; not part of the protocol key)."""
