@@ -190,6 +190,20 @@ def stopped(head, out):
     stop = ray_cli("job", "stop", "--address", head.address, sid, timeout=120)  # waits for a terminal state
     print(f"long job: training step 3 after {t1 - t0:.1f}s, `ray job stop` took {time.time() - t1:.1f}s")
     assert stop.returncode == 0, stop.stdout + stop.stderr
+    # The next job's driver is sent the cluster's error lines while it runs: let the stopped job's
+    # actors finish dying first, or the GCS's "Failed to kill actor" for a worker that is already
+    # gone reaches the re-run's log (a teardown race, not the re-run's error).
+    from ray.util.state import list_actors
+
+    job_id = client.get_job_info(sid).job_id
+
+    def actors_dead() -> bool:
+        alive = list_actors(address=head.address, filters=[("state", "!=", "DEAD"), ("job_id", "=", job_id)],
+                            detail=True, raise_on_missing_output=False)
+        return not [a for a in alive if not a.is_detached]  # Ray Data's detached stats actor stays
+
+    wait_for(actors_dead, 60, "the stopped job's actors never died")
+    time.sleep(2)  # the log monitor forwards error lines in batches
     runs = sorted(out.glob("run-*"))
     assert len(runs) == 1, runs
     return {"sid": sid, "status": client.get_job_status(sid), "run": runs[0],
