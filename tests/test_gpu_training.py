@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._train_helpers import free_port
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +44,9 @@ def _step(engine, batch, loss_factor: float = 1.0) -> None:
 
 def test_a_nonfinite_step_leaves_weights_and_optimizer_state_as_they_were():
     pytest.importorskip("deepspeed")
-    env = {**os.environ, "DS_ACCELERATOR": "cuda",
+    # a port of its own: an earlier GPU test in this process may have left MASTER_PORT set, and its
+    # store listening there
+    env = {**os.environ, "DS_ACCELERATOR": "cuda", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "skip checked" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
