@@ -7,9 +7,7 @@ order of importance so that ``--budget-s`` cuts the least important ones:
    before the preallocated cache: a ``torch.cat`` of the whole cache per layer and step, a dense
    decode mask, RoPE per forward; the baseline on the same card) at every pair at the first
    batch size; after the first preset the end-to-end check; then the released code
-2. ``compiled-cudnn`` (the prefill traced with cuDNN attention first), ``compiled-autotune``
-   (the prefill compiled with ``max-autotune-no-cudagraphs``) and ``compiled-decode`` (decode
-   steps compiled with dynamic shapes too)
+2. ``compiled-decode`` (decode steps compiled with dynamic shapes too)
 3. fp32, 4. the dense twins, 5. the other batch sizes. After the first preset, causal SDPA
 alone per kernel (flash, memory-efficient, cuDNN) at the prefill shapes (CUDA only).
 A row that runs out of memory is recorded as "oom" and retried at half the batch. A row whose
@@ -58,19 +56,19 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.released_code import build_released, import_released  # noqa: E402
 from model import TimeMoeConfig, TimeMoeModel, horizon_schedule  # noqa: E402
-from model.attention import CUDNN_FIRST, Attention, apply_rope, rope_cos_sin  # noqa: E402
+from model.attention import apply_rope, rope_cos_sin  # noqa: E402
 from model.flops import H100_BF16_PEAK_FLOPS, generate_flops_per_window  # noqa: E402
 from pipeline.scaling_laws.grid import GridConfig, model_config  # noqa: E402
 
 try:  # without it only the compiled rows fail, with this message
     from pipeline.parallel.parallelize import compile_for_inference  # noqa: E402
 except ImportError as _err:
-    def compile_for_inference(model, decode="eager", mode=None, _why=f"pipeline.parallel.parallelize: {_err}"):
+    def compile_for_inference(model, decode="eager", _why=f"pipeline.parallel.parallelize: {_err}"):
         raise RuntimeError(_why)
 
 PAPER_PAIRS = ((512, 96), (1024, 192), (2048, 336), (3072, 720))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VARIANTS = ("compiled", "eager", "before", "compiled-decode", "compiled-cudnn", "compiled-autotune")
+VARIANTS = ("compiled", "eager", "before", "compiled-decode")
 # the paper's files: rows x channels (the ETT borders are fixed, weather's test split is 20%)
 PAPER_SPLITS = {"ETTh1": (14400, 7), "ETTh2": (14400, 7), "ETTm1": (57600, 7), "ETTm2": (57600, 7),
                 "weather": (52696, 21)}
@@ -235,13 +233,6 @@ class Bench:
                 compile_for_inference(m)
             elif kind == "compiled-decode":
                 compile_for_inference(m, decode="dynamic")
-            elif kind == "compiled-cudnn":  # the prefill traced with cuDNN attention first
-                for module in m.modules():
-                    if isinstance(module, Attention):
-                        module.causal_kernel_order = CUDNN_FIRST
-                compile_for_inference(m)
-            elif kind == "compiled-autotune":  # Triton GEMM templates with fused epilogues, autotuned
-                compile_for_inference(m, mode="max-autotune-no-cudagraphs")
             self.models[key] = m
         return self.models[key]
 
@@ -502,7 +493,7 @@ def build_plan(args) -> list[dict]:
     dtypes = sorted(args.dtypes, key=lambda d: d != "bf16")  # bf16 first
     main_v = [v for v in ("compiled", "eager") if v in args.variants]
     before = ["before"] if "before" in args.variants else []  # the same-machine baseline: cheap, early
-    extra_v = [v for v in ("compiled-cudnn", "compiled-autotune", "compiled-decode") if v in args.variants]
+    extra_v = ["compiled-decode"] if "compiled-decode" in args.variants else []
     first_dtype = dtypes[0]
 
     def gen(preset, dtype, variant, T, H, B, tier, impl="ours"):

@@ -28,7 +28,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from model.config import TimeMoeConfig
@@ -160,20 +159,9 @@ class KVCache:
 # --------------------------------------------------------------------------- module
 
 
-# SDPA kernel order that puts cuDNN's fused attention first: for causal one-series rows at the
-# prefill shapes it beat flash on Hopper (docs/benchmarks.md, "Inference on one GPU")
-CUDNN_FIRST = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
-
-
 class Attention(nn.Module):
     """Multi-head attention (GQA allowed): biases on q, k, v, none on o; fused qkv projection
-    (split into q_proj/k_proj/v_proj by the checkpoint adapter).
-
-    ``causal_kernel_order``: SDPA's kernel priority for the causal one-series forward on CUDA (the
-    prefill), e.g. :data:`CUDNN_FIRST`; None leaves torch's order. It is read inside ``attend``
-    so that a compiled layer traces the kernel it names."""
-
-    causal_kernel_order: tuple[SDPBackend, ...] | None = None
+    (split into q_proj/k_proj/v_proj by the checkpoint adapter)."""
 
     def __init__(self, config: TimeMoeConfig) -> None:
         super().__init__()
@@ -254,9 +242,6 @@ class Attention(nn.Module):
         if which == "eager":
             return eager_attention(q_BHLd, k_BHSd, v_BHSd, mask)
         if mask is None and L == S:
-            if self.causal_kernel_order and q_BHLd.is_cuda:
-                with sdpa_kernel(list(self.causal_kernel_order), set_priority=True):
-                    return F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, is_causal=True)
             return F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, is_causal=True)
         if mask is None:  # cached decoding of one-series rows: the queries are the last L keys
             return F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, attn_mask=causal_lower_right(L, S))

@@ -83,34 +83,6 @@ def test_cached_generate_with_left_padding_equals_the_uncached_reference_on_cuda
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
 
 
-def test_cudnn_first_prefill_runs_cudnn_attention_and_matches_the_default_kernel():
-    """``causal_kernel_order = CUDNN_FIRST`` inside a compiled prefill: the traced graph calls
-    cuDNN's attention (seen in the profile) and forecasts what the default kernel forecasts."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from model.attention import CUDNN_FIRST, Attention
-    from pipeline.parallel.parallelize import compile_for_inference
-
-    x = torch.from_numpy(_walks(8, 512, seed=5)).to(torch.bfloat16).cuda()
-    default = _model("timemoe-50m").cuda().to(torch.bfloat16).eval()
-    with torch.no_grad():
-        ref = default.generate(x, 96).float()
-    cudnn = _model("timemoe-50m").cuda().to(torch.bfloat16).eval()
-    for module in cudnn.modules():
-        if isinstance(module, Attention):
-            module.causal_kernel_order = CUDNN_FIRST
-    compile_for_inference(cudnn)
-    with torch.no_grad():
-        cudnn.generate(x, 96)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            out = cudnn.generate(x, 96).float()
-            torch.cuda.synchronize()
-    kernels = sorted({e.name for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU})
-    assert any("cudnn" in k.lower() for k in kernels), f"no cuDNN kernel among {kernels}"
-    rel = (out - ref).norm() / ref.norm()
-    assert rel < 3e-2, rel
-
-
 def test_compiled_forecaster_equals_eager_on_the_gpu_with_nan_padded_series():
     """The default GPU path (compile auto -> on) against the eager one, in bf16, for series of
     unequal lengths with leading NaNs (left-padded rows: FlexAttention inside the compiled prefill)

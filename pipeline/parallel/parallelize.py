@@ -128,7 +128,7 @@ def apply_compile(model: nn.Module, expert_parallel: bool = False) -> None:
                 compile_expert_parallel_parts(module)
 
 
-def compile_for_inference(model: nn.Module, decode: str = "eager", mode: str | None = None) -> nn.Module:
+def compile_for_inference(model: nn.Module, decode: str = "eager") -> nn.Module:
     """Compile a model for ``generate``, in place: each decoder layer's PREFILL (the cache-free
     forward over the context, see ``model.modeling.TimeMoeDecoder``) with static shapes, one
     graph per (batch, context) shape shared by the identical layers. Decode steps change the key
@@ -138,11 +138,7 @@ def compile_for_inference(model: nn.Module, decode: str = "eager", mode: str | N
 
     Experts the grouped GEMM cannot run (fp32 on CUDA, or any compiled fp32) take the per-expert
     loop, whose split sizes come from the routing; it runs outside the graphs, since traced it
-    would specialise on the sizes and recompile every batch.
-
-    ``mode``: ``torch.compile``'s mode for the prefill graphs, e.g. ``"max-autotune-no-cudagraphs"``
-    (GEMMs benchmarked against Triton templates that can take the following pointwise ops into
-    their epilogue; minutes of autotuning per shape)."""
+    would specialise on the sizes and recompile every batch."""
     from model.attention import Attention
     from model.moe import GroupedExperts
 
@@ -162,7 +158,7 @@ def compile_for_inference(model: nn.Module, decode: str = "eager", mode: str | N
             module.attend_cached = torch.compiler.disable(module.attend_cached)
     for layer in decoder_layers(model):
         eager = layer.forward
-        prefill = torch.compile(eager, dynamic=False, mode=mode)
+        prefill = torch.compile(eager, dynamic=False)
         step = torch.compile(eager, dynamic=True) if decode == "dynamic" else eager
         layer.forward = functools.partial(_prefill_or_decode, prefill, step)
     return model
