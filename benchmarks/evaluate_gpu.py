@@ -178,11 +178,16 @@ def protocol_estimates(rows: list[dict], windows: dict) -> list[dict]:
             s = n / r["windows_per_s"]
             per_pair[pair] = dict(windows=n, windows_per_s=r["windows_per_s"], batch=r["batch"], seconds=s,
                                   mfu=r["mfu"], peak_row_gib=r.get("peak_row_gib"))
+            if "floor_share" in r.get("breakdown", {}):
+                per_pair[pair].update(floor_share=r["breakdown"]["floor_share"], floor_seconds=s * r["breakdown"]["floor_share"])
             seconds += s
             compile_s += r.get("compile_s") or 0.0
-        out.append(dict(impl=impl, preset=preset, dtype=dtype, variant=variant, per_pair=per_pair,
-                        complete=len(per_pair) == len(windows["per_pair"]), seconds=seconds, minutes=seconds / 60,
-                        compile_s=compile_s, minutes_with_compile=(seconds + compile_s) / 60))
+        complete = len(per_pair) == len(windows["per_pair"])
+        est = dict(impl=impl, preset=preset, dtype=dtype, variant=variant, per_pair=per_pair, complete=complete,
+                   seconds=seconds, minutes=seconds / 60, compile_s=compile_s, minutes_with_compile=(seconds + compile_s) / 60)
+        if complete and all("floor_seconds" in c for c in per_pair.values()):  # --breakdown: GEMM + attention only
+            est["floor_minutes"] = sum(c["floor_seconds"] for c in per_pair.values()) / 60
+        out.append(est)
     return out
 
 
@@ -600,8 +605,9 @@ def print_summary(bench: Bench) -> None:
             c = e["per_pair"].get(k)
             cells.append(f"{c['windows_per_s']:8,.0f} b{c['batch']:<4d}{100 * c['mfu']:3.0f}%" if c else f"{'-':>17s}")
         total = f"{e['minutes']:12.1f}" if e["complete"] else f"{'(partial)':>12s}"
+        floor = f"  floor {e['floor_minutes']:.1f} min" if "floor_minutes" in e else ""
         print(f"{e['impl']:8s} {e['preset']:13s} {e['dtype']:5s} {e['variant']:15s} " + " ".join(cells)
-              + f" {total} {e['minutes_with_compile'] - e['minutes']:8.1f}m")
+              + f" {total} {e['minutes_with_compile'] - e['minutes']:8.1f}m{floor}")
     broken = [r for r in bench.rows if r.get("breakdown")]
     if broken:
         print("\nwhere the time goes (one call; kernel ms by family; floor = GEMM + attention kernels / wall):")

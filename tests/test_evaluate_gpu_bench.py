@@ -78,3 +78,21 @@ def test_grid_shapes_are_the_sweep_trials_models_and_their_flops(tmp_path):
     assert set(rows) == set(names) and all(r["status"] == "ok" for r in rows.values())
     for name, r in rows.items():
         assert r["flops_per_window"] == generate_flops_per_window(model_shape(name), 64, 8)
+
+
+def test_protocol_floor_is_each_pairs_time_times_its_floor_share():
+    """With ``--breakdown`` on the GPU every row has a floor share (GEMM + attention over wall
+    time); the protocol's floor is the sum over pairs of its time there times that share, and
+    only a complete set of pairs gets one."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from evaluate_gpu import protocol_estimates
+
+    windows = {"per_pair": {"512/96": 1000, "3072/720": 100}}
+    rows = [dict(kind="generate", status="ok", impl="ours", preset="p", dtype="bf16", variant="compiled", context=T,
+                 horizon=H, batch=8, windows_per_s=wps, mfu=0.1, breakdown={"floor_share": share})
+            for (T, H, wps, share) in ((512, 96, 100.0, 0.5), (3072, 720, 10.0, 0.6))]
+    (est,) = protocol_estimates(rows, windows)
+    assert est["minutes"] == pytest.approx((10 + 10) / 60)
+    assert est["floor_minutes"] == pytest.approx((10 * 0.5 + 10 * 0.6) / 60)
+    (partial,) = protocol_estimates(rows[:1], windows)
+    assert "floor_minutes" not in partial
