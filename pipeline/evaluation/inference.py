@@ -47,7 +47,7 @@ MEMORY_HEADROOM = 0.8  # of the free memory: the allocator fragments, other work
 
 
 class InferenceOptionError(ValueError):
-    """A bad ``--device`` / ``--dtype`` / ``--batch-size``; the message names the option."""
+    """A bad ``--device`` / ``--dtype`` / ``--batch-size`` / ``--compile``; the message names the option."""
 
 
 COMPILE_MODES = ("auto", "on", "off")
@@ -215,7 +215,8 @@ class ModelForecaster:
         gen = torch.Generator().manual_seed(0)
         probe = torch.randn(PROBE_BATCH, context, generator=gen).cumsum(1)
         probe = (probe - probe.mean(1, keepdim=True)) / probe.std(1, keepdim=True)
-        with self._stance(full_batch=False):  # eager: no graph for the probe's shape, and a larger peak
+        # eager: no graph compiled for the probe's shape, and eager's peak is the larger, so the batch errs small
+        with self._stance(full_batch=False):
             self.model.generate(probe.to(self.device), horizon)
         torch.cuda.synchronize(self.device)
         per_window = max(1, (torch.cuda.max_memory_allocated(self.device) - base)) / PROBE_BATCH
