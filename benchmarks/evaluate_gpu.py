@@ -23,7 +23,7 @@ measured at the same shape, and the released model runs OUR weights (converted b
 
 The full stride-1 protocol estimate per (code, preset, dtype, variant) is the sum over pairs of
 windows(pair) / best windows/s(pair); window counts come from ``--benchmarks`` files where
-present, else from the paper's split sizes. The end-to-end check runs ``forecast`` through
+present, else from the paper's split sizes. The end-to-end check runs the users' ``ModelForecaster`` through
 ``pipeline.evaluation.protocol.evaluate_dataset`` on one real dataset at one pair and compares its
 windows/s with the generate-only rate the estimate uses.
 
@@ -371,22 +371,23 @@ class Bench:
         return out
 
     def e2e_row(self, spec: dict) -> dict:
-        """``forecast`` on one real dataset at one pair through the evaluation harness."""
+        """The users' path on one real dataset at one pair: ``ModelForecaster`` (what
+        ``jobs.evaluate`` runs: compiled full batches, an eager short last batch) through the
+        evaluation harness, its compilation done beforehand on one full batch."""
         from pipeline.evaluation.benchmark_data import load_benchmark
+        from pipeline.evaluation.inference import InferenceOptions, ModelForecaster
         from pipeline.evaluation.protocol import EvalConfig, evaluate_dataset
 
-        model = self.ours(spec["preset"], spec["dtype"], spec["variant"])
         B, T, H = spec["batch"], spec["context"], spec["horizon"]
-
-        class FixedBatch:  # one generate shape for the whole run: a compiled model compiles once
-            name = f"{spec['preset']} {spec['dtype']} {spec['variant']}"
-
-            def forecast(self, series, horizon):
-                return model.forecast(series, horizon, batch_size=B, fixed_batch=True)
-
+        torch.manual_seed(self.args.seed)
+        options = InferenceOptions(device=str(self.dev), dtype=spec["dtype"], batch_size=B,
+                                   compile="on" if spec["variant"] == "compiled" else "off")
+        fc = ModelForecaster(TimeMoeModel(model_shape(spec["preset"])), options,
+                             name=f"{spec['preset']} {spec['dtype']} {spec['variant']}")
+        fc.forecast(random_walks(B, T, self.dev, seed=1).cpu().numpy(), H)
         ds = load_benchmark(self.args.benchmarks, spec["dataset"])
         cfg = EvalConfig(datasets=[ds.name], horizons=[H], context=T, batch_size=B, progress=False)
-        r = evaluate_dataset(FixedBatch(), ds, H, cfg)
+        r = evaluate_dataset(fc, ds, H, cfg)
         wps = r.windows / r.seconds
         gen = [x for x in self.rows if x.get("kind") == "generate" and x.get("status") == "ok" and x["impl"] == "ours"
                and (x["preset"], x["dtype"], x["variant"], x["context"], x["horizon"], x["batch"])
