@@ -72,7 +72,10 @@ class InferenceOptions:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int | None = None
-    compile: str | bool = "auto"
+    compile: str | bool = "auto"  # normalised to auto/on/off
+
+    def __post_init__(self) -> None:
+        self.compile = compile_mode(self.compile)
 
     @classmethod
     def from_env(cls, model_config: dict[str, Any] | None = None) -> "InferenceOptions":
@@ -83,7 +86,7 @@ class InferenceOptions:
         return cls(device=str(mc.get("device") or os.environ.get(DEVICE_ENV) or "auto"),
                    dtype=str(mc.get("dtype") or os.environ.get(DTYPE_ENV) or "auto"),
                    batch_size=None if bs in (None, "", "auto") else int(bs),
-                   compile=compile_mode(mc.get("compile", os.environ.get(COMPILE_ENV))))
+                   compile=mc.get("compile", os.environ.get(COMPILE_ENV)))
 
 
 def add_cli_options(parser: Any, from_config: bool = False) -> None:
@@ -113,7 +116,7 @@ def options_from_args(args: Any) -> InferenceOptions:
     else:
         bs = None
     opts = InferenceOptions(device=str(args.device or "auto"), dtype=str(args.dtype or "auto"), batch_size=bs,
-                            compile=compile_mode(getattr(args, "compile", None)))
+                            compile=getattr(args, "compile", None))
     resolve(opts)  # fail at start, not after training
     return opts
 
@@ -154,14 +157,13 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 def resolve(opts: InferenceOptions) -> tuple[torch.device, torch.dtype]:
     device = resolve_device(opts.device)
-    compile_mode(opts.compile)  # a bad value fails here, with the device and dtype
     return device, resolve_dtype(opts.dtype, device)
 
 
 def resolve_compile(opts: InferenceOptions, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the prefill is compiled: ``auto`` = on a CUDA device in bf16/fp16 (module doc)."""
-    mode = compile_mode(opts.compile)
-    return mode == "on" or (mode == "auto" and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16))
+    return opts.compile == "on" or (opts.compile == "auto" and device.type == "cuda"
+                                    and dtype in (torch.bfloat16, torch.float16))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
