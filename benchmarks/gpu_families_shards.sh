@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trials of the sparse-vs-dense families study (configs/sweep-families-1gpu.yaml) on one GPU host with
 # no package index, from the repo root, inside one call of at most BUDGET_S seconds:
-#   bash benchmarks/gpu_families_shards.sh OUT "0 8 16" [BUDGET_S]
+#   [LANES=2] bash benchmarks/gpu_families_shards.sh OUT "0 8 16" [BUDGET_S]
 # installs the offline bundle (.bundle/), writes the study's data (benchmarks/prepare_families_data.sh,
 # the same 1.2e8-point mixture every call, SHARED=.data), then trains the listed shards K of the plan's
 # 24 (python -m jobs.sweep --plan lists them: 0-7 dense, 8-15 sparse, 16-23 sparse_per_layer; within a
@@ -26,12 +26,26 @@ wait $synth && ready=1
 KERNELSYNTH_READY=$ready SHARED=.data PY=python3 WORKERS=$(nproc) \
     bash benchmarks/prepare_families_data.sh > "$out/data.log" 2>&1 || { tail -n 20 "$out/data.log"; exit 1; }
 echo "[families] data ready after $(( $(date +%s) - t0 )) s: $(grep -m1 'points in' "$out/data.log")"
-for k in $shards; do
-    l=$(left)
-    [ "$l" -gt 60 ] || { echo "[families] shard $k not started (${l}s left)"; continue; }
-    echo "[families] shard $k/24 (${l}s left)"
-    timeout $(( l - 10 )) python3 -m jobs.sweep --config configs/sweep-families-1gpu.yaml \
-        --offline-records "$out/records-$k.jsonl" --shard "$k/24" > "$out/shard-$k.log" 2>&1
-    echo "[families] shard $k exit code $? after $(( $(date +%s) - t0 )) s"
-    grep -v -i -E "warn|^\[20" "$out/shard-$k.log" | grep -E "^\[|FAILED|Error" | tail -n 6
+run_lane() {  # the shards given, one after the other, while the budget lasts
+    for k in "$@"; do
+        l=$(left)
+        [ "$l" -gt 60 ] || { echo "[families] shard $k not started (${l}s left)"; continue; }
+        echo "[families] shard $k/24 (${l}s left)"
+        timeout $(( l - 10 )) python3 -m jobs.sweep --config configs/sweep-families-1gpu.yaml \
+            --offline-records "$out/records-$k.jsonl" --shard "$k/24" --trials-per-gpu "$lanes" \
+            > "$out/shard-$k.log" 2>&1
+        echo "[families] shard $k exit code $? after $(( $(date +%s) - t0 )) s"
+        grep -v -i -E "warn|^\[20" "$out/shard-$k.log" | grep -E "^\[|FAILED|Error" | tail -n 6
+    done
+}
+# LANES=N trains N trials at once on the one GPU (the shards dealt out in turn): the small trials
+# leave most of the GPU idle between kernels, so lanes raise the trials per call; a record's
+# throughput is then the shared GPU's, its losses are unaffected
+lanes=${LANES:-1}
+read -r -a list <<< "$shards"
+for (( lane = 0; lane < lanes; lane++ )); do
+    mine=()
+    for (( i = lane; i < ${#list[@]}; i += lanes )); do mine+=("${list[i]}"); done
+    run_lane "${mine[@]}" &
 done
+wait

@@ -54,9 +54,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --offline-records: run every N-th trial of the plan starting at I (default 0/1: all)")
     ap.add_argument("--gpu-id", type=int, default=None, metavar="K",
                     help="with --offline-records: train on GPU K (the K-th of CUDA_VISIBLE_DEVICES if set, else device K)")
+    ap.add_argument("--trials-per-gpu", type=int, default=1, metavar="N",
+                    help="with --offline-records: how many trial processes share this GPU at once; written into "
+                         "the records, whose points/s is then a share of the GPU (default 1)")
     args = ap.parse_args(argv)
-    if (args.shard != "0/1" or args.gpu_id is not None) and not args.offline_records:
-        ap.error("--shard and --gpu-id go with --offline-records")
+    if (args.shard != "0/1" or args.gpu_id is not None or args.trials_per_gpu != 1) and not args.offline_records:
+        ap.error("--shard, --gpu-id and --trials-per-gpu go with --offline-records")
+    if args.trials_per_gpu < 1:
+        ap.error(f"--trials-per-gpu must be >= 1, got {args.trials_per_gpu}")
     cfg = SweepConfig.from_yaml(args.config)
     if args.tracking_uri:
         cfg.sweep.tracking_uri = args.tracking_uri
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             if visible and args.gpu_id >= len(visible):
                 ap.error(f"--gpu-id {args.gpu_id}: CUDA_VISIBLE_DEVICES lists only {len(visible)} devices")
             os.environ["CUDA_VISIBLE_DEVICES"] = visible[args.gpu_id] if visible else str(args.gpu_id)
-        off = run_offline(cfg, args.offline_records, shard=shard)
+        off = run_offline(cfg, args.offline_records, shard=shard, trials_per_gpu=args.trials_per_gpu)
         return 1 if off.failed else 0
     if args.import_records:
         from pipeline.scaling_laws.offline import import_records

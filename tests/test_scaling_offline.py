@@ -4,6 +4,7 @@ them; an import into a real MLflow server makes them FINISHED child runs that an
 the same sweep skips, and builds the report."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -152,6 +153,11 @@ def test_records_round_trip_and_shards():
     json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     back = O.OfflineRecord.from_json(line)
     assert back.record.metrics() == rec.metrics() and math.isnan(back.record.mfu)
+    assert back.trials_per_gpu == 1
+    shared = O.OfflineRecord.from_json(dataclasses.replace(back, trials_per_gpu=3).to_json())
+    assert shared.trials_per_gpu == 3 and shared.record.metrics() == rec.metrics()
+    with pytest.raises(ValueError, match="trials_per_gpu"):
+        O.run_offline(None, "unused.jsonl", trials_per_gpu=0)  # type: ignore[arg-type]
     assert O.parse_shard("3/8") == (3, 8) and O.parse_shard("0/1") == (0, 1)
     for bad in ("8/8", "1", "a/b", "-1/2"):
         with pytest.raises(ValueError, match="shard"):
@@ -249,10 +255,12 @@ def test_import_accepts_records_with_and_without_the_new_fields(mlflow_server, t
                             expert_balance=[] if p.spec.family == "dense" else [3.9, 4.0] if p.spec.family == "sparse" else [1.6, 1.8],
                             data_mixture={"real": 1000.0, "synthetic/kernelsynth": 9000.0})
         line = json.loads(O.OfflineRecord(sweep=cfg.sweep.name, config_hash=p.config_hash, trial=p.spec.name,
-                                          params=S.trial_param_values(p), record=rec).to_json())
+                                          params=S.trial_param_values(p), record=rec,
+                                          trials_per_gpu=2 if p.spec.family == "sparse_per_layer" else 1).to_json())
         if p.spec.seed == 0 and p.spec.family == "dense" and p.spec.size == "xs":  # as written before the fields existed
             for key in ("seed", "expert_balance", "train_expert_balance", "data_mixture"):
                 line["record"].pop(key)
+            line.pop("trials_per_gpu")
         lines.append(json.dumps(line))
     records = tmp_path / "records.jsonl"
     records.write_text("\n".join(lines) + "\n")
@@ -260,7 +268,11 @@ def test_import_accepts_records_with_and_without_the_new_fields(mlflow_server, t
     assert len(imp.imported) == 24 and not imp.foreign
     client = MlflowClient(tracking_uri=mlflow_server)
     exp_id = client.get_experiment_by_name(cfg.sweep.experiment).experiment_id
-    back = {r.trial_hash: r for r in (R.record_from_run(c) for c in R.child_runs(client, exp_id, imp.parent_run_id))}
+    children = R.child_runs(client, exp_id, imp.parent_run_id)
+    back = {r.trial_hash: r for r in (R.record_from_run(c) for c in children)}
+    # a trial that shared its GPU says so on its run (its points/s is a share); the others carry no tag
+    shared = {c.data.tags[R.HASH_TAG]: c.data.tags.get(O.SHARED_GPU_TAG) for c in children}
+    assert shared == {p.config_hash: "2" if p.spec.family == "sparse_per_layer" else None for p in plans}
     for p in plans:
         r = back[p.config_hash]
         assert r.family == p.spec.family and r.seed == p.spec.seed
@@ -276,3 +288,15 @@ def test_import_accepts_records_with_and_without_the_new_fields(mlflow_server, t
     assert fits["routing"]["sparse_per_layer"]["mean"] == pytest.approx(1.7)
     assert all(c["n_seeds"] == 2 for fam in fits["families"].values() for c in fam["cells"])
     assert {tuple(sorted(m["points"])) for m in fits["data_mixtures"]} == {(), ("real", "synthetic/kernelsynth")}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trials-per-gpu", "2"], "go with --offline-records"),
+    (["--offline-records", "r.jsonl", "--trials-per-gpu", "0"], "must be >= 1"),
+])
+def test_sweep_cli_rejects_a_gpu_share_it_cannot_record(args, message, capsys):
+    from jobs.sweep import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(ROOT / "configs" / "sweep-families-1gpu.yaml"), *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err

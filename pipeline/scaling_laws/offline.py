@@ -57,6 +57,7 @@ from pipeline.train.torchrun import TorchrunRuntime
 
 RECORD_VERSION = 1
 SOURCE_TAG = "scaling.source"  # on imported child runs: "offline:<records file name>"
+SHARED_GPU_TAG = "scaling.trials_per_gpu"  # on imported child runs whose trial shared its GPU
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +76,9 @@ class OfflineRecord:
     finished_at: float = field(default_factory=time.time)  # unix seconds
     host: str = field(default_factory=socket.gethostname)
     version: int = RECORD_VERSION
+    # trial processes that trained on the same GPU at the same time: above 1, points_per_s and mfu
+    # are this trial's share of a shared GPU (losses are unaffected); records made before: 1
+    trials_per_gpu: int = 1
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -214,8 +218,13 @@ class OfflineResult:
 
 
 def run_offline(cfg: SweepConfig, records_path: str | Path, *, shard: tuple[int, int] = (0, 1),
-                log: Callable[[str], None] = print, train_fn: TrainFn | None = None) -> OfflineResult:
-    """Train and measure this shard's trials in-process, appending one record per finished trial."""
+                log: Callable[[str], None] = print, train_fn: TrainFn | None = None,
+                trials_per_gpu: int = 1) -> OfflineResult:
+    """Train and measure this shard's trials in-process, appending one record per finished trial.
+
+    ``trials_per_gpu`` (how many such processes share this GPU) is written into every record."""
+    if trials_per_gpu < 1:
+        raise ValueError(f"trials_per_gpu must be >= 1, got {trials_per_gpu}")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))  # several trial processes on one host
     records_path = Path(records_path)
     plans = plan_trials(cfg)
@@ -240,7 +249,8 @@ def run_offline(cfg: SweepConfig, records_path: str | Path, *, shard: tuple[int,
             log(f"[{k}/{len(todo)}] {p.spec.name} FAILED after {time.perf_counter() - t0:.1f}s: {failed[p.config_hash]}")
             continue
         append_record(records_path, OfflineRecord(sweep=cfg.sweep.name, config_hash=p.config_hash,
-                                                  trial=p.spec.name, params=trial_param_values(p), record=record))
+                                                  trial=p.spec.name, params=trial_param_values(p), record=record,
+                                                  trials_per_gpu=trials_per_gpu))
         ran.append(p.config_hash)
         zs = f", zero-shot MSE {record.zs_mse:.4f}" if math.isfinite(record.zs_mse) else ""
         if record.expert_balance:
@@ -294,6 +304,8 @@ def import_records(cfg: SweepConfig, paths: Iterable[str | Path], *, report: boo
             continue
         seen.add(h)
         tag = {SOURCE_TAG: f"offline:{source}"}
+        if rec.trials_per_gpu > 1:
+            tag[SHARED_GPU_TAG] = str(rec.trials_per_gpu)
         end_ms = int(rec.finished_at * 1000)
         wall = rec.record.wall_time_s if math.isfinite(rec.record.wall_time_s) else 0.0
         if run is not None:  # an online attempt left it unfinished: finish it with the record
