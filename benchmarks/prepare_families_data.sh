@@ -41,7 +41,7 @@ else
     rm -rf "$RAW"
     mkdir -p "$RAW"
     echo "== KernelSynth, $SYNTH_POINTS points, $WORKERS processes -> $RAW/kernelsynth"
-    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m preprocessing.kernelsynth "$RAW/kernelsynth" \
+    OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m preprocessing.kernelsynth "$RAW/kernelsynth" \
         --points "$SYNTH_POINTS" --seed 0 --workers "$WORKERS"
 fi
 [ -z "${KERNELSYNTH_ONLY:-}" ] || exit 0

@@ -142,6 +142,29 @@ def test_committed_8gpu_records_still_match_their_trials():
         assert plans[r.config_hash].spec.name == r.trial and r.record.seed == 0
 
 
+def test_committed_families_records_are_trials_of_the_families_plan():
+    """Every committed record of the families study is a trial of configs/sweep-families-1gpu.yaml
+    (else the import would call it foreign) with the plan's points and FLOPs, trained on the
+    study's mixture (>= 1e8 KernelSynth training points, so the 1e8-point trials never repeat a row)."""
+    import glob
+    from pathlib import Path
+
+    from pipeline.scaling_laws.offline import read_records
+    from pipeline.scaling_laws.sweep import SweepConfig, plan_trials
+
+    root = Path(__file__).resolve().parents[1]
+    plans = {p.config_hash: p for p in plan_trials(SweepConfig.from_yaml(root / "configs" / "sweep-families-1gpu.yaml"))}
+    records = read_records(sorted(glob.glob(str(root / "benchmarks/results/sweep-families-1gpu/records-*.jsonl"))))
+    assert records, "no committed records"
+    for r in records:
+        p = plans[r.config_hash]
+        assert p.spec.name == r.trial and r.record.seed == p.spec.seed and r.record.family == p.spec.family
+        assert r.record.points_seen == p.points_seen
+        assert r.record.training_flops == pytest.approx(p.spec.flops_per_point * p.points_seen, rel=1e-9)
+        assert r.record.data_mixture["synthetic/kernelsynth"] >= 1e8
+        assert r.trials_per_gpu >= 1 and r.record.heldout_loss > 0
+
+
 def test_seed_axis_sets_the_training_seed():
     from pipeline.scaling_laws.sweep import SweepConfig, plan_trials
 
