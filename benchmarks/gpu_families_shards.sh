@@ -41,8 +41,9 @@ run_lane() {  # the shards given, one after the other, while the budget lasts
 # LANES=N trains N trials at once on the one GPU (the shards dealt out in turn): the small trials
 # leave most of the GPU idle between kernels, so lanes raise the trials per call; a record's
 # throughput is then the shared GPU's, its losses are unaffected
-lanes=${LANES:-1}
 read -r -a list <<< "$shards"
+lanes=${LANES:-1}
+[ "$lanes" -le "${#list[@]}" ] || lanes=${#list[@]}  # the records state how many trials shared the GPU
 for (( lane = 0; lane < lanes; lane++ )); do
     mine=()
     for (( i = lane; i < ${#list[@]}; i += lanes )); do mine+=("${list[i]}"); done

@@ -27,39 +27,40 @@ RAW=${RAW:-$OUT/families-raw}
 # the recipe of the data: a machine that still holds data of the same recipe (a warm GPU host
 # between calls) keeps it instead of making the same 1.2e8 points again
 recipe="synth=$SYNTH_POINTS seed=0 scale=$SCALE shared=$(ls "$SHARED/corpus" | tr '\n' ' ') script=$(cat "$0" benchmarks/pack_sweep_corpus.sh preprocessing/kernelsynth.py | sha256sum | cut -c1-16)"
-if [ -f "$OUT/families-1024/RECIPE" ] && [ "$(cat "$OUT/families-1024/RECIPE")" = "$recipe" ]; then
-    echo "== $OUT/families-1024 already holds this recipe: kept"
+make_data() {
+    rm -rf "$OUT/families-1024" "$RAW/embedded"
+    if [ -n "${KERNELSYNTH_READY:-}" ] && [ -f "$RAW/kernelsynth/kernelsynth.json" ]; then
+        # a KERNELSYNTH_ONLY=1 run made it (gpu_families_shards.sh, while the bundle installs)
+        echo "== KernelSynth: $RAW/kernelsynth made beforehand: $(cat "$RAW/kernelsynth/kernelsynth.json")"
+    else
+        rm -rf "$RAW"
+        mkdir -p "$RAW"
+        echo "== KernelSynth, $SYNTH_POINTS points, $WORKERS processes -> $RAW/kernelsynth"
+        OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m preprocessing.kernelsynth "$RAW/kernelsynth" \
+            --points "$SYNTH_POINTS" --seed 0 --workers "$WORKERS"
+    fi
     [ -z "${KERNELSYNTH_ONLY:-}" ] || exit 0
-    REUSED=1
-fi
-if [ -z "${REUSED:-}" ]; then
-rm -rf "$OUT/families-1024" "$RAW/embedded"
-if [ -n "${KERNELSYNTH_READY:-}" ] && [ -f "$RAW/kernelsynth/kernelsynth.json" ]; then
-    # a KERNELSYNTH_ONLY=1 run made it (gpu_families_shards.sh, while the bundle installs)
-    echo "== KernelSynth: $RAW/kernelsynth made beforehand: $(cat "$RAW/kernelsynth/kernelsynth.json")"
-else
-    rm -rf "$RAW"
-    mkdir -p "$RAW"
-    echo "== KernelSynth, $SYNTH_POINTS points, $WORKERS processes -> $RAW/kernelsynth"
-    OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m preprocessing.kernelsynth "$RAW/kernelsynth" \
-        --points "$SYNTH_POINTS" --seed 0 --workers "$WORKERS"
-fi
-[ -z "${KERNELSYNTH_ONLY:-}" ] || exit 0
-mkdir -p "$OUT/benchmarks"
+    mkdir -p "$OUT/benchmarks"
 
-echo "== embedded corpus, scale $SCALE -> $RAW/embedded"
-"$PY" -m preprocessing.synthetic "$RAW/embedded" "$SCALE" | grep -E '^ "(series|points|seconds)"'
+    echo "== embedded corpus, scale $SCALE -> $RAW/embedded"
+    "$PY" -m preprocessing.synthetic "$RAW/embedded" "$SCALE" | grep -E '^ "(series|points|seconds)"'
 
-# provenance: the embedded corpus's datasets (preprocessing/synthetic.py DEFAULT_RECIPES) and the
-# KernelSynth folders are generated; everything else (the shared corpus) is real.
-. benchmarks/pack_sweep_corpus.sh
-pack_sweep_corpus "$PY" "$SHARED" "$OUT" families-1024 'provenance:
+    # provenance: the embedded corpus's datasets (preprocessing/synthetic.py DEFAULT_RECIPES) and the
+    # KernelSynth folders are generated; everything else (the shared corpus) is real.
+    . benchmarks/pack_sweep_corpus.sh
+    pack_sweep_corpus "$PY" "$SHARED" "$OUT" families-1024 'provenance:
   "synthetic/kernelsynth_gp-*": synthetic/kernelsynth
   "synthetic/kernelsynth": synthetic/embedded
   "*/synth_*": synthetic/embedded' "$RAW/kernelsynth/corpus" "$RAW/embedded" "$SHARED/corpus"
-cp "$RAW/kernelsynth/kernelsynth.json" "$OUT/families-1024/"
-rm -rf "$RAW"
-echo "$recipe" > "$OUT/families-1024/RECIPE"
+    cp "$RAW/kernelsynth/kernelsynth.json" "$OUT/families-1024/"
+    rm -rf "$RAW"
+    echo "$recipe" > "$OUT/families-1024/RECIPE"
+}
+if [ -f "$OUT/families-1024/RECIPE" ] && [ "$(cat "$OUT/families-1024/RECIPE")" = "$recipe" ]; then
+    echo "== $OUT/families-1024 already holds this recipe: kept"
+    [ -z "${KERNELSYNTH_ONLY:-}" ] || exit 0
+else
+    make_data
 fi
 
 "$PY" - "$OUT/families-1024" <<'PYEOF'
