@@ -167,6 +167,10 @@ def loop_row(cfg: TrainConfig, skip: int) -> dict:
     profile = json.loads((out / "profile" / "rank0.json").read_text()) if (out / "profile" / "rank0.json").exists() else {}
     return dict(variant="loop",
                 step_s_median=statistics.median(m["step_time_s"] for m in after), wall_s=wall_s,
+                # the pace between step ends (logging, metrics files and checkpoints included):
+                # what the run's wall clock sees, against the per-step time above
+                interval_s_median=statistics.median(m["step_interval_s"] for m in after),
+                interval_s_sum_measured=sum(m["step_interval_s"] for m in after),
                 step_s_sum_all=sum(m["step_time_s"] for m in metrics),
                 profile={k: profile[k] for k in ("wall_ms_per_step", "busy_share", "kernel_ms_per_step",
                                                  "top_kernels_ms_per_step") if k in profile},
@@ -242,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         wait = (f"{r['data_wait_ms_max']:.1f} / {r['data_wait_ms_max_all']:.1f} ms" if "data_wait_ms_max" in r else "-")
         print(f"{r['preset']:14s} {r['variant']:24s} {r['windows']:4d} {1e3 * r['step_s_median']:9.1f} "
               f"{r['points_per_s']:11,.0f} {100 * r['mfu']:5.1f}% {r['peak_mem_gb']:8.1f} {r['x_step']:7.2f} {wait:>34s}")
+        if "interval_s_median" in r:
+            print(f"{'':14s} between step ends: {1e3 * r['interval_s_median']:.1f} ms median "
+                  f"({r['interval_s_median'] / r['step_s_median']:.3f}x the step time)")
         if r.get("profile"):
             pr = r["profile"]
             kernels = ", ".join(f"{k} {v:.1f}" for k, v in pr.get("kernel_ms_per_step", {}).items())

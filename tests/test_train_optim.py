@@ -255,3 +255,14 @@ def test_step_clock_eta_ignores_the_slow_first_steps():
         t += 2.0
         clock.tick(t)
     assert clock.eta_s(10) == pytest.approx(20.0)
+
+
+def test_step_clock_returns_the_time_between_step_ends():
+    """The loop logs ``step_interval_s`` from ``tick``: the first interval counts from the clock's
+    start (compilation included), the next ones from the previous step's end."""
+    from pipeline.train.loop import StepClock
+
+    clock = StepClock(window=20, start=10.0)
+    assert clock.tick(70.0) == pytest.approx(60.0)
+    assert clock.tick(70.25) == pytest.approx(0.25)
+    assert clock.tick(71.0) == pytest.approx(0.75)

@@ -275,10 +275,13 @@ class StepClock:
         self.recent: collections.deque[float] = collections.deque(maxlen=window)
         self._last = time.perf_counter() if start is None else start
 
-    def tick(self, now: float | None = None) -> None:
+    def tick(self, now: float | None = None) -> float:
+        """Marks a step's end; returns the time since the previous one."""
         now = time.perf_counter() if now is None else now
-        self.recent.append(now - self._last)
+        interval = now - self._last
+        self.recent.append(interval)
         self._last = now
+        return interval
 
     def eta_s(self, steps_left: int) -> float:
         return statistics.median(self.recent) * steps_left if self.recent else float("nan")
@@ -450,8 +453,11 @@ class TrainingRun:
             m.update(expert_load_metrics(counts_LE, cfg.parallel.ep_size))
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
             m.update(evaluate(self.engine, rt.val_batches(), cfg.train.eval_batches, self.device, rt.world_size))
+        # step_time_s covers the step's own work up to its metrics' host copy; the interval
+        # between step ends adds what the loop does between steps (logging, checkpoints, held-out
+        # evaluation), so the wall-clock pace can be read beside the per-step one
+        m["step_interval_s"] = self.step_clock.tick()
         self.history.append({"step": state.step, **m})
-        self.step_clock.tick()
         return m
 
     def log(self, m: dict[str, float]) -> None:
