@@ -7,7 +7,8 @@
 # 24 (python -m jobs.sweep --plan lists them: 0-7 dense, 8-15 sparse, 16-23 sparse_per_layer; within a
 # family s3 before s4, 3.6e7 before 1e8, seed 0 before seed 1) one after the other while the budget
 # lasts. Each finished trial appends its record to OUT/records-K.jsonl; a trial cut short writes
-# nothing and is simply run again in a later call. Copy the records to
+# nothing, and a later call on the same (warm) machine resumes it from its newest checkpoint
+# (every CHECKPOINT_EVERY=500 steps), a fresh machine trains it again. Copy the records to
 # benchmarks/results/sweep-families-1gpu/ afterwards.
 set -u
 out=$1 shards=$2 budget=${3:-585}
@@ -33,6 +34,7 @@ run_lane() {  # the shards given, one after the other, while the budget lasts
         echo "[families] shard $k/24 (${l}s left)"
         timeout $(( l - 10 )) python3 -m jobs.sweep --config configs/sweep-families-1gpu.yaml \
             --offline-records "$out/records-$k.jsonl" --shard "$k/24" --trials-per-gpu "$lanes" \
+            --checkpoint-every "${CHECKPOINT_EVERY:-500}" \
             > "$out/shard-$k.log" 2>&1
         echo "[families] shard $k exit code $? after $(( $(date +%s) - t0 )) s"
         grep -v -i -E "warn|^\[20" "$out/shard-$k.log" | grep -E "^\[|FAILED|Error" | tail -n 6

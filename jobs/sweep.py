@@ -57,11 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials-per-gpu", type=int, default=1, metavar="N",
                     help="with --offline-records: how many trial processes share this GPU at once; written into "
                          "the records, whose points/s is then a share of the GPU (default 1)")
+    ap.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                    help="with --offline-records: save a resumable checkpoint every STEPS steps (the newest kept), "
+                         "so that a trial cut short (a job's time limit) resumes when the shard runs again; "
+                         "not part of the trials' hashes (default 0: none)")
     args = ap.parse_args(argv)
-    if (args.shard != "0/1" or args.gpu_id is not None or args.trials_per_gpu != 1) and not args.offline_records:
-        ap.error("--shard, --gpu-id and --trials-per-gpu go with --offline-records")
+    offline_only = (args.shard != "0/1" or args.gpu_id is not None or args.trials_per_gpu != 1
+                    or args.checkpoint_every != 0)
+    if offline_only and not args.offline_records:
+        ap.error("--shard, --gpu-id, --trials-per-gpu and --checkpoint-every go with --offline-records")
     if args.trials_per_gpu < 1:
         ap.error(f"--trials-per-gpu must be >= 1, got {args.trials_per_gpu}")
+    if args.checkpoint_every < 0:
+        ap.error(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     cfg = SweepConfig.from_yaml(args.config)
     if args.tracking_uri:
         cfg.sweep.tracking_uri = args.tracking_uri
@@ -80,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             if visible and args.gpu_id >= len(visible):
                 ap.error(f"--gpu-id {args.gpu_id}: CUDA_VISIBLE_DEVICES lists only {len(visible)} devices")
             os.environ["CUDA_VISIBLE_DEVICES"] = visible[args.gpu_id] if visible else str(args.gpu_id)
-        off = run_offline(cfg, args.offline_records, shard=shard, trials_per_gpu=args.trials_per_gpu)
+        off = run_offline(cfg, args.offline_records, shard=shard, trials_per_gpu=args.trials_per_gpu,
+                          checkpoint_every=args.checkpoint_every)
         return 1 if off.failed else 0
     if args.import_records:
         from pipeline.scaling_laws.offline import import_records

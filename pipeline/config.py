@@ -95,6 +95,7 @@ class TrainSection:
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 4
     checkpoint_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2  # the newest N complete checkpoints stay on disk (both runtimes); 0: all
     output_dir: str = "runs/pretrain"  # checkpoints, exported model, worker pid files
     export: bool = True  # save_pretrained the final model to <output_dir>/final_model
     checkpoint_at_end: bool = True  # False for throughput benchmarks (an ultra checkpoint is ~30 GB)
@@ -178,6 +179,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         p, t = self.parallel, self.train
+        if t.keep_checkpoints < 0:
+            raise ValueError(f"train.keep_checkpoints must be >= 0 (0 keeps all), got {t.keep_checkpoints}")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage must be 0..3, got {p.zero_stage}")
         if self.finetune.method == "lora" and (p.zero_stage == 3 or p.ep_size > 1):

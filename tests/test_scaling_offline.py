@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +294,8 @@ def test_import_accepts_records_with_and_without_the_new_fields(mlflow_server, t
 @pytest.mark.parametrize("args, message", [
     (["--trials-per-gpu", "2"], "go with --offline-records"),
     (["--offline-records", "r.jsonl", "--trials-per-gpu", "0"], "must be >= 1"),
+    (["--checkpoint-every", "50"], "go with --offline-records"),
+    (["--offline-records", "r.jsonl", "--checkpoint-every", "-1"], "must be >= 0"),
 ])
 def test_sweep_cli_rejects_a_gpu_share_it_cannot_record(args, message, capsys):
     from jobs.sweep import main
@@ -300,3 +303,70 @@ def test_sweep_cli_rejects_a_gpu_share_it_cannot_record(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--config", str(ROOT / "configs" / "sweep-families-1gpu.yaml"), *args])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def _losses_by_step(run_dir: Path) -> dict[int, float]:
+    """The trajectory in a trial's metrics.jsonl: a step logged twice (redone after a resume)
+    counts once, as the later run logged it."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
+
+
+def test_a_trial_cut_short_resumes_from_its_checkpoint_and_trains_what_an_unbroken_run_trains(tmp_path):
+    """``--checkpoint-every``: a shard killed mid-trial (a job's time limit) and started again goes
+    on from the trial's newest checkpoint; the record says where, the steps after it repeat an
+    unbroken run of the same trial, and the checkpoints are gone once the record is written."""
+    steps, every = 40, 4
+    data = H.write_test_shards(tmp_path / "data", WINDOW, n_train=32, n_val=16)
+    raw = H.tiny_sweep_raw(tmp_path, data, "resume")
+    raw["grid"].update(sizes=raw["grid"]["sizes"][:1], families=["sparse"], budgets=[steps * 4 * WINDOW])
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    (plan,) = S.plan_trials(S.SweepConfig.from_yaml(cfg_path))
+    assert plan.steps == steps
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env.pop("MASTER_PORT", None)
+    records = tmp_path / "records.jsonl"
+    cmd = [sys.executable, "-m", "jobs.sweep", "--config", str(cfg_path), "--offline-records", str(records),
+           "--checkpoint-every", str(every)]
+    run_dir = tmp_path / "runs" / plan.config_hash
+    ckpts = run_dir / "checkpoints"
+
+    # cut short as soon as its first checkpoint is on disk
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(ckpts.glob("step*/resume_state.json")):
+        assert proc.poll() is None, "the shard ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not records.exists() or not records.read_text().strip()  # cut short: no record
+    saved = [json.loads(p.read_text())["step"] for p in ckpts.glob("step*/resume_state.json")]
+    assert len(saved) == 1 and saved[0] % every == 0 and saved[0] < steps  # only the newest is kept
+    cut_at = saved[0]
+
+    # the same command again resumes the trial and finishes it
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    (rec,) = O.read_records([records])
+    assert rec.config_hash == plan.config_hash and rec.record.resumed_from_step == cut_at
+    assert f"resumed from step {cut_at}" in again.stdout
+    assert not ckpts.exists()  # recorded: its resume points are deleted
+    resumed = _losses_by_step(run_dir)
+    assert sorted(resumed) == list(range(1, steps + 1))
+
+    # the same trial unbroken, without checkpoints, in another folder: the same steps after the cut
+    raw["sweep"]["output_dir"] = str(tmp_path / "unbroken")
+    unbroken_cfg = tmp_path / "unbroken.yaml"
+    unbroken_cfg.write_text(yaml.safe_dump(raw))
+    unbroken_records = tmp_path / "unbroken.jsonl"
+    whole = subprocess.run([sys.executable, "-m", "jobs.sweep", "--config", str(unbroken_cfg), "--offline-records",
+                            str(unbroken_records)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    (ref,) = O.read_records([unbroken_records])
+    assert ref.config_hash == plan.config_hash and ref.record.resumed_from_step == 0  # checkpoints: not in the hash
+    unbroken = _losses_by_step(tmp_path / "unbroken" / plan.config_hash)
+    for step in range(cut_at + 1, steps + 1):
+        assert resumed[step] == pytest.approx(unbroken[step], rel=1e-5), (step, resumed[step], unbroken[step])
+    assert rec.record.heldout_loss == pytest.approx(ref.record.heldout_loss, rel=1e-5)

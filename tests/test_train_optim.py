@@ -89,6 +89,7 @@ def test_config_yaml_overrides_and_flat_params(tmp_path):
     # cross-field rules name the file and the overrides that were applied
     ("parallel.zero_stage=5", "zero_stage must be 0..3", "both"),
     ("parallel.ep_size=2", "needs ZeRO stage 1 or 2", "both"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0", "both"),
 ])
 def test_config_errors_name_their_source_and_reason(tmp_path, override, message, blamed):
     path = tmp_path / "bad.yaml"

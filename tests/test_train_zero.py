@@ -123,3 +123,21 @@ def test_expert_parallel_resume_restores_every_ranks_experts(tmp_path):
     for h in resumed:
         if "loss" in h:
             assert abs(h["loss"] - unbroken[h["step"]]) < 1e-3 * max(1.0, abs(unbroken[h["step"]])), (h, unbroken)
+
+
+def test_only_the_newest_complete_checkpoints_are_kept(tmp_path):
+    """``train.keep_checkpoints`` in the torchrun runtime: complete checkpoints beyond the newest N
+    go; a directory without its resume state (a save in progress, or one cut short) stays, and a
+    resume never picks it."""
+    from pipeline.train.checkpoint import STATE_FILE, latest_local, prune_local
+
+    for step in (3, 6, 9, 12):
+        (tmp_path / f"step{step:08d}").mkdir()
+        (tmp_path / f"step{step:08d}" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        if step != 12:
+            (tmp_path / f"step{step:08d}" / STATE_FILE).write_text("{}")
+    gone = prune_local(tmp_path, keep=2)
+    assert [p.name for p in gone] == ["step00000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000006", "step00000009", "step00000012"]
+    assert latest_local(tmp_path).name == "step00000009"
+    assert prune_local(tmp_path, keep=0) == [] and len(list(tmp_path.iterdir())) == 3  # 0 keeps all

@@ -23,10 +23,12 @@ Nothing here imports ray or mlflow at module level; only ``import_records`` impo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -58,6 +60,7 @@ from pipeline.train.torchrun import TorchrunRuntime
 RECORD_VERSION = 1
 SOURCE_TAG = "scaling.source"  # on imported child runs: "offline:<records file name>"
 SHARED_GPU_TAG = "scaling.trials_per_gpu"  # on imported child runs whose trial shared its GPU
+RESUMED_TAG = "scaling.resumed_from_step"  # on imported child runs whose last run resumed a cut-short trial
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,10 +174,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_local(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+def train_local(train_config: dict[str, Any], checkpoint_every: int = 0) -> tuple[Any, dict[str, float]]:
     """Train one trial in this process through ``run_training`` and the torchrun runtime (world
     size 1, plain pyarrow reader, no tracking); returns (exported model, info) as
-    ``sweep.train_trial`` does. A trial folder with a complete checkpoint resumes from it."""
+    ``sweep.train_trial`` does. A trial folder with a complete checkpoint resumes from it.
+
+    ``checkpoint_every`` > 0 saves a resumable checkpoint every that many steps (only the newest
+    kept), so that a trial cut short (a job's time limit, a lost node) goes on from there when
+    its shard runs again with the same output folder; ``info["resumed_from_step"]`` says where
+    this run started. Checkpoints change nothing that is trained, so they are not in the trial's
+    hash."""
     import torch
 
     from model import TimeMoeModel
@@ -182,6 +191,8 @@ def train_local(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     tc = {k: dict(v) if isinstance(v, dict) else v for k, v in train_config.items()}
     tc["data"] = dict(tc.get("data") or {}, loader="plain")
     tc["tracking"] = {"enabled": False}
+    if checkpoint_every > 0:
+        tc["train"] = dict(tc.get("train") or {}, checkpoint_every=checkpoint_every, keep_checkpoints=1)
     cfg = config_from_dict(tc)
     cfg.scaling.num_workers = 1  # one process per trial here; the global batch is unchanged
     out = Path(cfg.train.output_dir).resolve()
@@ -196,12 +207,17 @@ def train_local(train_config: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    steps = []
+    every_run, this_run = [], []
     if metrics_file.exists():
-        lines = metrics_file.read_text().splitlines()[seen_lines:]
-        steps = [json.loads(line) for line in lines if line.strip()]
-    info.update(steady_speed(steps))
-    info["train_expert_balance"] = late_expert_balance(steps)
+        lines = metrics_file.read_text().splitlines()
+        every_run = [json.loads(line) for line in lines if line.strip()]
+        this_run = [json.loads(line) for line in lines[seen_lines:] if line.strip()]
+    # speed from this run's steps (a resumed run's wall time is its own); routing balance from the
+    # trajectory the model took, where steps redone after a resume count once (the later run's)
+    info.update(steady_speed(this_run))
+    info["resumed_from_step"] = int(this_run[0]["step"]) - 1 if this_run else 0
+    trajectory = sorted({int(m["step"]): m for m in every_run}.values(), key=lambda m: m["step"])
+    info["train_expert_balance"] = late_expert_balance(trajectory)
     return TimeMoeModel.from_pretrained(str(out / "final_model")), info
 
 
@@ -219,12 +235,17 @@ class OfflineResult:
 
 def run_offline(cfg: SweepConfig, records_path: str | Path, *, shard: tuple[int, int] = (0, 1),
                 log: Callable[[str], None] = print, train_fn: TrainFn | None = None,
-                trials_per_gpu: int = 1) -> OfflineResult:
+                trials_per_gpu: int = 1, checkpoint_every: int = 0) -> OfflineResult:
     """Train and measure this shard's trials in-process, appending one record per finished trial.
 
-    ``trials_per_gpu`` (how many such processes share this GPU) is written into every record."""
+    ``trials_per_gpu`` (how many such processes share this GPU) is written into every record;
+    ``checkpoint_every`` > 0 makes a trial cut short resume when the shard runs again
+    (:func:`train_local`)."""
     if trials_per_gpu < 1:
         raise ValueError(f"trials_per_gpu must be >= 1, got {trials_per_gpu}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    train_fn = train_fn or functools.partial(train_local, checkpoint_every=checkpoint_every)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))  # several trial processes on one host
     records_path = Path(records_path)
     plans = plan_trials(cfg)
@@ -242,7 +263,7 @@ def run_offline(cfg: SweepConfig, records_path: str | Path, *, shard: tuple[int,
             f"{p.spec.training_flops:.2e} FLOPs")
         t0 = time.perf_counter()
         try:
-            record = run_trial(p, cfg.evaluation, train_fn=train_fn or train_local)
+            record = run_trial(p, cfg.evaluation, train_fn=train_fn)
         except Exception as exc:  # the shard goes on; nothing is written, so a re-run retries it
             failed[p.config_hash] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc(file=sys.stderr)
@@ -252,9 +273,13 @@ def run_offline(cfg: SweepConfig, records_path: str | Path, *, shard: tuple[int,
                                                   trial=p.spec.name, params=trial_param_values(p), record=record,
                                                   trials_per_gpu=trials_per_gpu))
         ran.append(p.config_hash)
+        if checkpoint_every:  # recorded: the resume points are not needed any more (disk: ~1.6 GB at s4)
+            shutil.rmtree(Path(p.train_config["train"]["output_dir"]) / "checkpoints", ignore_errors=True)
         zs = f", zero-shot MSE {record.zs_mse:.4f}" if math.isfinite(record.zs_mse) else ""
         if record.expert_balance:
             zs += f", routing busiest/mean {record.balance_mean:.2f} (max layer {max(record.expert_balance):.2f})"
+        if record.resumed_from_step:
+            zs += f"; resumed from step {record.resumed_from_step} (train s and points/s are this run's)"
         log(f"[{k}/{len(todo)}] {p.spec.name} done: {p.points_seen:,} points, {time.perf_counter() - t0:.1f}s "
             f"(train {record.wall_time_s:.1f}s, {record.points_per_s:,.0f} points/s), held-out loss "
             f"{record.heldout_loss:.4f}, MSE {record.heldout_mse:.4f}{zs}")
@@ -306,6 +331,8 @@ def import_records(cfg: SweepConfig, paths: Iterable[str | Path], *, report: boo
         tag = {SOURCE_TAG: f"offline:{source}"}
         if rec.trials_per_gpu > 1:
             tag[SHARED_GPU_TAG] = str(rec.trials_per_gpu)
+        if rec.record.resumed_from_step:
+            tag[RESUMED_TAG] = str(rec.record.resumed_from_step)
         end_ms = int(rec.finished_at * 1000)
         wall = rec.record.wall_time_s if math.isfinite(rec.record.wall_time_s) else 0.0
         if run is not None:  # an online attempt left it unfinished: finish it with the record

@@ -74,6 +74,9 @@ class TrialRecord:
     # Training points of the data the trial trained on, by provenance kind ("real",
     # "synthetic/<generator>"), from the preprocessing report (metrics mixture/<kind>).
     data_mixture: dict[str, float] = field(default_factory=dict)
+    # The step a trial cut short had reached when this, its last run, resumed it (0: trained in
+    # one run); wall_time_s and points_per_s are then that last run's.
+    resumed_from_step: int = 0
 
     METRICS = ("n_total", "n_active", "points_seen", "training_flops", "heldout_loss", "heldout_mse",
                "zs_mse", "zs_mae", "wall_time_s", "points_per_s", "mfu")

@@ -257,6 +257,7 @@ def run_trial(plan: TrialPlan, ev: EvalSection, *, train_fn: TrainFn | None = No
         seed=plan.spec.seed, expert_balance=held.expert_balance,
         train_expert_balance=[float(b) for b in info.get("train_expert_balance", [])],
         data_mixture=data_mixture(data_path),
+        resumed_from_step=int(info.get("resumed_from_step", 0)),
     )
 
 

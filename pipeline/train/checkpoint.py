@@ -30,6 +30,7 @@ checkpoints hold (:data:`DEEPSPEED_CHECKPOINT_CLASSES`); anything else is refuse
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,14 @@ def latest_local(root: Path) -> Path | None:
     """Newest complete checkpoint directory under ``root`` (torchrun mode)."""
     done = sorted(p.parent for p in root.glob(f"step*/{STATE_FILE}"))
     return done[-1] if done else None
+
+
+def prune_local(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoint directories under ``root``
+    (torchrun mode; rank 0, after every rank has finished the newest); returns those deleted.
+    Incomplete directories are left alone: they may be a save still in progress."""
+    done = sorted(p.parent for p in root.glob(f"step*/{STATE_FILE}"))
+    old = done[:-keep] if keep > 0 else []
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old

@@ -145,7 +145,7 @@ def run_ray(cfg: TrainConfig, resume: bool = False) -> Any:
             name=RUN_NAME,
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
             # Ray Train's INFO lines (each rank's checkpoint path and report, per checkpoint)
             # reach the job log late and out of order; the loop's own lines say the same.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),

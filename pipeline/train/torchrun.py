@@ -55,6 +55,11 @@ class TorchrunRuntime:
 
     def save_and_report(self, engine: Any, state: ResumeState, metrics: dict[str, float]) -> None:
         checkpoint.save(engine, self.ckpt_root / f"step{state.step:08d}", state)
+        if self.cfg.train.keep_checkpoints:
+            if dist.is_initialized() and self.world_size > 1:
+                dist.barrier()  # every rank's part of the new checkpoint is on disk before an old one goes
+            if self.rank == 0:
+                checkpoint.prune_local(self.ckpt_root, self.cfg.train.keep_checkpoints)
 
 
 def main(argv: list[str] | None = None) -> None:
