@@ -32,6 +32,15 @@ def test_multiplier_of_each_sparse_family_covers_the_truth():
         # the headline sits at the largest compute both families cover
         assert m["compute"][-1] == pytest.approx(max(r.training_flops for r in records))
     assert fits["multiplier"] == fits["multipliers"]["sparse"]  # the paper's pair under its old key
+    # the training cost saved at equal loss, 1 - 1/m, beside the paper's 78%: 2/3 and 5/6 here
+    for fam, truth in (("sparse", 3.0), ("sparse_per_layer", 6.0)):
+        m = fits["multipliers"][fam]
+        sv = m["training_cost_saving"]
+        assert sv["estimate"] == pytest.approx(1 - 1 / m["headline"]["estimate"])
+        assert sv["low"] <= 1 - 1 / truth <= sv["high"] and sv["paper"] == 0.78
+    line = next(x for x in R.multiplier_lines(fits) if x.startswith("sparse:"))
+    sv = fits["multipliers"]["sparse"]["training_cost_saving"]
+    assert f"training cost saved at equal heldout_loss: {sv['estimate']:.0%}" in line and "the paper: 78%" in line
     # one point per cell: 2 sizes x 3 budgets, each the mean of its 3 seeds, with their spread
     cells = fits["families"]["dense"]["cells"]
     assert len(cells) == 6 and all(c["n_seeds"] == 3 and c["seeds"] == [0, 1, 2] for c in cells)
