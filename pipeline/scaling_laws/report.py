@@ -559,8 +559,8 @@ def multiplier_lines(fits: dict[str, Any]) -> list[str]:
                 f"{m['interval_method'].replace('_', ' ')})")
         if "training_cost_saving" in m:
             sv = m["training_cost_saving"]
-            line += (f"; training cost saved at equal {fits['metric']}: {sv['estimate']:.0%} "
-                     f"({sv['low']:.0%} to {sv['high']:.0%}; the paper: {sv['paper']:.0%})")
+            line += (f"; training cost saved at equal {fits['metric']}: {_pct(sv['estimate'])} "
+                     f"({_pct(sv['low'])} to {_pct(sv['high'])}; the paper: {_pct(sv['paper'])})")
         if m["excludes_1"]:
             line += "; the interval excludes 1"
         elif "resolving_budget" in m:
@@ -580,6 +580,11 @@ def multiplier_lines(fits: dict[str, Any]) -> list[str]:
 
 def _num(v: Any) -> str:
     return v if isinstance(v, str) else f"{v:.3g}"
+
+
+def _pct(v: Any) -> str:
+    """A share as a percentage; a non-finite one (a string once the fits went through JSON) as is."""
+    return str(v) if isinstance(v, str) or not math.isfinite(v) else f"{v:.0%}"
 
 
 def _fit_rows(fits: dict[str, Any]) -> list[list[str]]:
