@@ -127,3 +127,51 @@ def test_one_seed_per_cell_keeps_the_old_bootstrap_and_says_so():
     assert math.isnan(fits["families"]["sparse"]["seed_noise_log"])
     if not m["excludes_1"]:
         assert any("no cell has 2 seeds" in line for line in R.multiplier_lines(R._public(fits)))
+
+
+def _cell(size: str, n_active: float, points: float, loss: float, attention_fpp: float = 1e7) -> dict:
+    return {"size": size, "n_active": n_active, "points_seen": points, "mean": loss,
+            "training_flops": (6 * n_active + attention_fpp) * points}
+
+
+def test_inference_at_equal_loss_reads_the_dense_size_that_matches_the_sparse_loss():
+    """Dense losses linear in log N at the largest budget: the sparse family's best loss there is
+    dense's at k x its active size, so the matching dense size is k N and the forward FLOPs saved
+    follow from the FLOPs per point; the smaller budget's cells play no part."""
+    def dense_loss(n: float) -> float:
+        return 1.0 - 0.05 * math.log(n)
+
+    n3, n4, k = 1.47e7, 4.97e7, 1 / (1 - 0.39)
+    dense = [_cell("s3", n3, 1e8, dense_loss(n3)), _cell("s4", n4, 1e8, dense_loss(n4)),
+             _cell("s3", n3, 3.6e7, 0.9), _cell("s4", n4, 3.6e7, 0.8)]
+    sparse = [_cell("s3", n3, 1e8, dense_loss(k * n3) + 0.01), _cell("s4", n4, 1e8, dense_loss(k * n4)),
+              _cell("s4", n4, 3.6e7, 0.1)]  # a better loss at a smaller budget is not the comparison
+    inf = R.inference_at_equal_loss(sparse, dense)
+    assert inf["sparse_size"] == "s4" and inf["points_seen"] == 1e8
+    assert inf["n_dense_equivalent"] == pytest.approx(k * n4, rel=1e-9)
+    assert inf["extrapolated"]  # k N4 is beyond the largest dense size run
+    assert inf["inference_cost_saving"] == pytest.approx(1 - (6 * n4 + 1e7) / (6 * k * n4 + 1e7), rel=1e-9)
+    assert inf["paper"] == 0.39
+    # inside the dense sizes: not extrapolated
+    inside = R.inference_at_equal_loss([_cell("s3", n3, 1e8, dense_loss(2 * n3))], dense)
+    assert inside["n_dense_equivalent"] == pytest.approx(2 * n3) and not inside["extrapolated"]
+    # one dense size at that budget: nothing to read off; dense worse with size: no match
+    assert R.inference_at_equal_loss(sparse, dense[:1] + dense[2:]) is None
+    flat = [_cell("s3", n3, 1e8, 0.3), _cell("s4", n4, 1e8, 0.31)]
+    none = R.inference_at_equal_loss(sparse, flat)
+    assert none["n_dense_equivalent"] is None and "does not fall" in none["why_none"]
+
+
+def test_fits_carry_each_sparse_familys_inference_comparison_and_its_sentence():
+    records = seeded_trials({"sparse": 3.0, "sparse_per_layer": 6.0}, seeds=2, noise=0.0)
+    fits = R.fit_records(records, n_boot=10, joint=False)
+    assert set(fits["inference_at_equal_loss"]) == {"sparse", "sparse_per_layer"}
+    for fam in ("sparse", "sparse_per_layer"):
+        inf = fits["inference_at_equal_loss"][fam]
+        # a more compute-efficient family matches a larger dense model than its own active size
+        assert inf["n_dense_equivalent"] > inf["sparse_n_active"] and 0 < inf["inference_cost_saving"] < 1
+    assert (fits["inference_at_equal_loss"]["sparse_per_layer"]["n_dense_equivalent"]
+            > fits["inference_at_equal_loss"]["sparse"]["n_dense_equivalent"])
+    public = json.loads(json.dumps(R._public(fits)))  # the report renders the JSON-safe copy
+    lines = [x for x in R.multiplier_lines(public) if "inference at equal" in x]
+    assert len(lines) == 2 and all("the paper: 39%" in x and "less forward FLOPs per forecast" in x for x in lines)

@@ -27,7 +27,13 @@ import numpy as np
 
 from pipeline.reports import html_page as H
 from pipeline.scaling_laws import fit as F
-from pipeline.scaling_laws.families import DENSE, PAPER_TRAINING_COST_SAVING, SPARSE, SPARSE_FAMILIES
+from pipeline.scaling_laws.families import (
+    DENSE,
+    PAPER_INFERENCE_COST_SAVING,
+    PAPER_TRAINING_COST_SAVING,
+    SPARSE,
+    SPARSE_FAMILIES,
+)
 
 SWEEP_TAG = "scaling.sweep"
 ROLE_TAG = "scaling.role"
@@ -311,6 +317,38 @@ def training_cost_saving(multiplier: dict[str, float]) -> dict[str, float]:
             for k in ("estimate", "low", "high")} | {"paper": PAPER_TRAINING_COST_SAVING}
 
 
+def inference_at_equal_loss(sparse_cells: list[dict[str, Any]], dense_cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The paper's inference comparison for one sparse family: the dense model that reaches the
+    family's best loss with the same training points, and what its forecasts cost more.
+
+    Method, from the cells alone: the sparse family's best cell at its largest budget; the dense
+    cells at that budget (two sizes or more), loss taken linear in log N through them (least
+    squares) and solved for the sparse loss: ``n_dense_equivalent``. Forward FLOPs per point
+    scale as the training FLOPs per point (``model.flops``: training is 3 forward passes' worth),
+    taken linear in N through the dense sizes (``fit.linear_flops_per_point``), so the saving is
+    1 - fpp(sparse) / fpp(n_dense_equivalent). ``extrapolated``: that size lies outside the dense
+    sizes that ran. None when the dense family has fewer than two sizes at that budget."""
+    if not sparse_cells:
+        return None
+    points = max(c["points_seen"] for c in sparse_cells)
+    best = min((c for c in sparse_cells if c["points_seen"] == points), key=lambda c: c["mean"])
+    dense = [c for c in dense_cells if c["points_seen"] == points]
+    sizes = np.array([c["n_active"] for c in dense], dtype=float)
+    if len(np.unique(sizes)) < 2:
+        return None
+    out: dict[str, Any] = {"points_seen": points, "sparse_size": best["size"], "sparse_n_active": best["n_active"],
+                           "sparse_loss": best["mean"], "paper": PAPER_INFERENCE_COST_SAVING}
+    slope, intercept = np.polyfit(np.log(sizes), [c["mean"] for c in dense], 1)
+    if slope >= 0:  # dense gets no better with size here: no dense size matches, nothing to read off
+        return out | {"n_dense_equivalent": None, "inference_cost_saving": None,
+                      "why_none": "the dense loss does not fall with size at this budget"}
+    n_eq = float(math.exp((best["mean"] - intercept) / slope))
+    fpp = F.linear_flops_per_point(sizes, [c["training_flops"] / c["points_seen"] for c in dense])
+    sparse_fpp = best["training_flops"] / best["points_seen"]
+    return out | {"n_dense_equivalent": n_eq, "extrapolated": not sizes.min() <= n_eq <= sizes.max(),
+                  "inference_cost_saving": 1.0 - sparse_fpp / float(fpp(n_eq))}
+
+
 def _routing(recs: list[TrialRecord]) -> dict[str, Any] | None:
     """A family's routing balance: per layer, busiest expert / mean, averaged over its trials."""
     held = [r.expert_balance for r in recs if r.expert_balance]
@@ -350,6 +388,12 @@ def fit_records(records: list[TrialRecord], metric: str = "heldout_loss", n_boot
             result["multipliers"][fam] = _multiplier(
                 fam, sp, de, np.array([r.training_flops for r in fams[fam]]),
                 np.array([r.training_flops for r in fams[DENSE]]))
+    result["inference_at_equal_loss"] = {}
+    for fam in SPARSE_FAMILIES:
+        if fam in result["families"] and DENSE in result["families"]:
+            inf = inference_at_equal_loss(result["families"][fam]["cells"], result["families"][DENSE]["cells"])
+            if inf is not None:
+                result["inference_at_equal_loss"][fam] = inf
     if SPARSE in result["multipliers"]:
         result["multiplier"] = result["multipliers"][SPARSE]  # the paper's comparison, as before
     return result
@@ -550,7 +594,7 @@ def _mixture_rows(mixtures: list[dict[str, Any]]) -> list[list[str]]:
 
 def multiplier_lines(fits: dict[str, Any]) -> list[str]:
     """The headline sentence of each sparse family's compute multiplier, with the projection
-    when its interval includes 1."""
+    when its interval includes 1, then each family's inference comparison at equal loss."""
     lines = []
     for fam, m in fits.get("multipliers", {}).items():
         h = m["headline"]
@@ -574,6 +618,18 @@ def multiplier_lines(fits: dict[str, Any]) -> list[str]:
                          f"assuming {rb['assumption']}")
         else:
             line += "; includes 1 (no cell has 2 seeds: the seed noise is unknown, no projection)"
+        lines.append(line)
+    for fam, inf in fits.get("inference_at_equal_loss", {}).items():
+        line = (f"{fam} inference at equal {fits['metric']}: its best model ({inf['sparse_size']}, "
+                f"{_num(inf['sparse_n_active'])} active parameters, {fits['metric']} {_num(inf['sparse_loss'])} "
+                f"at {_num(inf['points_seen'])} points) ")
+        if inf.get("n_dense_equivalent") is None:
+            line += f"has no dense match ({inf.get('why_none', 'unknown')})"
+        else:
+            line += (f"matches a dense model of {_num(inf['n_dense_equivalent'])} parameters"
+                     f"{' (extrapolated beyond the dense sizes run)' if inf['extrapolated'] else ''}: "
+                     f"{_pct(inf['inference_cost_saving'])} less forward FLOPs per forecast "
+                     f"(the paper: {_pct(inf['paper'])}; loss linear in log N through the dense sizes)")
         lines.append(line)
     return lines
 
