@@ -152,6 +152,11 @@ def test_inference_at_equal_loss_reads_the_dense_size_that_matches_the_sparse_lo
     assert inf["extrapolated"]  # k N4 is beyond the largest dense size run
     assert inf["inference_cost_saving"] == pytest.approx(1 - (6 * n4 + 1e7) / (6 * k * n4 + 1e7), rel=1e-9)
     assert inf["paper"] == 0.39
+    # the seeds' spread in the sparse cell moves the reading: its best seed saves more
+    spread = [dict(c, min=c["mean"] - 0.01, max=c["mean"] + 0.01) for c in sparse]
+    low, high = R.inference_at_equal_loss(spread, dense)["saving_over_sparse_seeds"]
+    assert low < inf["inference_cost_saving"] < high
+    assert high == pytest.approx(1 - (6 * n4 + 1e7) / (6 * k * n4 * math.exp(0.2) + 1e7), rel=1e-9)
     # inside the dense sizes: not extrapolated
     inside = R.inference_at_equal_loss([_cell("s3", n3, 1e8, dense_loss(2 * n3))], dense)
     assert inside["n_dense_equivalent"] == pytest.approx(2 * n3) and not inside["extrapolated"]
