@@ -14,6 +14,8 @@ set -u
 out=$1 shards=$2 budget=${3:-585}
 t0=$(date +%s)
 mkdir -p "$out"
+# the host's cores and threads, beside the KernelSynth timing it explains
+{ nproc; lscpu 2>/dev/null | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket)"; } > "$out/host_cpu.txt"
 left() { echo $(( budget - ($(date +%s) - t0) )); }
 # KernelSynth needs only numpy and pyarrow (in a torch image): it runs while the bundle installs;
 # if it fails there, prepare_families_data.sh makes it again after the install
