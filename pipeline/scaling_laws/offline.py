@@ -55,7 +55,7 @@ from pipeline.scaling_laws.sweep import (
     trial_runs,
 )
 from pipeline.train.loop import run_training
-from pipeline.train.torchrun import TorchrunRuntime
+from pipeline.train.torchrun import TorchrunRuntime, checkpoint_root
 
 RECORD_VERSION = 1
 SOURCE_TAG = "scaling.source"  # on imported child runs: "offline:<records file name>"
@@ -211,7 +211,7 @@ def train_local(train_config: dict[str, Any], checkpoint_every: int = 0) -> tupl
     if metrics_file.exists():
         lines = metrics_file.read_text().splitlines()
         every_run = [json.loads(line) for line in lines if line.strip()]
-        this_run = [json.loads(line) for line in lines[seen_lines:] if line.strip()]
+        this_run = every_run[sum(1 for line in lines[:seen_lines] if line.strip()):]
     # speed from this run's steps (a resumed run's wall time is its own); routing balance from the
     # trajectory the model took, where steps redone after a resume count once (the later run's)
     info.update(steady_speed(this_run))
@@ -274,7 +274,7 @@ def run_offline(cfg: SweepConfig, records_path: str | Path, *, shard: tuple[int,
                                                   trials_per_gpu=trials_per_gpu))
         ran.append(p.config_hash)
         if checkpoint_every:  # recorded: the resume points are not needed any more (disk: ~1.6 GB at s4)
-            shutil.rmtree(Path(p.train_config["train"]["output_dir"]) / "checkpoints", ignore_errors=True)
+            shutil.rmtree(checkpoint_root(p.train_config["train"]["output_dir"]), ignore_errors=True)
         zs = f", zero-shot MSE {record.zs_mse:.4f}" if math.isfinite(record.zs_mse) else ""
         if record.expert_balance:
             zs += f", routing busiest/mean {record.balance_mean:.2f} (max layer {max(record.expert_balance):.2f})"

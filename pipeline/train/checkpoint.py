@@ -162,9 +162,15 @@ def load(engine: Any, directory: Path, fingerprint: str) -> ResumeState:
     return state
 
 
+def complete_local(root: Path) -> list[Path]:
+    """Complete checkpoint directories under ``root`` (torchrun mode: those with their resume
+    state, written last), oldest first."""
+    return sorted(p.parent for p in root.glob(f"step*/{STATE_FILE}"))
+
+
 def latest_local(root: Path) -> Path | None:
     """Newest complete checkpoint directory under ``root`` (torchrun mode)."""
-    done = sorted(p.parent for p in root.glob(f"step*/{STATE_FILE}"))
+    done = complete_local(root)
     return done[-1] if done else None
 
 
@@ -172,8 +178,7 @@ def prune_local(root: Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` complete checkpoint directories under ``root``
     (torchrun mode; rank 0, after every rank has finished the newest); returns those deleted.
     Incomplete directories are left alone: they may be a save still in progress."""
-    done = sorted(p.parent for p in root.glob(f"step*/{STATE_FILE}"))
-    old = done[:-keep] if keep > 0 else []
+    old = complete_local(root)[:-keep] if keep > 0 else []
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
     return old

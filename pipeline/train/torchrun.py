@@ -23,6 +23,11 @@ from pipeline.train.checkpoint import ResumeState
 from pipeline.train.loop import run_training
 
 
+def checkpoint_root(output_dir: str | Path) -> Path:
+    """Where a run's checkpoints go in this runtime (one ``step<N>`` folder each)."""
+    return Path(output_dir) / "checkpoints"
+
+
 class TorchrunRuntime:
     def __init__(self, cfg: TrainConfig, resume: bool):
         for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29512"), ("RANK", "0"),
@@ -34,7 +39,7 @@ class TorchrunRuntime:
         self.use_gpu = cfg.scaling.use_gpu
         if self.use_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        self.ckpt_root = Path(cfg.train.output_dir) / "checkpoints"
+        self.ckpt_root = checkpoint_root(cfg.train.output_dir)
         self.resume = resume
         self.reader = data.PlainReader(data.shard_files(cfg.data.path, data.TRAIN_DIR), cfg.train.micro_batch_size,
                                        self.rank, self.world_size, cfg.train.seed)
