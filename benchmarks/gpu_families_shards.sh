@@ -5,11 +5,12 @@
 # installs the offline bundle (.bundle/), writes the study's data (benchmarks/prepare_families_data.sh,
 # the same 1.2e8-point mixture every call, SHARED=.data), then trains the listed shards K of the plan's
 # 24 (python -m jobs.sweep --plan lists them: 0-7 dense, 8-15 sparse, 16-23 sparse_per_layer; within a
-# family s3 before s4, 3.6e7 before 1e8, seed 0 before seed 1) one after the other while the budget
-# lasts. Each finished trial appends its record to OUT/records-K.jsonl; a trial cut short writes
-# nothing, and a later call on the same (warm) machine resumes it from its newest checkpoint
-# (every CHECKPOINT_EVERY=500 steps), a fresh machine trains it again. Copy the records to
-# benchmarks/results/sweep-families-1gpu/ afterwards.
+# family s3 before s4, 3.6e7 before 1e8, seed 0 before seed 1) in the order given while the budget
+# lasts: LANES=N processes share the GPU and each takes the next shard nobody has taken in this call.
+# Each finished trial appends its record to OUT/records-K.jsonl, and a shard with a record is not
+# run again; a trial cut short writes nothing, and a later call on the same (warm) machine with the
+# same OUT resumes it from its newest checkpoint (every CHECKPOINT_EVERY=500 steps), a fresh machine
+# trains it again. Copy the records to benchmarks/results/sweep-families-1gpu/ afterwards.
 set -u
 out=$1 shards=$2 budget=${3:-585}
 t0=$(date +%s)
@@ -29,10 +30,14 @@ wait $synth && ready=1
 KERNELSYNTH_READY=$ready SHARED=.data PY=python3 WORKERS=$(nproc) \
     bash benchmarks/prepare_families_data.sh > "$out/data.log" 2>&1 || { tail -n 20 "$out/data.log"; exit 1; }
 echo "[families] data ready after $(( $(date +%s) - t0 )) s: $(grep -m1 'points in' "$out/data.log")"
-run_lane() {  # the shards given, one after the other, while the budget lasts
+claims="$out/claims-$t0"  # this call's: a cut-short shard is taken again by the next call
+mkdir -p "$claims"
+run_lane() {  # the next shard of the list that has no record and no taker yet, until none is left
     for k in "$@"; do
+        [ -s "$out/records-$k.jsonl" ] && continue
+        mkdir "$claims/$k" 2>/dev/null || continue  # atomic: one lane per shard
         l=$(left)
-        [ "$l" -gt 60 ] || { echo "[families] shard $k not started (${l}s left)"; continue; }
+        [ "$l" -gt 90 ] || { echo "[families] shard $k not started (${l}s left)"; continue; }
         echo "[families] shard $k/24 (${l}s left)"
         timeout $(( l - 10 )) python3 -m jobs.sweep --config configs/sweep-families-1gpu.yaml \
             --offline-records "$out/records-$k.jsonl" --shard "$k/24" --trials-per-gpu "$lanes" \
@@ -42,15 +47,15 @@ run_lane() {  # the shards given, one after the other, while the budget lasts
         grep -v -i -E "warn|^\[20" "$out/shard-$k.log" | grep -E "^\[|FAILED|Error" | tail -n 6
     done
 }
-# LANES=N trains N trials at once on the one GPU (the shards dealt out in turn): the small trials
-# leave most of the GPU idle between kernels, so lanes raise the trials per call; a record's
-# throughput is then the shared GPU's, its losses are unaffected
+# LANES=N trains N trials at once on the one GPU: the small trials leave most of the GPU idle
+# between kernels, so lanes raise the trials per call; a record's throughput is then the shared
+# GPU's, its losses are unaffected
 read -r -a list <<< "$shards"
+pending=0
+for k in "${list[@]}"; do [ -s "$out/records-$k.jsonl" ] || pending=$(( pending + 1 )); done
 lanes=${LANES:-1}
-[ "$lanes" -le "${#list[@]}" ] || lanes=${#list[@]}  # the records state how many trials shared the GPU
+[ "$lanes" -le "$pending" ] || lanes=$pending  # the records state how many trials shared the GPU
 for (( lane = 0; lane < lanes; lane++ )); do
-    mine=()
-    for (( i = lane; i < ${#list[@]}; i += lanes )); do mine+=("${list[i]}"); done
-    run_lane "${mine[@]}" &
+    run_lane "${list[@]}" &
 done
 wait
