@@ -38,6 +38,7 @@ it the released code's earlier numbers are printed, marked as not re-measured. C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -441,6 +442,7 @@ class Bench:
         doc = dict(meta=self.meta, rows=self.rows, skipped=self.skipped, protocol_windows=self.windows,
                    protocol_estimate=protocol_estimates(self.rows, self.windows), quoted_not_remeasured=QUOTED,
                    released=self.released[2] if isinstance(self.released, tuple) else self.released,
+                   same_inference_as=SAME_INFERENCE_AS,
                    elapsed_s=self.elapsed())
         path = Path(self.args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -473,17 +475,33 @@ def describe(r: dict) -> str:
 
 # Model shapes by name: the presets, plus every (family, size) of a sweep grid given with --grid,
 # named "<family>-<size>" (e.g. "sparse_per_layer-s4"), so each family's inference cost is measured
-# on the shape its trials trained.
+# on the shape its trials trained. Families that differ only in how they were trained (the aux
+# loss) run the same forward: only the first is measured, the others name it in SAME_INFERENCE_AS.
 GRID_SHAPES: dict[str, TimeMoeConfig] = {}
+SAME_INFERENCE_AS: dict[str, str] = {}
+
+
+def inference_shape(config: TimeMoeConfig) -> TimeMoeConfig:
+    """The config with the fields that act only on the training loss set to one value."""
+    return dataclasses.replace(config, apply_aux_loss=True, router_aux_loss_factor=0.0, router_aux_loss_scope="pooled")
 
 
 def add_grid_shapes(config_yaml: str) -> list[str]:
-    """Register the ``grid:`` section's shapes of a sweep YAML; returns their names."""
+    """Register the ``grid:`` section's shapes of a sweep YAML; returns the names to measure (one
+    per distinct inference shape)."""
     grid = GridConfig.from_dict(yaml.safe_load(Path(config_yaml).read_text()).get("grid") or {}, config_yaml)
+    measured: list[str] = []
     for family in grid.families:
         for size in grid.sizes:
-            GRID_SHAPES[f"{family}-{size.name}"] = model_config(grid, size, family)
-    return list(GRID_SHAPES)
+            name = f"{family}-{size.name}"
+            GRID_SHAPES[name] = model_config(grid, size, family)
+            twin = next((m for m in measured if inference_shape(GRID_SHAPES[m]) == inference_shape(GRID_SHAPES[name])),
+                        None)
+            if twin is None:
+                measured.append(name)
+            else:
+                SAME_INFERENCE_AS[name] = twin
+    return measured
 
 
 def model_shape(name: str) -> TimeMoeConfig:
@@ -561,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("evaluate_gpu.py needs a CUDA GPU (or --device cpu for a smoke test)")
 
     bench = Bench(args)
+    for name, twin in SAME_INFERENCE_AS.items():
+        print(f"{name}: the same forward as {twin} (they differ only in training), measured once as {twin}")
     print(f"device {bench.meta['device']}, torch {torch.__version__}; protocol windows per pair "
           f"{bench.windows['per_pair']} (total {bench.windows['total']:,})", flush=True)
     if args.reference_dir:

@@ -47,11 +47,12 @@ def test_smoke_invocation_writes_rows_and_protocol_estimate(tmp_path):
 
 def test_grid_shapes_are_the_sweep_trials_models_and_their_flops(tmp_path):
     """``--grid``: each (family, size) of a sweep YAML measured on the very model its trials train,
-    with that model's FLOPs per window."""
+    with that model's FLOPs per window; a family that differs only in its training loss is not
+    measured twice but named beside the one it equals."""
     import yaml
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from evaluate_gpu import add_grid_shapes, model_shape
+    from evaluate_gpu import SAME_INFERENCE_AS, add_grid_shapes, model_shape
 
     from model.flops import count_parameters, generate_flops_per_window
     from pipeline.scaling_laws.grid import GridConfig, expand_grid
@@ -62,7 +63,10 @@ def test_grid_shapes_are_the_sweep_trials_models_and_their_flops(tmp_path):
             "families": ["dense", "sparse", "sparse_per_layer"]}
     config.write_text(yaml.safe_dump({"grid": grid}))
     names = add_grid_shapes(str(config))
-    assert sorted(names) == ["dense-a", "sparse-a", "sparse_per_layer-a"]
+    assert sorted(names) == ["dense-a", "sparse-a"]
+    assert SAME_INFERENCE_AS == {"sparse_per_layer-a": "sparse-a"}
+    assert model_shape("sparse_per_layer-a").router_aux_loss_scope == "per_layer"
+    assert model_shape("sparse-a").router_aux_loss_scope == "pooled"
     trials = {t.family: t for t in expand_grid(GridConfig.from_dict(grid))}
     for family, trial in trials.items():
         shape = model_shape(f"{family}-a")
@@ -74,8 +78,10 @@ def test_grid_shapes_are_the_sweep_trials_models_and_their_flops(tmp_path):
            "--json", str(out), "--repeats", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {r["preset"]: r for r in json.loads(out.read_text())["rows"] if r["kind"] == "generate"}
+    doc = json.loads(out.read_text())
+    rows = {r["preset"]: r for r in doc["rows"] if r["kind"] == "generate"}
     assert set(rows) == set(names) and all(r["status"] == "ok" for r in rows.values())
+    assert doc["same_inference_as"] == {"sparse_per_layer-a": "sparse-a"}
     for name, r in rows.items():
         assert r["flops_per_window"] == generate_flops_per_window(model_shape(name), 64, 8)
 
