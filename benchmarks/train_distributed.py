@@ -192,8 +192,8 @@ PLANS: dict[str, list[list[RunSpec]]] = {
         [_r("timemoe-ultra", [0, 1], 1, 32, "-bal", steps=10, overrides=BAL_ULTRA)],
         [_r("timemoe-ultra", [0, 1], 2, 32, "-bal-c2", steps=10, overrides=BAL_ULTRA + ["parallel.ep_chunks=2"])],
     ],
-    # a 1-GPU machine (nvidia-h200): the 1-GPU baselines of the scaling table on a quiet host
-    # (the 8-GPU call ran them next to other runs); two calls, each under the 600 s limit
+    # a 1-GPU host: the 1-GPU baselines of the scaling table on a quiet host (the 8-GPU run had
+    # them next to other runs); two groups, each under a 10-minute job limit
     "single_200m": [[_r("timemoe-200m", [0], 1, 16)]],
     "single_rest": [[_r("timemoe-ultra", [0], 1, 4)], [_r("timemoe-50m", [0], 1, 16)]],
     "smoke": [[_r("timemoe-50m", [0, 1], 2, 4, steps=4)]],

@@ -67,8 +67,8 @@ class ParallelSection:
     ep_size: int = 1
     # EP only: pipeline each MoE layer in this many chunks of tokens (pipeline.parallel.ep_dispatch), so
     # the exchanges of one chunk overlap the experts of the next. 1 = no pipelining. Each chunk
-    # adds ~150 kernel launches per layer; on one H200 that cost more than any exchange on one
-    # NVLink host could hide (docs/expert_parallel.md): leave 1 unless the exchange is slow.
+    # adds ~150 kernel launches per layer, which cost more than any exchange inside one NVLink host
+    # could hide (docs/expert_parallel.md): leave 1 unless the exchange is slow.
     ep_chunks: int = 1
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
     activation_checkpointing: bool = False
