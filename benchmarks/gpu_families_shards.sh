@@ -18,6 +18,16 @@ mkdir -p "$out"
 # the host's cores and threads, beside the KernelSynth timing it explains
 { nproc; lscpu 2>/dev/null | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket)"; } > "$out/host_cpu.txt"
 left() { echo $(( budget - ($(date +%s) - t0) )); }
+# how busy and how full the card is while the lanes share it (memory decides how many lanes fit)
+monitor=""
+if command -v nvidia-smi > /dev/null; then
+    (while sleep 30; do  # all of it into the file: nothing holds the caller's pipe open
+        echo "$(( $(date +%s) - t0 )) s: $(nvidia-smi --query-gpu=utilization.gpu,memory.used,memory.total \
+            --format=csv,noheader 2>&1 | head -n 1)"
+    done) >> "$out/gpu_use.txt" 2>&1 &
+    monitor=$!
+    trap 'kill $monitor 2> /dev/null' EXIT
+fi
 # KernelSynth needs only numpy and pyarrow (in a torch image): it runs while the bundle installs;
 # if it fails there, prepare_families_data.sh makes it again after the install
 (KERNELSYNTH_ONLY=1 SHARED=.data PY=python3 WORKERS=$(nproc) bash benchmarks/prepare_families_data.sh \
@@ -55,7 +65,9 @@ pending=0
 for k in "${list[@]}"; do [ -s "$out/records-$k.jsonl" ] || pending=$(( pending + 1 )); done
 lanes=${LANES:-1}
 [ "$lanes" -le "$pending" ] || lanes=$pending  # the records state how many trials shared the GPU
+lane_pids=()
 for (( lane = 0; lane < lanes; lane++ )); do
     run_lane "${list[@]}" &
+    lane_pids+=($!)
 done
-wait
+[ "${#lane_pids[@]}" -eq 0 ] || wait "${lane_pids[@]}"  # the lanes, not the monitor
