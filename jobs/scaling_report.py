@@ -22,6 +22,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pipeline.console import configure_output
+from pipeline.scaling_laws.inference import read_measurements
 from pipeline.scaling_laws.report import FIT_METRICS, rebuild_from_mlflow
 
 
@@ -35,9 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default=None, choices=FIT_METRICS, help="metric to fit (default: held-out loss)")
     ap.add_argument("--n-boot", default=200, type=int, help="bootstrap resamples for the intervals")
     ap.add_argument("--no-log", action="store_true", help="do not upload the report to the parent run")
+    ap.add_argument("--inference-json", default=None, type=Path,
+                    help="benchmarks/evaluate_gpu.py --grid JSON: the shapes' measured inference cost")
     args = ap.parse_args(argv)
+    try:
+        inference = read_measurements(args.inference_json) if args.inference_json else None
+    except ValueError as exc:
+        ap.error(str(exc))
     files = rebuild_from_mlflow(args.experiment, args.out, tracking_uri=args.tracking_uri, sweep=args.sweep,
-                                n_boot=args.n_boot, log=not args.no_log, metric=args.metric)
+                                n_boot=args.n_boot, log=not args.no_log, metric=args.metric, inference=inference)
     print(files.table_md.read_text())
     print(f"report written to {files.out_dir.resolve()}")
     return 0

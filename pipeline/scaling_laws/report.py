@@ -34,6 +34,7 @@ from pipeline.scaling_laws.families import (
     SPARSE,
     SPARSE_FAMILIES,
 )
+from pipeline.scaling_laws.inference import speed_at_equal_loss
 
 SWEEP_TAG = "scaling.sweep"
 ROLE_TAG = "scaling.role"
@@ -640,8 +641,26 @@ def multiplier_lines(fits: dict[str, Any]) -> list[str]:
                      f"({_pct(inf['saving_over_sparse_seeds'][0])} to {_pct(inf['saving_over_sparse_seeds'][1])} "
                      f"over the sparse cell's seeds; the paper: {_pct(inf['paper'])}; loss linear in log N "
                      f"through the dense sizes)")
+            ms = inf.get("measured")
+            if ms and ms.get("measured_time_saving") is not None:
+                line += (f"; measured on {ms['device']}: the stride-1 protocol in {ms['sparse_protocol_minutes']:.1f} min "
+                         f"against {ms['dense_protocol_minutes']:.1f} min for that dense model (linear in N through "
+                         f"the dense sizes measured), {_pct(ms['measured_time_saving'])} less time")
         lines.append(line)
     return lines
+
+
+INFERENCE_HEADER = ["shape", "measured as", "windows/s per context/horizon", "forward GFLOPs per forecast",
+                    "protocol min"]
+
+
+def _inference_rows(measured: dict[str, Any] | None) -> list[list[str]]:
+    rows = []
+    for name, sh in sorted((measured or {}).get("shapes", {}).items()):
+        pairs = sorted(sh.get("windows_per_s", {}), key=lambda p: int(p.split("/")[0]))
+        rows.append([name, sh["measured_as"], ", ".join(f"{p}: {sh['windows_per_s'][p]:,.0f}" for p in pairs),
+                     ", ".join(f"{sh['flops_per_window'][p] / 1e9:.3g}" for p in pairs), f"{sh['protocol_minutes']:.1f}"])
+    return rows
 
 
 def _num(v: Any) -> str:
@@ -695,8 +714,9 @@ class ReportFiles:
 
 
 def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric: str | None = None,
-                 n_boot: int = 200, seed: int = 0) -> ReportFiles:
-    """Fit, plot and tabulate ``records`` into ``out_dir``."""
+                 n_boot: int = 200, seed: int = 0, inference: dict[str, Any] | None = None) -> ReportFiles:
+    """Fit, plot and tabulate ``records`` into ``out_dir``. ``inference``: measured speeds of the
+    sweep's shapes (``inference.read_measurements``), tabulated and used in the comparison at equal loss."""
     records = list(records)
     if not records:
         raise ValueError("build_report: no finished trials to report on")
@@ -706,6 +726,12 @@ def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fits = fit_records(records, metric=metric, n_boot=n_boot, seed=seed)
+    if inference is not None:
+        fits["inference_measured"] = inference
+        for fam, inf in fits.get("inference_at_equal_loss", {}).items():
+            dense_sizes = {c["size"]: c["n_active"] for c in fits["families"][DENSE]["cells"]
+                           if c["points_seen"] == inf["points_seen"]}
+            inf["measured"] = speed_at_equal_loss(inf, fam, inference, dense_sizes, dense_family=DENSE)
     public = _public(fits)
     public["trials"] = [asdict(r) for r in records]
     fits_json = out_dir / "scaling_fits.json"
@@ -718,6 +744,9 @@ def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric:
     extra_md = (f"\n## Cells (mean and spread over seeds)\n\n{_markdown(CELL_HEADER, _cells_table_rows(fits))}\n"
                 f"\n## Routing balance (held-out windows)\n\n{_markdown(ROUTING_HEADER, _routing_rows(fits))}\n"
                 f"\n## Training data mixture\n\n{_markdown(MIXTURE_HEADER, _mixture_rows(public['data_mixtures']))}\n")
+    if inference is not None:
+        extra_md += (f"\n## Inference cost (measured on {inference['device']}, {inference['date']})\n\n"
+                     f"{_markdown(INFERENCE_HEADER, _inference_rows(inference))}\n")
     md = (f"# Scaling report ({metric})\n\n## Trials\n\n{_markdown(header, _table_rows(records))}\n\n"
           f"## Fits (90% bootstrap intervals)\n\n{_markdown(FIT_HEADER, _fit_rows(fits))}{mult_line}{extra_md}")
     table_md = out_dir / "scaling_table.md"
@@ -753,13 +782,13 @@ def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric:
 
 def rebuild_from_mlflow(experiment: str, out_dir: Path | str, *, tracking_uri: str | None = None,
                         sweep: str | None = None, n_boot: int = 200, log: bool = True,
-                        metric: str | None = None) -> ReportFiles:
+                        metric: str | None = None, inference: dict[str, Any] | None = None) -> ReportFiles:
     """Read the newest sweep's finished child runs, build the report, log it on the parent."""
     parent_id, records = load_trials(experiment, tracking_uri, sweep)
     if not records:
         raise ValueError(f"experiment {experiment!r}: sweep run {parent_id} has no finished trials "
                          "with the required metrics")
-    files = build_report(records, out_dir, metric=metric, n_boot=n_boot)
+    files = build_report(records, out_dir, metric=metric, n_boot=n_boot, inference=inference)
     if log:
         log_report(tracking_uri, parent_id, files.out_dir)
     return files
@@ -844,6 +873,9 @@ def write_page(records: list[TrialRecord], fits: dict[str, Any], out_dir: Path) 
         ("routing", "Routing balance per family (busiest expert / mean, held-out windows)",
          H.table(ROUTING_HEADER, _routing_rows(fits)) if fits.get("routing") else "<p>no MoE trial with a routing record</p>"),
         ("mixture", "Training data mixture", H.table(MIXTURE_HEADER, _mixture_rows(fits.get("data_mixtures", [])))),
+        ("inference", "Inference cost of each shape (measured; speed does not depend on the weights)",
+         H.table(INFERENCE_HEADER, _inference_rows(fits.get("inference_measured")))
+         if fits.get("inference_measured") else "<p>not measured (jobs.scaling_report --inference-json)</p>"),
         ("trials", "Trials", H.table(header, _table_rows(records))),
     ]
     path = out_dir / "scaling_report.html"
