@@ -11,7 +11,7 @@ repeats; this is our own numpy implementation of that description:
    whose amplitude grows with a trend, a trend with local wiggles);
 3. draw a series of ``length`` points from GP(0, k) on t = 0 .. 1: x = chol(K + jitter I) z.
 
-The exact Cholesky sample costs O(length^3) per composition (~25 ms at 1024 points on one core),
+The exact Cholesky sample costs O(length^3) per composition (the generator's largest cost),
 so a composition gives ``samples_per_kernel`` independent series (one factorisation, several z):
 each is a distinct series, and compositions stay plentiful (a 1e8-point corpus of 1024-point
 series draws ~27k of them at 4 samples each). Series that cleaning would throw away, or that
@@ -77,23 +77,41 @@ class KernelSynthConfig:
 # ------------------------------------------------------------------------------ kernels
 
 
-def base_kernel(kind: str, t_L: np.ndarray, rng: np.random.Generator, cfg: KernelSynthConfig) -> tuple[np.ndarray, str]:
-    """One base kernel's [L, L] covariance on the time grid and a readable description."""
-    d_LL = t_L[:, None] - t_L[None, :]
+def base_kernel(kind: str, t_L: np.ndarray, rng: np.random.Generator, cfg: KernelSynthConfig,
+                d_LL: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """One base kernel's [L, L] covariance on the time grid and a readable description.
+    ``d_LL`` (t - t', computed once per group when given) is only read. The formulas are worked
+    in place, one operation at a time in the textbook order, so the values are those of the
+    one-line expressions in the comments, bit for bit, with one [L, L] array instead of four."""
+    if d_LL is None:
+        d_LL = t_L[:, None] - t_L[None, :]
     if kind == "linear":  # k = (t - c)(t' - c): a line through a random point, slope ~ N(0, 1)
         c = float(rng.choice(cfg.linear_offsets))
         return (t_L[:, None] - c) * (t_L[None, :] - c), f"linear(c={c})"
-    if kind == "rbf":
+    if kind == "rbf":  # exp(-0.5 (d / l)^2)
         ell = float(rng.choice(cfg.rbf_lengths))
-        return np.exp(-0.5 * (d_LL / ell) ** 2), f"rbf(l={ell})"
-    if kind == "periodic":  # exp-sine-squared: exactly periodic, smooth within a period
+        k = d_LL / ell
+        np.square(k, out=k)
+        k *= -0.5
+        return np.exp(k, out=k), f"rbf(l={ell})"
+    if kind == "periodic":  # exp(-2 sin(pi |d| / p)^2 / l^2): exactly periodic, smooth within a period
         period = float(rng.choice(cfg.periods_points)) / len(t_L)
         ell = float(rng.choice(cfg.periodic_lengths))
-        return np.exp(-2.0 * np.sin(np.pi * np.abs(d_LL) / period) ** 2 / ell ** 2), f"periodic(p={period * len(t_L):.0f},l={ell})"
-    if kind == "rational_quadratic":  # a scale mixture of RBFs: several length scales at once
+        k = np.abs(d_LL)
+        k *= np.pi
+        k /= period
+        np.sin(k, out=k)
+        np.square(k, out=k)
+        k *= -2.0
+        k /= ell ** 2
+        return np.exp(k, out=k), f"periodic(p={period * len(t_L):.0f},l={ell})"
+    if kind == "rational_quadratic":  # (1 + d^2 / (2 a l^2))^-a: a scale mixture of RBFs, several length scales at once
         ell = float(rng.choice(cfg.rq_lengths))
         alpha = float(rng.choice(cfg.rq_alphas))
-        return (1.0 + d_LL ** 2 / (2.0 * alpha * ell ** 2)) ** -alpha, f"rq(l={ell},a={alpha})"
+        k = np.square(d_LL)
+        k /= 2.0 * alpha * ell ** 2
+        k += 1.0
+        return np.power(k, -alpha, out=k), f"rq(l={ell},a={alpha})"
     if kind == "white_noise":
         var = float(rng.choice(cfg.white_variances))
         return var * np.eye(len(t_L)), f"white(v={var})"
@@ -113,12 +131,16 @@ def random_kernel(rng: np.random.Generator, t_L: np.ndarray, cfg: KernelSynthCon
     """Steps 1 and 2: J base kernels folded left to right with random + / x."""
     n = int(rng.integers(1, cfg.max_kernels + 1))
     kinds = [str(k) for k in rng.choice(BASE_KERNELS, n)]
-    K, text = base_kernel(kinds[0], t_L, rng, cfg)
+    d_LL = t_L[:, None] - t_L[None, :]
+    K, text = base_kernel(kinds[0], t_L, rng, cfg, d_LL)
     comp = Composition(kernels=kinds)
     for kind in kinds[1:]:
-        other, other_text = base_kernel(kind, t_L, rng, cfg)
+        other, other_text = base_kernel(kind, t_L, rng, cfg, d_LL)
         op = "+" if rng.random() < 0.5 else "*"
-        K = K + other if op == "+" else K * other
+        if op == "+":
+            K += other
+        else:
+            K *= other
         comp.operators.append(op)
         text = f"({text} {op} {other_text})"
     comp.text = text
@@ -127,12 +149,15 @@ def random_kernel(rng: np.random.Generator, t_L: np.ndarray, cfg: KernelSynthCon
 
 def _cholesky(K: np.ndarray, jitter: float) -> np.ndarray | None:
     """Lower Cholesky factor of K + jitter I, raising the jitter up to 1e-2 of K's scale; a
-    product of kernels can be numerically singular (rank-deficient linear or periodic parts)."""
+    product of kernels can be numerically singular (rank-deficient linear or periodic parts).
+    The jitter goes onto K's diagonal in place (K is the caller's scratch)."""
     scale = float(np.mean(np.diag(K))) or 1.0
-    eye = np.eye(len(K))
+    diagonal = np.diag_indices(len(K))
+    base = K[diagonal].copy()
     for j in (jitter, jitter * 1e2, jitter * 1e4):
+        K[diagonal] = base + j * scale
         try:
-            return np.linalg.cholesky(K + j * scale * eye)
+            return np.linalg.cholesky(K)
         except np.linalg.LinAlgError:
             continue
     return None

@@ -41,6 +41,70 @@ def test_groups_are_deterministic_distinct_and_never_constant():
     assert not KS.usable(np.ones(100), 0.2) and not KS.usable(np.repeat(np.arange(10.0), 10), 0.2)
 
 
+def _reference_group(seed: int, group: int, cfg: KS.KernelSynthConfig) -> tuple[np.ndarray, int]:
+    """The generator written the plain way (one expression per kernel, a fresh K + jitter I per
+    try): the series of ``group`` and how many factorisations it tried."""
+    rng = np.random.default_rng([seed, group])
+    t_L = np.linspace(0.0, 1.0, cfg.length)
+    d_LL = t_L[:, None] - t_L[None, :]
+    tries = 0
+
+    def base(kind: str) -> np.ndarray:
+        if kind == "linear":
+            c = float(rng.choice(cfg.linear_offsets))
+            return (t_L[:, None] - c) * (t_L[None, :] - c)
+        if kind == "rbf":
+            ell = float(rng.choice(cfg.rbf_lengths))
+            return np.exp(-0.5 * (d_LL / ell) ** 2)
+        if kind == "periodic":
+            period = float(rng.choice(cfg.periods_points)) / len(t_L)
+            ell = float(rng.choice(cfg.periodic_lengths))
+            return np.exp(-2.0 * np.sin(np.pi * np.abs(d_LL) / period) ** 2 / ell ** 2)
+        if kind == "rational_quadratic":
+            ell = float(rng.choice(cfg.rq_lengths))
+            alpha = float(rng.choice(cfg.rq_alphas))
+            return (1.0 + d_LL ** 2 / (2.0 * alpha * ell ** 2)) ** -alpha
+        return float(rng.choice(cfg.white_variances)) * np.eye(len(t_L))
+
+    while True:
+        kinds = [str(k) for k in rng.choice(KS.BASE_KERNELS, int(rng.integers(1, cfg.max_kernels + 1)))]
+        K = base(kinds[0])
+        for kind in kinds[1:]:
+            other = base(kind)
+            K = K + other if rng.random() < 0.5 else K * other
+        scale = float(np.mean(np.diag(K))) or 1.0
+        chol = None
+        for j in (cfg.jitter, cfg.jitter * 1e2, cfg.jitter * 1e4):
+            tries += 1
+            try:
+                chol = np.linalg.cholesky(K + j * scale * np.eye(len(K)))
+                break
+            except np.linalg.LinAlgError:
+                continue
+        if chol is None:
+            continue
+        x_SL = (chol @ rng.standard_normal((cfg.length, cfg.samples_per_kernel))).T
+        if all(KS.usable(x, cfg.max_flat_share) for x in x_SL):
+            return x_SL, tries
+
+
+def test_groups_equal_the_plain_formulas_bit_for_bit_retries_included():
+    """The in-place kernels and jitter give exactly the series of the textbook expressions, so
+    data made before and after that change are the same; groups whose first factorisation fails
+    (a larger jitter or a redrawn composition) are among those compared."""
+    for g in range(12):  # the study's length: every group factorises at the first try
+        cfg = KS.KernelSynthConfig(length=1024)
+        assert np.array_equal(KS.generate_group(0, g, cfg)[0], _reference_group(0, g, cfg)[0]), g
+    # a jitter too small for the singular compositions: larger jitters and redraws happen
+    tiny_jitter = KS.KernelSynthConfig(length=256, jitter=1e-18)
+    tries = []
+    for g in range(40):
+        expected, n_tries = _reference_group(0, g, tiny_jitter)
+        assert np.array_equal(KS.generate_group(0, g, tiny_jitter)[0], expected), g
+        tries.append(n_tries)
+    assert 1 in tries and any(1 < t <= 3 for t in tries) and any(t > 3 for t in tries)  # a redraw: > 3 tries
+
+
 def test_corpus_is_the_same_with_any_number_of_workers_and_counts_add_up(tmp_path):
     one = KS.write_corpus(str(tmp_path / "one"), 9000, seed=3, workers=1, cfg=SMALL)
     two = KS.write_corpus(str(tmp_path / "two"), 9000, seed=3, workers=2, cfg=SMALL)
