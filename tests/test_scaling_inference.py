@@ -124,3 +124,24 @@ def test_scaling_report_cli_rejects_an_unreadable_inference_json_by_name(tmp_pat
     proc = subprocess.run([sys.executable, "-m", "jobs.scaling_report", "--experiment", "x", "--inference-json", str(bad)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not_eval.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sweep_config_names_the_measurements_for_its_report_without_changing_trial_hashes(tmp_path):
+    """``evaluation.report_inference_json`` of the families study: read for the sweep's (and the
+    import's) report; the committed records still belong to the plan; a file that cannot be read
+    is named in the log and left out."""
+    import dataclasses
+
+    from pipeline.scaling_laws.offline import read_records
+    from pipeline.scaling_laws.sweep import SweepConfig, plan_trials, report_inference
+
+    cfg = SweepConfig.from_yaml(str(ROOT / "configs" / "sweep-families-1gpu.yaml"))
+    measured = report_inference(cfg.evaluation)
+    assert measured is not None and measured["shapes"]["sparse_per_layer-s4"]["measured_as"] == "sparse-s4"
+    hashes = {p.config_hash for p in plan_trials(cfg)}
+    records = read_records(sorted((COMMITTED.parent).glob("records-*.jsonl")))
+    assert records and {r.config_hash for r in records} <= hashes
+    logs: list[str] = []
+    missing = dataclasses.replace(cfg.evaluation, report_inference_json=str(tmp_path / "gone.json"))
+    assert report_inference(missing, logs.append) is None and "gone.json" in logs[0]
+    assert report_inference(dataclasses.replace(cfg.evaluation, report_inference_json=None)) is None

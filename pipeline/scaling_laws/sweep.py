@@ -39,6 +39,7 @@ from pipeline.evaluation import protocol as evaluation
 from pipeline.evaluation.inference import InferenceOptions, ModelForecaster
 from pipeline.scaling_laws import report as R
 from pipeline.scaling_laws.grid import GridConfig, TrialSpec, expand_grid, format_grid
+from pipeline.scaling_laws.inference import read_measurements
 from pipeline.tracking import experiment_id, tracking_uri
 from pipeline.train import ray_runtime as trainer
 from pipeline.train.validation import heldout_measures
@@ -59,6 +60,9 @@ class EvalSection:
     zero_shot_device: str = "auto"  # pipeline.evaluation.inference: the trial's GPU when it has one
     zero_shot_dtype: str = "auto"   # bf16 on a GPU, fp32 on CPU
     report_n_boot: int = 200
+    # benchmarks/evaluate_gpu.py --grid JSON of this grid's shapes: the report then tabulates their
+    # measured inference cost and times the comparison at equal loss (pipeline.scaling_laws.inference)
+    report_inference_json: str | None = None
 
 
 @dataclass
@@ -325,13 +329,26 @@ def create_trial_run(runs: SweepRuns, cfg: SweepConfig, p: TrialPlan, *, tags: d
     return run_id
 
 
+def report_inference(ev: EvalSection, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """The measured inference cost named by ``evaluation.report_inference_json``; one that cannot
+    be read is named in the log and left out, so a sweep's report never fails on it."""
+    if not ev.report_inference_json:
+        return None
+    try:
+        return read_measurements(ev.report_inference_json)
+    except ValueError as exc:
+        log(f"report: the measured inference cost is left out: {exc}")
+        return None
+
+
 def build_sweep_report(cfg: SweepConfig, runs: SweepRuns, log: Callable[[str], None] = print) -> R.ReportFiles | None:
     """The report from the sweep's FINISHED children in MLflow, logged on the parent run."""
     _, records = R.load_trials(cfg.sweep.experiment, runs.uri, cfg.sweep.name)
     if len(records) < 3:
         log(f"report skipped: {len(records)} finished trials (need >= 3)")
         return None
-    files = R.build_report(records, Path(cfg.sweep.output_dir) / "report", n_boot=cfg.evaluation.report_n_boot)
+    files = R.build_report(records, Path(cfg.sweep.output_dir) / "report", n_boot=cfg.evaluation.report_n_boot,
+                           inference=report_inference(cfg.evaluation, log))
     R.log_report(runs.uri, runs.parent, files.out_dir)
     log(f"report: {files.out_dir}")
     return files
