@@ -38,7 +38,6 @@ it the released code's earlier numbers are printed, marked as not re-measured. C
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -476,14 +475,10 @@ def describe(r: dict) -> str:
 # Model shapes by name: the presets, plus every (family, size) of a sweep grid given with --grid,
 # named "<family>-<size>" (e.g. "sparse_per_layer-s4"), so each family's inference cost is measured
 # on the shape its trials trained. Families that differ only in how they were trained (the aux
-# loss) run the same forward: only the first is measured, the others name it in SAME_INFERENCE_AS.
+# loss: TimeMoeConfig.same_forward) run the same forward: only the first is measured, the others
+# name it in SAME_INFERENCE_AS.
 GRID_SHAPES: dict[str, TimeMoeConfig] = {}
 SAME_INFERENCE_AS: dict[str, str] = {}
-
-
-def inference_shape(config: TimeMoeConfig) -> TimeMoeConfig:
-    """The config with the fields that act only on the training loss set to one value."""
-    return dataclasses.replace(config, apply_aux_loss=True, router_aux_loss_factor=0.0, router_aux_loss_scope="pooled")
 
 
 def add_grid_shapes(config_yaml: str) -> list[str]:
@@ -495,8 +490,7 @@ def add_grid_shapes(config_yaml: str) -> list[str]:
         for size in grid.sizes:
             name = f"{family}-{size.name}"
             GRID_SHAPES[name] = model_config(grid, size, family)
-            twin = next((m for m in measured if inference_shape(GRID_SHAPES[m]) == inference_shape(GRID_SHAPES[name])),
-                        None)
+            twin = next((m for m in measured if GRID_SHAPES[m].same_forward(GRID_SHAPES[name])), None)
             if twin is None:
                 measured.append(name)
             else:

@@ -20,6 +20,10 @@ from typing import Any
 MODEL_TYPE = "time_moe"
 ARCHITECTURES = ["TimeMoeForPrediction"]
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex")
+# Fields that act only while training (initial weights, dropout, the router's aux loss): two
+# configs that differ only here compute the same forecasts at the same cost from the same weights.
+TRAINING_ONLY_FIELDS = ("initializer_range", "attention_dropout", "apply_aux_loss", "router_aux_loss_factor",
+                        "router_aux_loss_scope")
 
 
 @dataclass
@@ -73,6 +77,11 @@ class TimeMoeConfig:
             errors.append(f"router_aux_loss_scope={self.router_aux_loss_scope!r} not in ('pooled', 'per_layer')")
         if errors:
             raise ValueError("invalid TimeMoeConfig: " + "; ".join(errors))
+
+    def same_forward(self, other: "TimeMoeConfig") -> bool:
+        """True when ``other`` differs from this config only in ``TRAINING_ONLY_FIELDS``."""
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self)
+                   if f.name not in TRAINING_ONLY_FIELDS)
 
     # ------------------------------------------------------------------ derived sizes
     @property

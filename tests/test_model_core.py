@@ -39,6 +39,24 @@ def test_presets_reproduce_published_parameter_counts(name, total, active):
     assert dense.total == dense.active == c.active  # dense twin: same active params, exactly
 
 
+def test_configs_that_differ_only_in_training_fields_forecast_the_same():
+    """``same_forward``: the aux-loss scope and factor, dropout and init do not change a forecast
+    from the same weights; a shape change does."""
+    base = TimeMoeConfig.preset("tiny")
+    trained_otherwise = dataclasses.replace(base, router_aux_loss_scope="per_layer", router_aux_loss_factor=0.1,
+                                            attention_dropout=0.1, initializer_range=0.05)
+    assert base.same_forward(trained_otherwise) and trained_otherwise.same_forward(base)
+    assert not base.same_forward(dataclasses.replace(base, num_experts_per_tok=1))
+    assert not base.same_forward(dataclasses.replace(base, use_dense=True))
+    torch.manual_seed(0)
+    a = TimeMoeModel(base).eval()
+    b = TimeMoeModel(trained_otherwise).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(a.generate(x, 16), b.generate(x, 16))
+
+
 def test_count_parameters_matches_a_real_model_and_flops_formula():
     cfg = tiny()
     m = TimeMoeModel(cfg)
