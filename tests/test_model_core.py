@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from model import TimeMoeConfig, TimeMoeModel
-from model.attention import segment_positions
+from model.attention import apply_rope, rope_cos_sin, segment_positions
 from model.flops import count_parameters, mfu, training_flops_per_point
-from model.moe import GroupedExperts, LocalDispatcher, MoeFeedForward, naive_routed_experts
+from model.moe import GroupedExperts, LocalDispatcher, MoeFeedForward, SwiGLU, naive_routed_experts
 
 torch.set_num_threads(2)
 
@@ -158,6 +158,41 @@ def test_grouped_experts_equal_naive_loop_outputs_and_grads(grouped, monkeypatch
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, refs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_fused_gate_up_equals_two_projections_outputs_and_grads():
+    """The shared expert and the dense FFN run gate and up as one GEMM: the written-out formula
+    with two separate matmuls is the reference, for the output and every gradient."""
+    torch.manual_seed(0)
+    ffn = SwiGLU(16, 24)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    y = ffn(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    grads = [x.grad.clone()] + [p.grad.clone() for p in ffn.parameters()]
+    x.grad = None
+    Wg, Wu, Wd = (p.detach().clone().requires_grad_(True) for p in
+                  (ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight))
+    y_ref = (F.silu(x @ Wg.T) * (x @ Wu.T)) @ Wd.T
+    y_ref.backward(g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, [x.grad, Wg.grad, Wu.grad, Wd.grad]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_rotates_each_frequency_pair_by_position_times_frequency():
+    """Reference: the pair (x_i, x_{i + hd/2}) as one complex number, multiplied by
+    exp(i * position * theta^(-2i/hd)); applied on ``[B, L, H, hd]``."""
+    B, L, H, hd, theta = 2, 9, 3, 8, 10000.0
+    x = torch.randn(B, L, H, hd, dtype=torch.float64)
+    pos = torch.stack([torch.arange(L), torch.arange(L).flip(0) * 7])
+    cos, sin = rope_cos_sin(pos, hd, theta, torch.float64)
+    got = apply_rope(x, cos, sin)
+    freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angle_BLf = pos[..., None].double() * freq
+    z = torch.complex(x[..., : hd // 2], x[..., hd // 2:]) * torch.polar(torch.ones_like(angle_BLf), angle_BLf)[:, :, None]
+    # the table is computed in fp32 (as the released code does), hence fp32 tolerances
+    torch.testing.assert_close(got, torch.cat([z.real, z.imag], dim=-1), rtol=1e-5, atol=1e-6)
 
 
 def test_moe_block_matches_spec_formula():
