@@ -7,10 +7,15 @@
 #                                                        # training and inference) at 16 windows
 #   bash benchmarks/gpu_training_speed.sh OUT loop   # train_loop.py: the real loop against the step and
 #                                                    # against DeepSpeed's engine, same batch; data waits
+#   bash benchmarks/gpu_training_speed.sh OUT revisions  # train_step.py's compiled step of earlier commits
+#                                                    # (.baseline/REV, made by benchmarks/baseline_revisions.sh)
+#                                                    # and of this tree, one process each, same call, same batch
 # "step" and "precision" need only torch (the released code runs from .reference/, made by benchmarks/released_timemoe.sh);
 # "loop" needs DeepSpeed, from the offline bundle in .bundle/ (deploy/build_offline_bundle.sh).
 # PRESETS (default "timemoe-50m timemoe-200m") and STEPS (default 6) narrow a run; LOOP_ARGS adds
-# train_loop.py options (e.g. "--engine-variants zero1 zero1-check-overlap --profile-engine").
+# train_loop.py options (e.g. "--engine-variants zero1 zero1-check-overlap --profile-engine");
+# "revisions" takes REVISIONS (folders, default .baseline/*/), WINDOWS (16), VARIANT (compiled),
+# STEP_ARGS (more train_step.py options) and NO_RELEASED=1 to leave the released code's row out.
 set -u
 out=$1 part=$2
 mkdir -p "$out"
@@ -38,5 +43,25 @@ loop)
     timeout 540 python3 benchmarks/train_loop.py --presets $presets --windows 16 --steps 60 --skip 20 \
         ${LOOP_ARGS:-} --json "$out/train_loop.json" 2>&1 | grep -v -i -E "warn|^\[20" | tee "$out/train_loop.txt" | tail -n 60
     ;;
-*) echo "usage: $0 OUT step|precision|loop" >&2; exit 2 ;;
+revisions)
+    # every revision in its own process, in the order given (oldest first), then this tree; the
+    # released code once at the end, as the reference row
+    windows=${WINDOWS:-16}
+    for dir in ${REVISIONS:-$(ls -d .baseline/*/ 2>/dev/null)} .; do
+        name=$( [ "$dir" = . ] && echo working-tree || basename "$dir")
+        echo "== $name"
+        # shellcheck disable=SC2086
+        (cd "$dir" && timeout "${REVISION_TIMEOUT:-200}" python3 benchmarks/train_step.py --presets $presets \
+            --windows $windows --variants "${VARIANT:-compiled}" --steps "$steps" --warmup 3 ${STEP_ARGS:-} \
+            --out "$out/train_step_rev_$name.json") 2>&1 | grep -v -i warn | tail -n 4
+    done
+    if [ -d .reference ] && [ -z "${NO_RELEASED:-}" ]; then
+        # shellcheck disable=SC2086
+        timeout 150 python3 benchmarks/train_step.py --presets $presets --windows $windows --variants released \
+            --reference-dir .reference --steps "$steps" --warmup 3 --out "$out/train_step_rev_released.json" 2>&1 \
+            | grep -v -i warn | tail -n 3
+    fi
+    python3 benchmarks/compare_revisions.py "$out"/train_step_rev_*.json --json "$out/revisions.json" | tee "$out/revisions.txt"
+    ;;
+*) echo "usage: $0 OUT step|precision|loop|revisions" >&2; exit 2 ;;
 esac

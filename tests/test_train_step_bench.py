@@ -66,3 +66,27 @@ def test_flash_attn_stand_in_keeps_flash_attn_layout_and_causal_alignment():
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(NotImplementedError, match="fewer queries than keys"):
         flash_attn_func_via_sdpa(q[:, -3:], k, v, causal=True)
+
+
+def test_revisions_part_times_an_earlier_commit_beside_this_tree_in_one_table(tmp_path):
+    """benchmarks/baseline_revisions.sh archives a commit's model code; gpu_training_speed.sh's
+    "revisions" part runs train_step.py in it and in this tree; compare_revisions.py puts both in
+    one table, each row against the first revision's."""
+    base = tmp_path / "baseline"
+    made = subprocess.run(["bash", "benchmarks/baseline_revisions.sh", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", "BASELINE_DIR": str(base)}, timeout=60)
+    assert made.returncode == 0, made.stderr
+    (rev_dir,) = base.iterdir()
+    assert rev_dir.name.startswith("01-") and (rev_dir / "model" / "moe.py").is_file()
+    out = tmp_path / "out"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "REVISIONS": str(rev_dir), "PRESETS": "tiny",
+           "WINDOWS": "1", "VARIANT": "grouped", "STEPS": "1", "NO_RELEASED": "1",
+           "STEP_ARGS": "--device cpu --length 128 --warmup 1"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_training_speed.sh", str(out), "revisions"], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "revisions.json").read_text())
+    assert [r["revision"] for r in rows] == [rev_dir.name, "working-tree"]
+    assert rows[0]["x_first"] == 1.0 and rows[1]["points_per_s"] > 0
+    assert rows[1]["x_first"] == rows[1]["points_per_s"] / rows[0]["points_per_s"]
+    assert rev_dir.name in (out / "revisions.txt").read_text()
