@@ -148,7 +148,9 @@ def evaluate_model(spec: str, benchmarks_dir: str | Path, cfg: EvalConfig | None
             print(f"[eval] {len(results)}/{len(items)} work items on {n} worker(s), "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
     for a in actors:
-        ray.kill(a)
+        # a graceful exit queued behind the actor's finished tasks: ray.kill raced with the
+        # actor's own teardown and made the core worker log a "Mismatched ActorID" error line
+        a.__ray_terminate__.remote()
     merged: dict[tuple[str, int], ErrorSums] = {}
     for name, h, _, sums in results:
         merged[(name, h)] = merged.get((name, h), ErrorSums()).add(sums)
