@@ -254,7 +254,8 @@ def test_import_accepts_records_with_and_without_the_new_fields(mlflow_server, t
                             heldout_loss=loss * float(np.exp(rng.normal(0, 0.01))), heldout_mse=2 * loss,
                             seed=p.spec.seed,
                             expert_balance=[] if p.spec.family == "dense" else [3.9, 4.0] if p.spec.family == "sparse" else [1.6, 1.8],
-                            data_mixture={"real": 1000.0, "synthetic/kernelsynth": 9000.0})
+                            data_mixture={"real": 1000.0, "synthetic/kernelsynth": 9000.0},
+                            resumed_from_step=1000 if p.spec.family == "sparse_per_layer" and p.spec.seed == 1 else 0)
         line = json.loads(O.OfflineRecord(sweep=cfg.sweep.name, config_hash=p.config_hash, trial=p.spec.name,
                                           params=S.trial_param_values(p), record=rec,
                                           trials_per_gpu=2 if p.spec.family == "sparse_per_layer" else 1).to_json())
@@ -280,6 +281,8 @@ def test_import_accepts_records_with_and_without_the_new_fields(mlflow_server, t
         old = p.spec.seed == 0 and p.spec.family == "dense" and p.spec.size == "xs"
         assert r.data_mixture == ({} if old else {"real": 1000.0, "synthetic/kernelsynth": 9000.0})
         assert r.expert_balance == {"dense": [], "sparse": [3.9, 4.0], "sparse_per_layer": [1.6, 1.8]}[p.spec.family]
+        # a trial finished by a resumed run says from which step its wall time and points/s count
+        assert r.resumed_from_step == (1000 if p.spec.family == "sparse_per_layer" and p.spec.seed == 1 else 0)
     out = tmp_path / "report"
     assert report_main(["--experiment", cfg.sweep.experiment, "--tracking-uri", mlflow_server,
                         "--out", str(out), "--n-boot", "10", "--no-log"]) == 0
@@ -289,6 +292,12 @@ def test_import_accepts_records_with_and_without_the_new_fields(mlflow_server, t
     assert fits["routing"]["sparse_per_layer"]["mean"] == pytest.approx(1.7)
     assert all(c["n_seeds"] == 2 for fam in fits["families"].values() for c in fam["cells"])
     assert {tuple(sorted(m["points"])) for m in fits["data_mixtures"]} == {(), ("real", "synthetic/kernelsynth")}
+    table = (out / "scaling_table.md").read_text().split("## Fits")[0]
+    header, *rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    col = cells(header).index("resumed from step")
+    resumed = [cells(line)[col] for line in rows]
+    assert sorted(resumed) == ["-"] * 20 + ["1000"] * 4, resumed
 
 
 @pytest.mark.parametrize("args, message", [

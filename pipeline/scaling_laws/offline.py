@@ -60,7 +60,6 @@ from pipeline.train.torchrun import TorchrunRuntime, checkpoint_root
 RECORD_VERSION = 1
 SOURCE_TAG = "scaling.source"  # on imported child runs: "offline:<records file name>"
 SHARED_GPU_TAG = "scaling.trials_per_gpu"  # on imported child runs whose trial shared its GPU
-RESUMED_TAG = "scaling.resumed_from_step"  # on imported child runs whose last run resumed a cut-short trial
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,8 +330,6 @@ def import_records(cfg: SweepConfig, paths: Iterable[str | Path], *, report: boo
         tag = {SOURCE_TAG: f"offline:{source}"}
         if rec.trials_per_gpu > 1:
             tag[SHARED_GPU_TAG] = str(rec.trials_per_gpu)
-        if rec.record.resumed_from_step:
-            tag[RESUMED_TAG] = str(rec.record.resumed_from_step)
         end_ms = int(rec.finished_at * 1000)
         wall = rec.record.wall_time_s if math.isfinite(rec.record.wall_time_s) else 0.0
         if run is not None:  # an online attempt left it unfinished: finish it with the record

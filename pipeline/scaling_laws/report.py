@@ -40,6 +40,7 @@ SWEEP_TAG = "scaling.sweep"
 ROLE_TAG = "scaling.role"
 HASH_TAG = "scaling.trial_hash"
 FAMILY_TAG = "scaling.family"
+RESUMED_TAG = "scaling.resumed_from_step"  # a trial whose last run resumed it from a checkpoint
 ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
 REPORT_DIR = "scaling_report"
 
@@ -119,7 +120,8 @@ def log_trial_record(client: Any, run_id: str, record: TrialRecord) -> None:
         run_id,
         metrics=[Metric(k, v, now, 0) for k, v in record.metrics().items()],
         params=[Param("family", record.family), Param("size", record.size), Param("seed", str(record.seed))],
-        tags=[RunTag(FAMILY_TAG, record.family), RunTag(HASH_TAG, record.trial_hash)],
+        tags=[RunTag(FAMILY_TAG, record.family), RunTag(HASH_TAG, record.trial_hash)]
+        + ([RunTag(RESUMED_TAG, str(record.resumed_from_step))] if record.resumed_from_step else []),
     )
 
 
@@ -139,6 +141,7 @@ def record_from_run(run: Any) -> TrialRecord | None:
         expert_balance=_per_layer(m, BALANCE_PREFIX),
         train_expert_balance=_per_layer(m, TRAIN_BALANCE_PREFIX),
         data_mixture={k[len(MIXTURE_PREFIX):]: v for k, v in m.items() if k.startswith(MIXTURE_PREFIX)},
+        resumed_from_step=int(t.get(RESUMED_TAG, 0)),
         **{k: float(m.get(k, math.nan)) for k in TrialRecord.METRICS},
     )
 
@@ -523,7 +526,9 @@ TABLE_COLUMNS = [("family", "family", "{}"), ("size", "size", "{}"), ("N_total",
                  ("held-out MSE", "heldout_mse", "{:.4f}"), ("zero-shot MSE", "zs_mse", "{:.4f}"),
                  ("zero-shot MAE", "zs_mae", "{:.4f}"), ("wall s", "wall_time_s", "{:.1f}"),
                  ("points/s", "points_per_s", "{:,.0f}"), ("MFU", "mfu", "{:.1%}"),
-                 ("routing busiest/mean", "balance_mean", "{:.2f}")]
+                 ("routing busiest/mean", "balance_mean", "{:.2f}"),
+                 # wall s and points/s of a resumed trial are its last run's, from this step on
+                 ("resumed from step", "resumed_from_step", "{}")]
 
 
 def _cell(fmt: str, v: Any) -> str:
@@ -534,7 +539,8 @@ def _cell(fmt: str, v: Any) -> str:
 
 def _table_rows(records: list[TrialRecord]) -> list[list[str]]:
     recs = sorted(records, key=lambda r: (r.family, r.n_active, r.points_seen, r.seed))
-    return [[_cell(fmt, getattr(r, attr)) for _, attr, fmt in TABLE_COLUMNS] for r in recs]
+    return [[_cell(fmt, getattr(r, attr)) if attr != "resumed_from_step" or r.resumed_from_step else "-"
+             for _, attr, fmt in TABLE_COLUMNS] for r in recs]
 
 
 CELL_HEADER = ["family", "size", "points", "FLOPs", "seeds", "mean", "sd over seeds", "min - max",
