@@ -267,3 +267,18 @@ def test_step_clock_returns_the_time_between_step_ends():
     assert clock.tick(70.0) == pytest.approx(60.0)
     assert clock.tick(70.25) == pytest.approx(0.25)
     assert clock.tick(71.0) == pytest.approx(0.75)
+
+
+def test_step_line_pace_is_the_median_of_the_steps_since_the_last_line():
+    """The step line's points/s, step time and time apart are medians over the steps since the
+    previous line (one slow step does not move them; the final evaluation's entry is skipped)."""
+    from pipeline.train.loop import pace_since
+
+    history = [{"step": s, "points_per_s": 1000.0 * s, "step_time_s": 0.1, "step_interval_s": 0.1} for s in range(1, 6)]
+    history += [{"step": s, "points_per_s": 500.0, "step_time_s": 0.2, "step_interval_s": 0.3} for s in range(6, 10)]
+    history.append({"step": 10, "points_per_s": 1e9, "step_time_s": 5.0, "step_interval_s": 9.0})  # a checkpoint
+    history.append({"step": 10, "eval_loss": 0.5})  # the final evaluation
+    pts, step_s, apart_s = pace_since(history, since_step=5)
+    assert (pts, step_s, apart_s) == (500.0, 0.2, 0.3)
+    assert pace_since(history, since_step=0)[0] == 1500.0  # median of 500 x4, 1000..5000 and 1e9
+    assert all(math.isnan(v) for v in pace_since(history, since_step=10))

@@ -287,6 +287,23 @@ class StepClock:
         return statistics.median(self.recent) * steps_left if self.recent else float("nan")
 
 
+def pace_since(history: list[dict[str, float]], since_step: int) -> tuple[float, float, float]:
+    """Over the training steps after ``since_step``: the median points/s of a step's own work,
+    the median step time and the median time between step ends (s). The step line shows all
+    three: one step's rate is noisy, and where the GPU is shared or the host is slow the time
+    between steps, the wall-clock pace, is longer than the step."""
+    recent = []
+    for h in reversed(history):  # the newest first: a log reads only its own steps
+        if h["step"] <= since_step:
+            break
+        if "step_time_s" in h:  # not the final evaluation's entry
+            recent.append(h)
+    if not recent:
+        return math.nan, math.nan, math.nan
+    return (statistics.median(h["points_per_s"] for h in recent), statistics.median(h["step_time_s"] for h in recent),
+            statistics.median(h["step_interval_s"] for h in recent))
+
+
 def _fmt_eta(seconds: float) -> str:
     if math.isnan(seconds):
         return "?"
@@ -346,6 +363,7 @@ class TrainingRun:
     window_len: int = 0
     flops_pp: float = 0.0
     load_since_log: torch.Tensor | None = None  # rank 0's tokens per expert since the last log step
+    logged_step: int = 0  # the step of the last step line
     nonfinite: NonFiniteSteps | None = None
     early_stop: EarlyStop | None = None
 
@@ -478,9 +496,11 @@ class TrainingRun:
         if rt.rank == 0:
             eta = self.step_clock.eta_s(cfg.train.max_steps - step)
             ev = f" | eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""
+            pts, step_s, apart_s = pace_since(self.history, self.logged_step)
+            self.logged_step = step
             say(f"[train] step {step}/{cfg.train.max_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
-                f"{m['points_per_s'] / 1e3:.1f}k pts/s | data-wait {m['data_wait_ms']:.1f} ms{ev} | "
-                f"ETA {_fmt_eta(eta)}")
+                f"{pts / 1e3:.1f}k pts/s | step {1e3 * step_s:.0f} ms, {1e3 * apart_s:.0f} ms apart | "
+                f"data-wait {m['data_wait_ms']:.1f} ms{ev} | ETA {_fmt_eta(eta)}")
 
     def checkpoint_or_stop(self, m: dict[str, float]) -> bool:
         """Checkpoint every ``checkpoint_every`` steps and at the end; True when the held-out loss
