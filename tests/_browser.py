@@ -300,10 +300,11 @@ def check_page(page: Page, min_images: int) -> None:
 
 
 def json_value(doc: dict, path: str) -> float:
-    """The value at a dotted path of a JSON document; a list stands for its length."""
+    """The value at a dotted path of a JSON document (a number indexes a list); a list at the end
+    stands for its length."""
     node = doc
     for part in path.split("."):
-        node = node[part]
+        node = node[int(part)] if isinstance(node, list) else node[part]
     return float(len(node)) if isinstance(node, list) else float(node)
 
 

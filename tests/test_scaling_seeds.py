@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pipeline.scaling_laws import fit as F
 from pipeline.scaling_laws import report as R
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _browser import assert_matches, json_value  # noqa: E402
 from _helpers_scaling import BALANCE, seeded_trials  # noqa: E402
 
 
@@ -180,3 +182,61 @@ def test_fits_carry_each_sparse_familys_inference_comparison_and_its_sentence():
     public = json.loads(json.dumps(R._public(fits)))  # the report renders the JSON-safe copy
     lines = [x for x in R.multiplier_lines(public) if "inference at equal" in x]
     assert len(lines) == 2 and all("the paper: 39%" in x and "less forward FLOPs per forecast" in x for x in lines)
+
+
+def test_cell_difference_is_welchs_t_interval_relative_to_dense():
+    """Hand computation: sparse seeds (0.19, 0.20), dense (0.21, 0.23): difference -0.025, variances
+    5e-5 and 2e-4, se = sqrt(2.5e-5 + 1e-4), Welch df = se^4 / ((2.5e-5)^2 + (1e-4)^2), t quantile
+    from scipy; all relative to the dense mean 0.22."""
+    from scipy import stats
+
+    d = F.cell_difference([0.19, 0.20], [0.21, 0.23], level=0.9)
+    se2 = (0.01 ** 2 / 2) / 2 + (0.02 ** 2 / 2) / 2  # var / n; two values a apart have variance a^2 / 2
+    df = se2 ** 2 / (((0.01 ** 2 / 2) / 2) ** 2 + ((0.02 ** 2 / 2) / 2) ** 2)
+    half = stats.t.ppf(0.95, df) * math.sqrt(se2)
+    assert d.relative == pytest.approx(-0.025 / 0.22)
+    assert (d.low, d.high) == (pytest.approx((-0.025 - half) / 0.22), pytest.approx((-0.025 + half) / 0.22))
+    assert d.df == pytest.approx(df) and not d.excludes_0
+    # the seeds that would separate them: the smallest n whose interval, same spreads, excludes 0
+    n = d.seeds_to_separate
+
+    def half_at(k: int) -> float:
+        v = (0.01 ** 2 / 2) / k + (0.02 ** 2 / 2) / k
+        dfk = v ** 2 / ((((0.01 ** 2 / 2) / k) ** 2 + ((0.02 ** 2 / 2) / k) ** 2) / (k - 1))
+        return stats.t.ppf(0.95, dfk) * math.sqrt(v)
+    assert half_at(n) < 0.025 <= half_at(n - 1)
+    # one seed in a cell: no interval
+    assert F.cell_difference([0.19], [0.21, 0.23]) is None
+    # clearly separated seeds: the interval excludes 0 with the seeds measured
+    assert F.cell_difference([0.190, 0.191, 0.189], [0.230, 0.231, 0.229]).excludes_0
+
+
+def test_report_compares_each_sparse_family_with_dense_cell_by_cell_at_equal_flops(tmp_path):
+    """Without any fit, every cell both families ran at the same FLOPs: the relative difference
+    and its seed-noise interval, in the fits JSON, the markdown table and the HTML page."""
+    records = seeded_trials({"sparse": 3.0, "sparse_per_layer": 1.0}, seeds=2, noise=0.01, seed=4)
+    files = R.build_report(records, tmp_path, n_boot=10)
+    fits = json.loads(files.fits_json.read_text())
+    cells = fits["equal_compute_cells"]
+    assert set(cells) == {"sparse", "sparse_per_layer"} and len(cells["sparse"]) == 6
+    by_fam = {fam: [r for r in records if r.family == fam] for fam in ("dense", "sparse", "sparse_per_layer")}
+    for fam in ("sparse", "sparse_per_layer"):
+        for c in cells[fam]:
+            pick = lambda f: [r.heldout_loss for r in by_fam[f] if r.size == c["size"] and r.points_seen == c["points_seen"]]  # noqa: E731
+            want = F.cell_difference(pick(fam), pick("dense"))
+            assert c["relative"] == pytest.approx(want.relative) and c["low"] == pytest.approx(want.low)
+    # sparse at 3x dense's efficiency is better than dense in every cell; the twin at 1x is not separated
+    assert all(c["relative"] < 0 for c in cells["sparse"])
+    md = files.table_md.read_text()
+    assert "## Sparse against dense at equal training FLOPs" in md
+    section = md.split("## Sparse against dense at equal training FLOPs")[1].split("\n## ")[0]
+    assert section.count("| sparse |") == 6 and section.count("| sparse_per_layer |") == 6
+    page = (tmp_path / "scaling_report.html").read_text()
+    assert "Sparse against dense at equal training FLOPs" in page
+    # the headline's figure at the largest common compute is the JSON's, to the digits shown
+    shown = re.findall(r'data-key="(equal_compute_cells\.[^"]+)">([^<]+)<', page)
+    assert {k.split(".")[1] for k, _ in shown} == {"sparse", "sparse_per_layer"}
+    for key, text in shown:
+        assert_matches(text, json_value(fits, key), key)
+        assert json_value(fits, key.rsplit(".", 2)[0] + "." + key.split(".")[2] + ".training_flops") == max(
+            c["training_flops"] for c in cells[key.split(".")[1]])

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import optimize
+from scipy import optimize, stats
 from scipy.special import logsumexp
 
 HUBER_DELTA = 1e-3  # Hoffmann et al.'s value for residuals of log loss.
@@ -524,3 +524,65 @@ def seeds_to_exclude_one(interval: Interval, n_seeds: int, sweep_flops: float) -
     need = math.ceil(n_seeds * (half / gap) ** 2)
     factor = need / n_seeds
     return ResolvingBudget(float(need), float(factor), float(sweep_flops * factor), int(n_seeds))
+
+
+@dataclass(frozen=True)
+class CellDifference:
+    """One sparse cell against the dense cell of the same training FLOPs (same active parameters,
+    same points): the relative held-out difference, ``mean_sparse / mean_dense - 1`` (negative:
+    sparse better), with a Welch t interval from the two cells' seed spreads."""
+
+    relative: float                 # estimate
+    low: float                      # interval ends (relative)
+    high: float
+    level: float
+    df: float                       # Welch-Satterthwaite degrees of freedom
+    n_sparse: int
+    n_dense: int
+    seeds_to_separate: int | None   # seeds per cell at which the interval would exclude 0 (same spreads)
+
+    @property
+    def excludes_0(self) -> bool:
+        return self.low > 0.0 or self.high < 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"excludes_0": self.excludes_0}
+
+
+def _welch(var_a: float, n_a: int, var_b: float, n_b: int) -> tuple[float, float]:
+    """Standard error of a difference of two means and its Welch-Satterthwaite df."""
+    va, vb = var_a / n_a, var_b / n_b
+    se2 = va + vb
+    if se2 == 0.0:
+        return 0.0, math.inf
+    return math.sqrt(se2), se2 ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1))
+
+
+def _t_quantile(level: float, df: float) -> float:
+    """The two-sided ``level`` quantile of Student's t (the normal's for infinite df)."""
+    p = 0.5 + level / 2
+    return float(stats.t.ppf(p, df)) if math.isfinite(df) else float(stats.norm.ppf(p))
+
+
+def cell_difference(sparse_losses: Sequence[float], dense_losses: Sequence[float], level: float = 0.9,
+                    max_seeds: int = 1000) -> CellDifference | None:
+    """How a sparse cell's loss compares with the dense cell at the same FLOPs, with the interval
+    the seed noise allows: Welch's t on the two cells' seeds (each cell needs two or more), taken
+    relative to the dense mean. ``seeds_to_separate``: the smallest seed count per cell at which,
+    with the same estimate and spreads, the interval would exclude 0 (None beyond ``max_seeds``
+    or when the estimate is 0). None when either cell has fewer than two seeds."""
+    a, b = np.asarray(sparse_losses, dtype=float), np.asarray(dense_losses, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    diff, ref = float(a.mean() - b.mean()), float(b.mean())
+    va, vb = float(a.var(ddof=1)), float(b.var(ddof=1))
+    se, df = _welch(va, len(a), vb, len(b))
+    half = _t_quantile(level, df) * se
+    need: int | None = None
+    if diff != 0.0:
+        for n in range(2, max_seeds + 1):
+            se_n, df_n = _welch(va, n, vb, n)
+            if _t_quantile(level, df_n) * se_n < abs(diff):
+                need = n
+                break
+    return CellDifference(diff / ref, (diff - half) / ref, (diff + half) / ref, level, float(df), len(a), len(b), need)

@@ -361,6 +361,26 @@ def inference_at_equal_loss(sparse_cells: list[dict[str, Any]], dense_cells: lis
                   "inference_cost_saving": saving, "saving_over_sparse_seeds": seeds}
 
 
+def equal_compute_cells(sparse: list[TrialRecord], dense: list[TrialRecord], metric: str) -> list[dict[str, Any]]:
+    """Every cell (size, points) that a sparse family and dense both ran, at the same training
+    FLOPs (the dense twins have the sparse sizes' active parameters): the sparse family's loss
+    against dense's with the seed noise's interval (``fit.cell_difference``). Needs no fit, so
+    it reads out as soon as a cell has two seeds in both families."""
+    dense_cells = dict(cells_of(dense, metric))
+    out = []
+    for key, rs in cells_of(sparse, metric):
+        ds = dense_cells.get(key)
+        if ds is None:
+            continue
+        c_sparse, c_dense = np.mean([r.training_flops for r in rs]), np.mean([r.training_flops for r in ds])
+        if not math.isclose(c_sparse, c_dense, rel_tol=0.01):  # not the same compute: no like-for-like pair
+            continue
+        diff = F.cell_difference([getattr(r, metric) for r in rs], [getattr(r, metric) for r in ds])
+        if diff is not None:
+            out.append({"size": key[0], "points_seen": key[1], "training_flops": float(c_dense)} | diff.to_dict())
+    return out
+
+
 def _routing(recs: list[TrialRecord]) -> dict[str, Any] | None:
     """A family's routing balance: per layer, busiest expert / mean, averaged over its trials."""
     held = [r.expert_balance for r in recs if r.expert_balance]
@@ -400,6 +420,8 @@ def fit_records(records: list[TrialRecord], metric: str = "heldout_loss", n_boot
             result["multipliers"][fam] = _multiplier(
                 fam, sp, de, np.array([r.training_flops for r in fams[fam]]),
                 np.array([r.training_flops for r in fams[DENSE]]))
+    result["equal_compute_cells"] = {fam: equal_compute_cells(fams[fam], fams[DENSE], metric)
+                                     for fam in SPARSE_FAMILIES if fam in fams and DENSE in fams}
     result["inference_at_equal_loss"] = {}
     for fam in SPARSE_FAMILIES:
         if fam in result["families"] and DENSE in result["families"]:
@@ -557,6 +579,21 @@ def _cells_table_rows(fits: dict[str, Any]) -> list[list[str]]:
                          _cell("{:.4f}", c["spread"]) if c["n_seeds"] > 1 else "-",
                          f"{c['min']:.4f} - {c['max']:.4f}", _cell("{:.4f}", c["zs_mse_mean"]),
                          _cell("{:.2f}", c["balance_mean"])])
+    return rows
+
+
+EQUAL_COMPUTE_HEADER = ["family", "size", "points", "FLOPs", "seeds (family, dense)", "against dense",
+                        "90% interval (seed noise, Welch t)", "excludes 0", "seeds per cell to exclude 0"]
+
+
+def _equal_compute_rows(fits: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for fam, cells in sorted(fits.get("equal_compute_cells", {}).items()):
+        for c in cells:
+            rows.append([fam, c["size"], f"{c['points_seen']:.3g}", f"{c['training_flops']:.3g}",
+                         f"{c['n_sparse']}, {c['n_dense']}", f"{100 * c['relative']:+.1f}%",
+                         f"{100 * c['low']:+.1f}% to {100 * c['high']:+.1f}%", "yes" if c["excludes_0"] else "no",
+                         "-" if c["excludes_0"] else (str(c["seeds_to_separate"]) if c["seeds_to_separate"] else "more than 1000")])
     return rows
 
 
@@ -748,6 +785,8 @@ def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric:
     mult_text = "\n".join(f"- {line}" for line in multiplier_lines(public))
     mult_line = f"\n\n## Compute multipliers\n\n{mult_text}\n" if mult_text else ""
     extra_md = (f"\n## Cells (mean and spread over seeds)\n\n{_markdown(CELL_HEADER, _cells_table_rows(fits))}\n"
+                f"\n## Sparse against dense at equal training FLOPs (no fit; {metric}, relative to dense)\n\n"
+                f"{_markdown(EQUAL_COMPUTE_HEADER, _equal_compute_rows(fits))}\n"
                 f"\n## Routing balance (held-out windows)\n\n{_markdown(ROUTING_HEADER, _routing_rows(fits))}\n"
                 f"\n## Training data mixture\n\n{_markdown(MIXTURE_HEADER, _mixture_rows(public['data_mixtures']))}\n")
     if inference is not None:
@@ -760,7 +799,8 @@ def build_report(records: Iterable[TrialRecord], out_dir: Path | str, *, metric:
     table_html = out_dir / "scaling_table.html"
     table_html.write_text(f"<html><body><h1>Scaling report ({html.escape(metric)})</h1><h2>Trials</h2>"
                           f"{_html_table(header, _table_rows(records))}<h2>Cells</h2>"
-                          f"{_html_table(CELL_HEADER, _cells_table_rows(fits))}<h2>Fits</h2>"
+                          f"{_html_table(CELL_HEADER, _cells_table_rows(fits))}<h2>Sparse against dense at equal FLOPs</h2>"
+                          f"{_html_table(EQUAL_COMPUTE_HEADER, _equal_compute_rows(fits))}<h2>Fits</h2>"
                           f"{_html_table(FIT_HEADER, _fit_rows(fits))}<p>{html.escape(mult_text)}</p>"
                           f"<h2>Routing balance</h2>{_html_table(ROUTING_HEADER, _routing_rows(fits))}"
                           f"<h2>Training data mixture</h2>{_html_table(MIXTURE_HEADER, _mixture_rows(public['data_mixtures']))}"
@@ -839,6 +879,12 @@ def _headline(records: list[TrialRecord], fits: dict[str, Any]) -> str:
         if rb and rb["seeds_per_cell"] is not None:
             items.append(("  seeds per cell to exclude 1 (at the measured seed noise)",
                           _estimate(fits, f"multipliers.{fam}.resolving_budget.seeds_per_cell")))
+    for fam, cells in sorted(fits.get("equal_compute_cells", {}).items()):
+        if cells:
+            i, c = max(enumerate(cells), key=lambda ic: ic[1]["training_flops"])
+            items.append((f"{fam} against dense at equal FLOPs (C = {c['training_flops']:.3g}, no fit)",
+                          H.Keyed(f"equal_compute_cells.{fam}.{i}.relative", c["relative"], f"{100 * c['relative']:+.1f}%")))
+            items.append(("  90% interval (seed noise)", f"{100 * c['low']:+.1f}% to {100 * c['high']:+.1f}%"))
     for fam in sorted(fits.get("routing", {})):
         items.append((f"{fam}: routing busiest/mean (mean of layers, held-out)", _estimate(fits, f"routing.{fam}.mean")))
     for fam in sorted(fits["families"]):
@@ -876,6 +922,9 @@ def write_page(records: list[TrialRecord], fits: dict[str, Any], out_dir: Path) 
         ("fits", "Fits (90% bootstrap intervals; seeds resampled within cells)",
          H.table(FIT_HEADER, _fit_rows(fits)) + lines + mult_html),
         ("cells", "Cells: mean and spread over seeds", H.table(CELL_HEADER, _cells_table_rows(fits))),
+        ("equal-compute", f"Sparse against dense at equal training FLOPs ({metric}; no fit, the seeds' Welch t interval)",
+         H.table(EQUAL_COMPUTE_HEADER, _equal_compute_rows(fits))
+         if any(fits.get("equal_compute_cells", {}).values()) else "<p>no cell with two seeds in a sparse family and dense</p>"),
         ("routing", "Routing balance per family (busiest expert / mean, held-out windows)",
          H.table(ROUTING_HEADER, _routing_rows(fits)) if fits.get("routing") else "<p>no MoE trial with a routing record</p>"),
         ("mixture", "Training data mixture", H.table(MIXTURE_HEADER, _mixture_rows(fits.get("data_mixtures", [])))),
