@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model.moe import top_k_experts
+
 HUBER_DELTA = 2.0
 
 
@@ -47,7 +49,7 @@ def load_balancing_loss(router_logits_NE: torch.Tensor, top_k: int, keep_N: torc
     router gives K. Means are masked sums (no boolean indexing: no host sync on GPU)."""
     E = router_logits_NE.shape[-1]
     probs_NE = router_logits_NE.float().softmax(dim=-1)
-    topk_idx_NK = probs_NE.topk(top_k, dim=-1).indices
+    topk_idx_NK = top_k_experts(probs_NE, top_k)  # the router's own choice
     chosen_NE = F.one_hot(topk_idx_NK, E).float().sum(dim=1)
     w_N = torch.ones_like(probs_NE[:, 0]) if keep_N is None else keep_N.float()
     n = w_N.sum().clamp_min(1.0)

@@ -4,7 +4,7 @@ Legend: T tokens (B*L), D hidden, E experts (E_local after expert-parallel slici
 F_e routed expert width (F // K), N = T*K routed token copies.
 
 Per token x (spec section 1):
-    p = softmax(router(x)) in fp32;  w, idx = topk(p, K)   (weights NOT renormalised)
+    p = softmax(router(x)) in fp32;  w, idx = topk(p, K)   (weights NOT renormalised; ``top_k_experts``)
     y = sum_k w_k * expert_{idx_k}(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x)
 Dropless: every routed copy is computed (no capacity factor).
 
@@ -110,6 +110,22 @@ def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> 
     return _PermuteRows.apply(x, perm, inverse)
 
 
+def top_k_experts(probs_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """The k most probable experts of every token, the most probable first, ``[T, k]``: k passes
+    of argmax, each masking the expert the one before chose. A router has few experts, so under
+    torch.compile these passes fuse with the softmax, where ``topk`` stays a sort kernel of its own;
+    ties go to the lower expert id (topk leaves their order unspecified). Not differentiable: the
+    weights are read from the probabilities by the caller."""
+    p_TE = probs_TE.detach()
+    experts_E = torch.arange(p_TE.shape[-1], device=p_TE.device)
+    chosen = []
+    for _ in range(k):
+        idx_T = p_TE.argmax(dim=-1)
+        chosen.append(idx_T)
+        p_TE = p_TE.masked_fill(experts_E == idx_T[:, None], float("-inf"))
+    return torch.stack(chosen, dim=-1)
+
+
 def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the N = T*K routed copies (copy n = token n // K, slot n % K): the order that groups
     them by expert, its inverse, and the copies per expert ``[E]``. No host sync (no bincount)."""
@@ -189,7 +205,7 @@ class MoeFeedForward(nn.Module):
         """Router logits ``[T, E]``, top-k (not renormalised) fp32 weights and expert ids."""
         logits_TE = self.router(x_TD)
         probs_TE = logits_TE.float().softmax(dim=-1)
-        topk_idx_TK = probs_TE.detach().topk(self.top_k, dim=-1).indices
+        topk_idx_TK = top_k_experts(probs_TE, self.top_k)
         # the chosen probabilities by a one-hot product (exact: one non-zero term) rather than
         # topk's values, whose scatter backward compiled to a slow index_put
         onehot_TKE = torch.nn.functional.one_hot(topk_idx_TK, probs_TE.shape[-1]).to(probs_TE.dtype)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from model import TimeMoeConfig, TimeMoeModel
 from model.attention import apply_rope, rope_cos_sin, segment_positions
 from model.flops import count_parameters, mfu, training_flops_per_point
-from model.moe import GroupedExperts, LocalDispatcher, MoeFeedForward, SwiGLU, naive_routed_experts
+from model.moe import GroupedExperts, LocalDispatcher, MoeFeedForward, SwiGLU, naive_routed_experts, top_k_experts
 
 torch.set_num_threads(2)
 
@@ -193,6 +193,20 @@ def test_rope_rotates_each_frequency_pair_by_position_times_frequency():
     z = torch.complex(x[..., : hd // 2], x[..., hd // 2:]) * torch.polar(torch.ones_like(angle_BLf), angle_BLf)[:, :, None]
     # the table is computed in fp32 (as the released code does), hence fp32 tolerances
     torch.testing.assert_close(got, torch.cat([z.real, z.imag], dim=-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_top_k_experts_equals_topk_and_sends_ties_to_the_lower_expert(k):
+    """The router's choice against ``torch.topk`` (values distinct: the same experts in the same
+    order); with ties, the lower expert id first, where topk's order is unspecified."""
+    g = torch.Generator().manual_seed(k)
+    probs = torch.randn(500, 8, generator=g).softmax(dim=-1)
+    assert torch.equal(top_k_experts(probs, k), probs.topk(k, dim=-1).indices)
+    tied = torch.tensor([[0.1, 0.3, 0.3, 0.1, 0.2, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25, 0, 0, 0, 0]])
+    assert top_k_experts(tied, 3).tolist() == [[1, 2, 4], [0, 1, 2]]
+    # never the same expert twice, even where every probability is equal
+    flat = top_k_experts(torch.full((4, 8), 0.125), k)
+    assert all(len(set(row)) == k for row in flat.tolist())
 
 
 def test_moe_block_matches_spec_formula():
