@@ -18,13 +18,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from train_step import packed_segment_ids  # noqa: E402
+
 from model import TimeMoeConfig  # noqa: E402
 from model.attention import flex_block_mask  # noqa: E402
-from train_step import packed_segment_ids  # noqa: E402
 
 # name -> (kernel_options, compile mode); the tilings are the ones Triton's flex templates list
 # for head dims <= 64 on Hopper, the flags are exact for a segment-causal mask (every query sees
@@ -72,8 +74,6 @@ def run_preset(preset: str, windows: int, length: int, iters: int, settings: lis
             rows.append(dict(preset=preset, setting=name, error="not run: budget"))
             continue
         options, mode = SETTINGS[name]
-        from torch.nn.attention.flex_attention import flex_attention
-
         compiled = torch.compile(flex_attention, dynamic=False, mode=mode)
 
         def call(q, k, v, bm, compiled=compiled, options=options):

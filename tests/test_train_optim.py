@@ -205,8 +205,9 @@ def test_init_from_loads_checkpoint_weights_and_checks_the_shape(tmp_path):
     saved.save_pretrained(tmp_path / "ckpt")
     fresh = build_model(ModelSection(preset="tiny"), seed=0)
     started = build_model(ModelSection(preset="tiny", init_from=str(tmp_path / "ckpt"),
-                                       overrides={"router_aux_loss_scope": "per_layer"}), seed=0)
+                                       overrides={"router_aux_loss_scope": "per_layer", "attention_dropout": 0.1}), seed=0)
     assert started.config.router_aux_loss_scope == "per_layer"  # run-time fields come from the run
+    assert started.config.attention_dropout == 0.1  # training-only fields too (TimeMoeConfig's list)
     for name, w in saved.state_dict().items():
         torch.testing.assert_close(started.state_dict()[name], w, msg=name)
     name = "model.layers.0.ffn_layer.router.weight"

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.config import TRAINING_ONLY_FIELDS
 from pipeline.config import ModelSection, TrainConfig
 from pipeline.parallel import optim
 from pipeline.parallel.deepspeed_config import deepspeed_config, skips_nonfinite_on_device
@@ -61,8 +62,9 @@ def model_config(section: ModelSection) -> Any:
 
 
 # TimeMoeConfig fields that change how a model trains or runs, not the shape of its weights:
-# taken from the run's config even when the weights come from a checkpoint (model.init_from)
-RUNTIME_FIELDS = ("attn_implementation", "router_aux_loss_scope", "router_aux_loss_factor", "apply_aux_loss", "use_cache")
+# taken from the run's config even when the weights come from a checkpoint (model.init_from).
+# The training-only ones are the config's own list; the kernel choice and the cache come on top.
+RUNTIME_FIELDS = TRAINING_ONLY_FIELDS + ("attn_implementation", "use_cache")
 
 
 def build_model(section: ModelSection, seed: int) -> nn.Module:

@@ -103,6 +103,11 @@ class TrialRecord:
         return float(np.mean(self.expert_balance)) if self.expert_balance else math.nan
 
     @property
+    def resumed_at(self) -> float:
+        """``resumed_from_step``, NaN (a table shows "-") for a trial trained in one run."""
+        return float(self.resumed_from_step) if self.resumed_from_step else math.nan
+
+    @property
     def flops_per_point(self) -> float:
         return self.training_flops / self.points_seen
 
@@ -550,7 +555,7 @@ TABLE_COLUMNS = [("family", "family", "{}"), ("size", "size", "{}"), ("N_total",
                  ("points/s", "points_per_s", "{:,.0f}"), ("MFU", "mfu", "{:.1%}"),
                  ("routing busiest/mean", "balance_mean", "{:.2f}"),
                  # wall s and points/s of a resumed trial are its last run's, from this step on
-                 ("resumed from step", "resumed_from_step", "{}")]
+                 ("resumed from step", "resumed_at", "{:.0f}")]
 
 
 def _cell(fmt: str, v: Any) -> str:
@@ -561,8 +566,7 @@ def _cell(fmt: str, v: Any) -> str:
 
 def _table_rows(records: list[TrialRecord]) -> list[list[str]]:
     recs = sorted(records, key=lambda r: (r.family, r.n_active, r.points_seen, r.seed))
-    return [[_cell(fmt, getattr(r, attr)) if attr != "resumed_from_step" or r.resumed_from_step else "-"
-             for _, attr, fmt in TABLE_COLUMNS] for r in recs]
+    return [[_cell(fmt, getattr(r, attr)) for _, attr, fmt in TABLE_COLUMNS] for r in recs]
 
 
 CELL_HEADER = ["family", "size", "points", "FLOPs", "seeds", "mean", "sd over seeds", "min - max",
