@@ -12,7 +12,9 @@ parent run; ``python -m jobs.scaling_report`` rebuilds it later.
 
 Air-gapped GPU nodes (no Ray, no MLflow; needs torch, deepspeed, pyarrow, scipy): one process
 per GPU, each training its shard of the same plan in-process and appending one JSON line per
-finished trial (re-running skips the trials already in the file)::
+finished trial (re-running skips the trials already in the file; SIGTERM, e.g. a job's time
+limit, ends a shard after a checkpoint of its running trial, exit code 143, and re-running
+resumes that trial there)::
 
     for k in 0 1 2 3 4 5 6 7; do
         CUDA_VISIBLE_DEVICES=$k python -m jobs.sweep --config configs/sweep-8gpu-offline.yaml \
@@ -34,6 +36,7 @@ import sys
 from pipeline.console import configure_output
 from pipeline.scaling_laws.grid import format_grid
 from pipeline.scaling_laws.sweep import SweepConfig, plan_trials
+from pipeline.train.stop_request import STOPPED_EXIT_CODE, TrainingStopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             if visible and args.gpu_id >= len(visible):
                 ap.error(f"--gpu-id {args.gpu_id}: CUDA_VISIBLE_DEVICES lists only {len(visible)} devices")
             os.environ["CUDA_VISIBLE_DEVICES"] = visible[args.gpu_id] if visible else str(args.gpu_id)
-        off = run_offline(cfg, args.offline_records, shard=shard, trials_per_gpu=args.trials_per_gpu,
-                          checkpoint_every=args.checkpoint_every)
+        try:
+            off = run_offline(cfg, args.offline_records, shard=shard, trials_per_gpu=args.trials_per_gpu,
+                              checkpoint_every=args.checkpoint_every)
+        except TrainingStopped:  # its checkpoint is saved: the same command resumes the trial
+            return STOPPED_EXIT_CODE
         return 1 if off.failed else 0
     if args.import_records:
         from pipeline.scaling_laws.offline import import_records

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -322,8 +323,9 @@ def _losses_by_step(run_dir: Path) -> dict[int, float]:
 
 
 def test_a_trial_cut_short_resumes_from_its_checkpoint_and_trains_what_an_unbroken_run_trains(tmp_path):
-    """``--checkpoint-every``: a shard killed mid-trial (a job's time limit) and started again goes
-    on from the trial's newest checkpoint; the record says where, the steps after it repeat an
+    """``--checkpoint-every``: a shard stopped mid-trial by SIGTERM (a job's time limit) saves a
+    checkpoint of the step it was in, exits 143 without a record, and started again goes on from
+    that checkpoint (the only one kept); the record says where, the steps after it repeat an
     unbroken run of the same trial, and the checkpoints are gone once the record is written."""
     steps, every = 40, 4
     data = H.write_test_shards(tmp_path / "data", WINDOW, n_train=32, n_val=16)
@@ -341,19 +343,22 @@ def test_a_trial_cut_short_resumes_from_its_checkpoint_and_trains_what_an_unbrok
     run_dir = tmp_path / "runs" / plan.config_hash
     ckpts = run_dir / "checkpoints"
 
-    # cut short as soon as its first checkpoint is on disk
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # asked to stop once its first periodic checkpoint is on disk
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not list(ckpts.glob("step*/resume_state.json")):
         assert proc.poll() is None, "the shard ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.01)
-    proc.kill()
-    proc.wait()
+    proc.send_signal(signal.SIGTERM)
+    stopped_log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stopped_log[-3000:]
     assert not records.exists() or not records.read_text().strip()  # cut short: no record
     saved = [json.loads(p.read_text())["step"] for p in ckpts.glob("step*/resume_state.json")]
-    assert len(saved) == 1 and saved[0] % every == 0 and saved[0] < steps  # only the newest is kept
+    assert len(saved) == 1 and every <= saved[0] < steps  # the step it stopped in; only the newest is kept
     cut_at = saved[0]
+    assert f"stopped by SIGTERM after step {cut_at}/{steps}" in stopped_log
+    assert _losses_by_step(run_dir).keys() == set(range(1, cut_at + 1))  # it stopped at a step's end
 
     # the same command again resumes the trial and finishes it
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -60,3 +60,68 @@ def test_early_stopping_on_the_held_out_loss(tmp_path):
     history = run_ranks(torchrun_worker, tmp_path / "res", 2, [cfg])[0][0]["history"]
     steps = [h["step"] for h in history if "loss" in h]
     assert steps == [1, 2, 3], steps
+
+
+def _unbroken_then_stopped_then_resumed(rank: int, world: int, unbroken: dict, stopped: dict) -> dict:
+    """One rank: an unbroken run, then a run in another folder that a SIGTERM stops (sent by the
+    test to rank 1 only), then the same command resumed, as a scheduler's restart would."""
+    from pipeline.config import config_from_dict
+    from pipeline.train.loop import run_training
+    from pipeline.train.stop_request import TrainingStopped
+    from pipeline.train.torchrun import TorchrunRuntime
+
+    def losses(history: list[dict]) -> dict[int, float]:
+        return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+    cfg = config_from_dict(unbroken)
+    whole = losses(run_training(cfg, TorchrunRuntime(cfg, False)).history)
+    cfg = config_from_dict(stopped)
+    try:
+        run_training(cfg, TorchrunRuntime(cfg, False))
+        stop = None
+    except TrainingStopped as exc:
+        stop = (exc.step, exc.signal_name)
+    resumed = losses(run_training(cfg, TorchrunRuntime(cfg, True)).history)
+    return {"unbroken": whole, "stop": stop, "resumed": resumed}
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resuming_repeats_the_unbroken_run(tmp_path):
+    """A scheduler's SIGTERM reaching one rank only: both ranks stop at the end of the same step
+    (the flag rides in the step's all-reduce), a checkpoint of that step is saved although none
+    was due, and the resumed run's steps equal an unbroken run's."""
+    import os
+    import signal
+    import threading
+
+    from tests._train_helpers import read_metrics, wait_for_step
+
+    steps = 24
+    data = write_shards(tmp_path / "data")
+    unbroken = tiny_config(data, tmp_path / "unbroken", train={"max_steps": steps, "export": False})
+    stopped_dir = tmp_path / "stopped"
+    stopped = tiny_config(data, stopped_dir, train={"max_steps": steps, "export": False, "checkpoint_every": 0})
+    sent = {}
+
+    def stop_rank1() -> None:
+        wait_for_step(stopped_dir, 3, timeout=600)
+        pid = int((stopped_dir / "pids" / "rank1.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        sent["pid"] = pid
+
+    thread = threading.Thread(target=stop_rank1, daemon=True)
+    thread.start()
+    ranks = run_ranks(_unbroken_then_stopped_then_resumed, tmp_path / "res", 2, unbroken, stopped)
+    thread.join(timeout=5)
+    assert "pid" in sent, "the signal was never sent"
+    (at, name0), (at1, name1) = ranks[0]["stop"], ranks[1]["stop"]
+    assert at == at1 and 3 <= at < steps, (at, at1)
+    assert (name0, name1) == ("SIGTERM on another rank", "SIGTERM")
+    saved = sorted(p.name for p in (stopped_dir / "checkpoints").iterdir())
+    assert saved == [f"step{at:08d}", f"step{steps:08d}"]  # the stop's, and the resumed run's at its end
+    # metrics.jsonl: the stopped run's steps 1..at, then the resumed run's at+1..steps, equal to the unbroken run's
+    logged = {m["step"]: m["loss"] for m in read_metrics(stopped_dir) if "loss" in m}
+    whole = ranks[0]["unbroken"]
+    assert sorted(ranks[0]["resumed"]) == list(range(at + 1, steps + 1))
+    assert sorted(logged) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert logged[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7), (step, at)

@@ -55,6 +55,7 @@ from pipeline.scaling_laws.sweep import (
     trial_runs,
 )
 from pipeline.train.loop import run_training
+from pipeline.train.stop_request import TrainingStopped
 from pipeline.train.torchrun import TorchrunRuntime, checkpoint_root
 
 RECORD_VERSION = 1
@@ -263,6 +264,9 @@ def run_offline(cfg: SweepConfig, records_path: str | Path, *, shard: tuple[int,
         t0 = time.perf_counter()
         try:
             record = run_trial(p, cfg.evaluation, train_fn=train_fn)
+        except TrainingStopped as stopped:  # the shard ends here; the trial resumes from its checkpoint next time
+            log(f"[{k}/{len(todo)}] {p.spec.name}: {stopped}")
+            raise
         except Exception as exc:  # the shard goes on; nothing is written, so a re-run retries it
             failed[p.config_hash] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc(file=sys.stderr)
@@ -272,8 +276,9 @@ def run_offline(cfg: SweepConfig, records_path: str | Path, *, shard: tuple[int,
                                                   trial=p.spec.name, params=trial_param_values(p), record=record,
                                                   trials_per_gpu=trials_per_gpu))
         ran.append(p.config_hash)
-        if checkpoint_every:  # recorded: the resume points are not needed any more (disk: ~1.6 GB at s4)
-            shutil.rmtree(checkpoint_root(p.train_config["train"]["output_dir"]), ignore_errors=True)
+        # recorded: its resume points (periodic, or the one a stop request left) are not needed any more
+        # (disk: ~1.6 GB at s4)
+        shutil.rmtree(checkpoint_root(p.train_config["train"]["output_dir"]), ignore_errors=True)
         zs = f", zero-shot MSE {record.zs_mse:.4f}" if math.isfinite(record.zs_mse) else ""
         if record.expert_balance:
             zs += f", routing busiest/mean {record.balance_mean:.2f} (max layer {max(record.expert_balance):.2f})"

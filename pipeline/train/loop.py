@@ -35,6 +35,7 @@ from pipeline.train.checkpoint import ResumeState
 from pipeline.train.data import DataPosition, prefetched
 from pipeline.train.heldout import HeldOut
 from pipeline.train.profiling import StepProfiler
+from pipeline.train.stop_request import StopRequest, TrainingStopped, stop_on_signals
 
 
 class Runtime(Protocol):
@@ -330,15 +331,17 @@ class TrainResult:
 
 
 def run_training(cfg: TrainConfig, rt: Runtime) -> TrainResult:
-    """Train to ``cfg.train.max_steps`` (or an early stop); return the history and the engine."""
-    run = TrainingRun.start(cfg, rt)      # seeds, process group, model, engine, resume, tracking
-    while run.state.step < cfg.train.max_steps:
-        stats, counts_LE, lr, t0 = run.step()       # micro-batches, one optimizer step
-        m = run.metrics(stats, counts_LE, lr, t0)  # reduced over ranks; non-finite steps counted
-        run.log(m)                                  # metrics.jsonl, MLflow, the step line
-        if run.checkpoint_or_stop(m):               # checkpoints; early stopping
-            break
-    return run.finish()                             # final evaluation, export, pictures
+    """Train to ``cfg.train.max_steps`` (or an early stop); return the history and the engine.
+    Raises :class:`TrainingStopped` after a checkpoint when SIGTERM asked the run to stop."""
+    with stop_on_signals() as stop:
+        run = TrainingRun.start(cfg, rt, stop)  # seeds, process group, model, engine, resume, tracking
+        while run.state.step < cfg.train.max_steps:
+            stats, counts_LE, lr, t0 = run.step()       # micro-batches, one optimizer step
+            m = run.metrics(stats, counts_LE, lr, t0)  # reduced over ranks; non-finite steps counted
+            run.log(m)                                  # metrics.jsonl, MLflow, the step line
+            if run.checkpoint_or_stop(m):               # checkpoints; early stopping; a stop request
+                break
+    return run.finish()                                 # final evaluation, export, pictures
 
 
 @dataclass
@@ -366,9 +369,11 @@ class TrainingRun:
     logged_step: int = 0  # the step of the last step line
     nonfinite: NonFiniteSteps | None = None
     early_stop: EarlyStop | None = None
+    stop: StopRequest = field(default_factory=StopRequest)  # set by a signal on this rank
+    stop_now: bool = False  # a stop was asked for on some rank by the end of the last step
 
     @classmethod
-    def start(cls, cfg: TrainConfig, rt: Runtime) -> "TrainingRun":
+    def start(cls, cfg: TrainConfig, rt: Runtime, stop: StopRequest | None = None) -> "TrainingRun":
         out_root = Path(cfg.train.output_dir)
         (out_root / "pids").mkdir(parents=True, exist_ok=True)
         (out_root / "pids" / f"rank{rt.rank}.pid").write_text(str(os.getpid()))  # for fault-injection tests
@@ -391,7 +396,7 @@ class TrainingRun:
                    out_root,
                    StepProfiler(cfg.train.profile_steps, out_root, rt.rank, rt.use_gpu), _peak_flops(rt.use_gpu),
                    nonfinite=NonFiniteSteps(cfg.train.max_nonfinite_in_row),
-                   early_stop=EarlyStop(cfg.train.early_stop_patience))
+                   early_stop=EarlyStop(cfg.train.early_stop_patience), stop=stop or StopRequest())
 
     def step(self) -> tuple[StepStats, torch.Tensor | None, float, float]:
         """One optimizer step over ``accum`` micro-batches. Without ZeRO a non-finite loss on any
@@ -445,12 +450,14 @@ class TrainingRun:
         if torch.is_tensor(gn):
             gn = host[-1]
         wait_s = self.batches.take_wait()
-        vec = all_reduce_sum(torch.cat([host[:n], torch.tensor([wait_s], dtype=torch.float64)]), rt.world_size,
-                             self.device) / rt.world_size
+        # a stop request rides in the all-reduce the step does anyway: every rank sees it at the same step
+        local = torch.tensor([wait_s, float(self.stop.requested)], dtype=torch.float64)
+        vec = all_reduce_sum(torch.cat([host[:n], local]), rt.world_size, self.device) / rt.world_size
         dt = time.perf_counter() - t0
-        m = dict(zip(stats.names, vec[:-1].tolist()))
+        m = dict(zip(stats.names, vec[:n].tolist()))
         m.update(lr=lr, points_seen=state.points_seen, points_per_s=points / dt, step_time_s=dt,
-                 data_wait_ms=float(vec[-1]) * 1000.0)
+                 data_wait_ms=float(vec[n]) * 1000.0)
+        self.stop_now = bool(vec[n + 1] > 0)
         if rt.use_gpu:
             m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         profile = self.profiler.after_step(state.step)
@@ -504,13 +511,22 @@ class TrainingRun:
 
     def checkpoint_or_stop(self, m: dict[str, float]) -> bool:
         """Checkpoint every ``checkpoint_every`` steps and at the end; True when the held-out loss
-        says stop (``early_stop_patience``)."""
+        says stop (``early_stop_patience``). After a stop request (SIGTERM on any rank) before the
+        last step: a checkpoint of this step, then :class:`TrainingStopped`."""
         cfg, state = self.cfg, self.state
         stop = "eval_loss" in m and self.early_stop.stop_after(m["eval_loss"])
         every = cfg.train.checkpoint_every
         last = state.step == cfg.train.max_steps or stop
-        if (every and state.step % every == 0) or (last and cfg.train.checkpoint_at_end):
+        asked = self.stop_now and not last  # at the last step finishing is the better checkpoint
+        if (every and state.step % every == 0) or (last and cfg.train.checkpoint_at_end) or asked:
             self.rt.save_and_report(self.engine, state, {"step": state.step, "loss": m["loss"]})
+        if asked:
+            signal_name = self.stop.signal_name or "SIGTERM on another rank"
+            if self.rt.rank == 0:
+                say(f"[train] stopped by {signal_name} after step {state.step}/{cfg.train.max_steps}: checkpoint "
+                    "saved; the same command resumes from it")
+            self.tracker.finish("KILLED")
+            raise TrainingStopped(state.step, signal_name)
         if stop and self.rt.rank == 0:
             say(f"[train] early stop at step {state.step}: eval loss {m['eval_loss']:.4f}, best "
                 f"{self.early_stop.best:.4f} {self.early_stop.patience} evaluations ago (train.early_stop_patience)")

@@ -4,13 +4,16 @@
         --data /data/packed train.max_steps=200
 
 Reads shards with the plain pyarrow reader; checkpoints go to ``<output_dir>/checkpoints/``
-(shared by all ranks), and ``--resume`` continues from the newest complete one.
+(shared by all ranks), and ``--resume`` continues from the newest complete one. SIGTERM (a
+scheduler's time limit or preemption) stops every rank at the next step's end with a checkpoint
+and exit code 143; the same command with ``--resume`` goes on from there.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,6 +24,7 @@ from pipeline.config import TrainConfig, load_config
 from pipeline.train import checkpoint, data
 from pipeline.train.checkpoint import ResumeState
 from pipeline.train.loop import run_training
+from pipeline.train.stop_request import STOPPED_EXIT_CODE, TrainingStopped
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -78,10 +82,16 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, overrides)
     if int(os.environ.get("RANK", 0)) == 0:
         print(cfg.to_yaml(), flush=True)
-    run_training(cfg, TorchrunRuntime(cfg, args.resume))
+    code = 0
+    try:
+        run_training(cfg, TorchrunRuntime(cfg, args.resume))
+    except TrainingStopped:  # every rank stopped at the same step, after its checkpoint
+        code = STOPPED_EXIT_CODE
     if dist.is_initialized():  # all ranks leave together; a group left to exit can abort the process
         dist.barrier()
         dist.destroy_process_group()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
