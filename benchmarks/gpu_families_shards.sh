@@ -9,8 +9,8 @@
 # lasts: LANES=N processes share the GPU and each takes the next shard nobody has taken in this call.
 # Each finished trial appends its record to OUT/records-K.jsonl, and a shard with a record is not
 # run again; a trial cut short writes nothing, and a later call on the same (warm) machine with the
-# same OUT resumes it from its newest checkpoint (every CHECKPOINT_EVERY=500 steps), a fresh machine
-# trains it again. Copy the records to benchmarks/results/sweep-families-1gpu/ afterwards.
+# same OUT resumes it from its newest checkpoint (every CHECKPOINT_EVERY=500 steps, and the step it was
+# in when the budget's SIGTERM came, if that was during training), a fresh machine trains it again. Copy the records to benchmarks/results/sweep-families-1gpu/ afterwards.
 set -u
 out=$1 shards=$2 budget=${3:-585}
 t0=$(date +%s)
@@ -49,7 +49,7 @@ run_lane() {  # the next shard of the list that has no record and no taker yet, 
         l=$(left)
         [ "$l" -gt 90 ] || { echo "[families] shard $k not started (${l}s left)"; continue; }
         echo "[families] shard $k/24 (${l}s left)"
-        timeout $(( l - 10 )) python3 -m jobs.sweep --config configs/sweep-families-1gpu.yaml \
+        timeout -k 30 $(( l - 10 )) python3 -m jobs.sweep --config configs/sweep-families-1gpu.yaml \
             --offline-records "$out/records-$k.jsonl" --shard "$k/24" --trials-per-gpu "$lanes" \
             --checkpoint-every "${CHECKPOINT_EVERY:-500}" \
             > "$out/shard-$k.log" 2>&1
