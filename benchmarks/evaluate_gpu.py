@@ -101,9 +101,8 @@ def generate_before(model: TimeMoeModel, x_BT: torch.Tensor, horizon: int) -> to
         for i, layer in enumerate(dec.layers):
             a = layer.self_attn
             q, k, v = a.qkv_proj(layer.input_layernorm(hid)).chunk(3, dim=-1)
-            q, k, v = (t.view(B, n, a.n_heads, a.head_dim) for t in (q, k, v))
+            q, k, v = (t.view(B, n, a.n_heads, a.head_dim).transpose(1, 2) for t in (q, k, v))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             if caches[i] is not None:
                 k, v = torch.cat([caches[i][0], k], dim=2), torch.cat([caches[i][1], v], dim=2)
             caches[i] = (k, v)

@@ -55,10 +55,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rope(x_BLHd: torch.Tensor, cos_BLd: torch.Tensor, sin_BLd: torch.Tensor) -> torch.Tensor:
-    """RoPE on ``[B, L, H, hd]``: the projection's own layout, before the heads are transposed,
-    so that the backward writes the fused qkv gradient in place rather than through a transpose."""
-    return x_BLHd * cos_BLd[:, :, None] + rotate_half(x_BLHd) * sin_BLd[:, :, None]
+def apply_rope(x_BHLd: torch.Tensor, cos_BLd: torch.Tensor, sin_BLd: torch.Tensor) -> torch.Tensor:
+    return x_BHLd * cos_BLd[:, None] + rotate_half(x_BHLd) * sin_BLd[:, None]
 
 
 def segment_positions(segment_ids_BL: torch.Tensor) -> torch.Tensor:
@@ -203,8 +201,8 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv_proj(x_BLD).split([nq, self.n_kv * hd, self.n_kv * hd], dim=-1)
             Lq = L
-        q_BHLd = apply_rope(q.view(B, Lq, self.n_heads, hd), cos[:, L - Lq:], sin[:, L - Lq:]).transpose(1, 2)
-        k_BKLd = apply_rope(k.view(B, L, self.n_kv, hd), cos, sin).transpose(1, 2)
+        q_BHLd = apply_rope(q.view(B, Lq, self.n_heads, hd).transpose(1, 2), cos[:, L - Lq:], sin[:, L - Lq:])
+        k_BKLd = apply_rope(k.view(B, L, self.n_kv, hd).transpose(1, 2), cos, sin)
         v_BKLd = v.view(B, L, self.n_kv, hd).transpose(1, 2)
         if last_query_only:  # the last query is the last key: attend() masks it against all L
             L, block_mask = 1, None

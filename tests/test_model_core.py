@@ -182,15 +182,15 @@ def test_swiglu_fused_gate_up_equals_two_projections_outputs_and_grads():
 
 def test_rope_rotates_each_frequency_pair_by_position_times_frequency():
     """Reference: the pair (x_i, x_{i + hd/2}) as one complex number, multiplied by
-    exp(i * position * theta^(-2i/hd)); applied on ``[B, L, H, hd]``."""
+    exp(i * position * theta^(-2i/hd)); applied on ``[B, H, L, hd]``."""
     B, L, H, hd, theta = 2, 9, 3, 8, 10000.0
-    x = torch.randn(B, L, H, hd, dtype=torch.float64)
+    x = torch.randn(B, H, L, hd, dtype=torch.float64)
     pos = torch.stack([torch.arange(L), torch.arange(L).flip(0) * 7])
     cos, sin = rope_cos_sin(pos, hd, theta, torch.float64)
     got = apply_rope(x, cos, sin)
     freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     angle_BLf = pos[..., None].double() * freq
-    z = torch.complex(x[..., : hd // 2], x[..., hd // 2:]) * torch.polar(torch.ones_like(angle_BLf), angle_BLf)[:, :, None]
+    z = torch.complex(x[..., : hd // 2], x[..., hd // 2:]) * torch.polar(torch.ones_like(angle_BLf), angle_BLf)[:, None]
     # the table is computed in fp32 (as the released code does), hence fp32 tolerances
     torch.testing.assert_close(got, torch.cat([z.real, z.imag], dim=-1), rtol=1e-5, atol=1e-6)
 
