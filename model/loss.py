@@ -27,19 +27,14 @@ def shifted_targets(labels_BL: torch.Tensor, valid_BL: torch.Tensor, segment_ids
     return lab, ok & same
 
 
-def horizon_losses(predictions: dict[int, torch.Tensor], labels_BL: torch.Tensor, valid_BL: torch.Tensor,
-                   segment_ids_BL: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Masked mean of the Huber(delta 2) loss of every head ``{h: pred [B, L, h]}``, in fp32.
-    Head h's targets are the first h of the longest head's (step j is ``labels[t+j]`` for every
-    head), so the targets and their mask are built once, at the longest horizon."""
-    target_BLH, mask_BLH = shifted_targets(labels_BL, valid_BL, segment_ids_BL, max(predictions))
-    target_BLH, m_BLH = target_BLH.float(), mask_BLH.float()
-    out = {}
-    for h, pred_BLh in predictions.items():
-        elem = F.huber_loss(pred_BLh.float(), target_BLH[..., :h], reduction="none", delta=HUBER_DELTA)
-        m = m_BLH[..., :h]
-        out[h] = (elem * m).sum() / m.sum().clamp_min(1.0)
-    return out
+def head_loss(pred_BLh: torch.Tensor, labels_BL: torch.Tensor, valid_BL: torch.Tensor,
+              segment_ids_BL: torch.Tensor) -> torch.Tensor:
+    """Masked mean of the Huber(delta 2) loss of one head, in fp32."""
+    h = pred_BLh.shape[-1]
+    target_BLh, mask_BLh = shifted_targets(labels_BL, valid_BL, segment_ids_BL, h)
+    elem = F.huber_loss(pred_BLh.float(), target_BLh.float(), reduction="none", delta=HUBER_DELTA)
+    m = mask_BLh.to(elem.dtype)
+    return (elem * m).sum() / m.sum().clamp_min(1.0)
 
 
 def load_balancing_loss(router_logits_NE: torch.Tensor, top_k: int, keep_N: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,7 +32,7 @@ from model.attention import (
 )
 from model.config import TimeMoeConfig
 from model.forecast import horizon_schedule, prepare_contexts
-from model.loss import horizon_losses, router_aux_loss
+from model.loss import head_loss, router_aux_loss
 from model.moe import MoeFeedForward, SwiGLU
 
 
@@ -230,7 +230,7 @@ class TimeMoeModel(nn.Module):
             labels_BL = (labels[..., 0] if labels.dim() == 3 else labels).to(x_BL.device)
             valid_BL = torch.ones_like(labels_BL, dtype=torch.bool) if loss_mask is None else loss_mask.to(x_BL.device).bool()
             seg_loss_BL = torch.ones_like(labels_BL, dtype=torch.long) if seg_BL is None else seg_BL
-            head_losses = horizon_losses(predictions, labels_BL, valid_BL, seg_loss_BL)
+            head_losses = {h: head_loss(p, labels_BL, valid_BL, seg_loss_BL) for h, p in predictions.items()}
             loss = torch.stack(list(head_losses.values())).mean()
             if aux is not None and cfg.apply_aux_loss:
                 loss = loss + cfg.router_aux_loss_factor * aux

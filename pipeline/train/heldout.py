@@ -2,7 +2,7 @@
 (``eval_loss`` / ``eval_mse``) and by every scaling-law trial's summary.
 
 - **held-out loss**: the mean over the horizon heads of their masked Huber losses
-  (``model.loss.horizon_losses``), averaged over batches. This is the forecasting objective WITHOUT
+  (``model.loss.head_loss``), averaged over batches. This is the forecasting objective WITHOUT
   the router's auxiliary loss: a sparse model and its dense twin are compared on the same
   quantity, and a change of the aux factor does not move it.
 - **held-out MSE**: the squared error of the 1-step head's prediction on the observed targets
