@@ -95,7 +95,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resuming_repeats_t
 
     from tests._train_helpers import read_metrics, wait_for_step
 
-    steps = 24
+    steps = 48  # the signal lands within a step or two of step 3: a wide margin before the end
     data = write_shards(tmp_path / "data")
     unbroken = tiny_config(data, tmp_path / "unbroken", train={"max_steps": steps, "export": False})
     stopped_dir = tmp_path / "stopped"
