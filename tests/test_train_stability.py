@@ -64,7 +64,8 @@ def test_early_stopping_on_the_held_out_loss(tmp_path):
 
 def _unbroken_then_stopped_then_resumed(rank: int, world: int, unbroken: dict, stopped: dict) -> dict:
     """One rank: an unbroken run, then a run in another folder that a SIGTERM stops (sent by the
-    test to rank 1 only), then the same command resumed, as a scheduler's restart would."""
+    test to rank 1 only), then the same command resumed, as a scheduler's restart would. Rank 0
+    also returns the stopped run's MLflow status before the resume."""
     from pipeline.config import config_from_dict
     from pipeline.train.loop import run_training
     from pipeline.train.stop_request import TrainingStopped
@@ -81,17 +82,29 @@ def _unbroken_then_stopped_then_resumed(rank: int, world: int, unbroken: dict, s
         stop = None
     except TrainingStopped as exc:
         stop = (exc.step, exc.signal_name)
+    status = None
+    if rank == 0:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(cfg.tracking.tracking_uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        status = [r.info.status for r in client.search_runs([exp.experiment_id])]
     resumed = losses(run_training(cfg, TorchrunRuntime(cfg, True)).history)
-    return {"unbroken": whole, "stop": stop, "resumed": resumed}
+    return {"unbroken": whole, "stop": stop, "resumed": resumed, "status_after_stop": status}
 
 
-def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resuming_repeats_the_unbroken_run(tmp_path):
+def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resuming_repeats_the_unbroken_run(tmp_path,
+                                                                                                  mlflow_server):
     """A scheduler's SIGTERM reaching one rank only: both ranks stop at the end of the same step
     (the flag rides in the step's all-reduce), a checkpoint of that step is saved although none
-    was due, and the resumed run's steps equal an unbroken run's."""
+    was due, the MLflow run is KILLED, and the resumed run's steps equal an unbroken run's, in the
+    same MLflow run, FINISHED at the end."""
     import os
     import signal
     import threading
+    import uuid
+
+    from mlflow.tracking import MlflowClient
 
     from tests._train_helpers import read_metrics, wait_for_step
 
@@ -99,7 +112,9 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resuming_repeats_t
     data = write_shards(tmp_path / "data")
     unbroken = tiny_config(data, tmp_path / "unbroken", train={"max_steps": steps, "export": False})
     stopped_dir = tmp_path / "stopped"
-    stopped = tiny_config(data, stopped_dir, train={"max_steps": steps, "export": False, "checkpoint_every": 0})
+    experiment = f"stopped-{uuid.uuid4().hex[:6]}"
+    stopped = tiny_config(data, stopped_dir, train={"max_steps": steps, "export": False, "checkpoint_every": 0},
+                          tracking={"enabled": True, "tracking_uri": mlflow_server, "experiment": experiment})
     sent = {}
 
     def stop_rank1() -> None:
@@ -125,3 +140,8 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resuming_repeats_t
     assert sorted(logged) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert logged[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7), (step, at)
+    assert ranks[0]["status_after_stop"] == ["KILLED"]
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, steps + 1))
