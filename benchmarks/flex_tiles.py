@@ -29,8 +29,8 @@ from model import TimeMoeConfig  # noqa: E402
 from model.attention import flex_block_mask  # noqa: E402
 
 # name -> (kernel_options, compile mode); the tilings are the ones Triton's flex templates list
-# for head dims <= 64 on Hopper; the mask flags assume every query row sees a key, which padding
-# rows (segment 0 matches no key) break, so that row shows what the flags would save, not a usable setting
+# for head dims <= 64 on Hopper; the mask flags row shows what skipping the kernel's safety checks
+# would save, and whether its output still matches (the flags' premises must hold for the mask)
 SETTINGS: dict[str, tuple[dict, str | None]] = {
     "default": ({}, None),
     "mask-flags": ({"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}, None),
