@@ -7,8 +7,10 @@ every step since the last periodic checkpoint. With :func:`stop_on_signals` arou
 first SIGTERM only sets a flag; the loop reads it with the step's metrics (summed over ranks in
 the all-reduce it already does, so every rank stops at the same step even when one rank alone was
 signalled), saves a checkpoint, and raises :class:`TrainingStopped`. Starting the same command
-again resumes from that step. A second SIGTERM while the first is being honoured kills the
-process as if no handler were there.
+again resumes from that step. Further SIGTERMs change nothing: a worker under torchrun inside a
+SLURM step gets one from SLURM and another from the torchrun agent that forwards its own, and
+the second must not cut the checkpoint short. What ends a run at once is SIGKILL (which the
+scheduler sends when its grace period is over) or SIGINT.
 
 Only the main thread may install signal handlers: where the loop runs in another thread (a Ray
 Train worker), signals keep their default and Ray's own restart from the last reported checkpoint
@@ -17,7 +19,6 @@ applies.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from typing import Iterator
@@ -48,11 +49,8 @@ class StopRequest:
         return self.signal_name is not None
 
     def handle(self, signum: int, frame: object) -> None:
-        if self.requested:  # asked twice: leave at once, as without a handler
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.signal_name = signal.Signals(signum).name
+        if not self.requested:
+            self.signal_name = signal.Signals(signum).name
 
 
 @contextlib.contextmanager
