@@ -10,7 +10,8 @@
 # Each finished trial appends its record to OUT/records-K.jsonl, and a shard with a record is not
 # run again; a trial cut short writes nothing, and a later call on the same (warm) machine with the
 # same OUT resumes it from its newest checkpoint (every CHECKPOINT_EVERY=500 steps, and the step it was
-# in when the budget's SIGTERM came, if that was during training), a fresh machine trains it again. Copy the records to benchmarks/results/sweep-families-1gpu/ afterwards.
+# in when the budget's SIGTERM came, if that was during training), a fresh machine trains it again.
+# Copy the records to benchmarks/results/sweep-families-1gpu/ afterwards.
 set -u
 out=$1 shards=$2 budget=${3:-585}
 t0=$(date +%s)

@@ -373,7 +373,7 @@ class TrainingRun:
     stop_now: bool = False  # a stop was asked for on some rank by the end of the last step
 
     @classmethod
-    def start(cls, cfg: TrainConfig, rt: Runtime, stop: StopRequest | None = None) -> "TrainingRun":
+    def start(cls, cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> "TrainingRun":
         out_root = Path(cfg.train.output_dir)
         (out_root / "pids").mkdir(parents=True, exist_ok=True)
         (out_root / "pids" / f"rank{rt.rank}.pid").write_text(str(os.getpid()))  # for fault-injection tests
@@ -396,7 +396,7 @@ class TrainingRun:
                    out_root,
                    StepProfiler(cfg.train.profile_steps, out_root, rt.rank, rt.use_gpu), _peak_flops(rt.use_gpu),
                    nonfinite=NonFiniteSteps(cfg.train.max_nonfinite_in_row),
-                   early_stop=EarlyStop(cfg.train.early_stop_patience), stop=stop or StopRequest())
+                   early_stop=EarlyStop(cfg.train.early_stop_patience), stop=stop)
 
     def step(self) -> tuple[StepStats, torch.Tensor | None, float, float]:
         """One optimizer step over ``accum`` micro-batches. Without ZeRO a non-finite loss on any
