@@ -11,6 +11,7 @@ Bad inputs become quarantine rows (reason + message naming the file) unless ``fa
 """
 from __future__ import annotations
 
+import dataclasses
 import glob as globmod
 import gzip
 import logging
@@ -24,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from preprocessing import storage, time300b
+from preprocessing.accounting import INFORMATIONAL_QUARANTINE
 from preprocessing.catalog import SourceCatalog, load_catalog  # noqa: F401  (re-exported for the job)
 from preprocessing.formats import FileContext, TableOverrides, parse_csv
 from preprocessing.formats_table import IngestError, concat, quarantine_table
@@ -251,7 +253,12 @@ def read_series(inputs: list[str], catalog: SourceCatalog | None = None,
                 config: IngestConfig | None = None,
                 ray_remote_args: dict[str, Any] | None = None) -> "ray.data.Dataset":  # noqa: F821
     """A Ray Data dataset of SERIES_SCHEMA blocks; one read task per read unit.
-    ``ray_remote_args`` go to the read tasks (e.g. ``{"resources": {"data": 1}}`` for placement)."""
+    ``ray_remote_args`` go to the read tasks (e.g. ``{"resources": {"data": 1}}`` for placement).
+
+    Under ``config.fail_fast`` the read runs here (the dataset comes back materialized) and the
+    first quarantined input is raised from this process. The read tasks themselves never raise:
+    a task error makes Ray Data cancel the tasks still running, and Ray 2.60's core worker can
+    abort the whole driver process when a cancelled task completes at that moment."""
     import ray
 
     config = config or IngestConfig()
@@ -263,8 +270,18 @@ def read_series(inputs: list[str], catalog: SourceCatalog | None = None,
     blocks = [pa.table({"spec": pa.array([pickle.dumps(s)], pa.binary())}) for s in specs]
     log.info("ingest: %d read units from %d inputs", len(specs), len(inputs))
     ds = ray.data.from_arrow(blocks)
-    return ds.map_batches(_read_batch, fn_kwargs={"config": config}, batch_size=1, batch_format="pyarrow",
-                          zero_copy_batch=True, **(ray_remote_args or {}))
+    task_config = dataclasses.replace(config, fail_fast=False)
+    ds = ds.map_batches(_read_batch, fn_kwargs={"config": task_config}, batch_size=1, batch_format="pyarrow",
+                        zero_copy_batch=True, **(ray_remote_args or {}))
+    if not config.fail_fast:
+        return ds
+    ds = ds.materialize()
+    reasons = ds.select_columns(["quarantine_reason", "quarantine_message", "claimed_points"])
+    for batch in reasons.iter_batches(batch_format="pyarrow", batch_size=None):
+        for reason, message, claimed in zip(*(batch.column(i).to_pylist() for i in range(3))):
+            if reason and reason not in INFORMATIONAL_QUARANTINE:
+                raise IngestError(reason, message, claimed)
+    return ds
 
 
 def read_series_local(inputs: list[str], catalog: SourceCatalog | None = None,

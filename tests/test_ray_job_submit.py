@@ -227,6 +227,12 @@ def rerun(head, out, stopped):
 ERROR_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,.]+ [EF] \d+ \d+\]|\b(ERROR|CRITICAL|FATAL)\b"
                         r"|Traceback \(most recent call last\)|Exception in thread")
 ANSI = re.compile(r"\x1b\[")
+# Ray's GCS forwards its own error lines to every driver. When it kills an actor whose worker
+# process has already exited (a Ray Data or Ray Train helper finishing at the moment it is
+# stopped), the kill RPC fails and GCS logs it at error level; the actor is dead either way and
+# the job is unaffected (docs/cluster.md, "Read the results"). Only that message is let through.
+RAY_TEARDOWN_RACE = re.compile(r"^\(pid=gcs_server\) .*gcs_actor_scheduler\.cc:\d+: Failed to kill actor [0-9a-f]+, "
+                               r"return status: Invalid: KillActor RPC failed")
 
 
 def check_readable_log(logs: str, max_steps: int, log_every: int) -> dict[str, int]:
@@ -235,7 +241,8 @@ def check_readable_log(logs: str, max_steps: int, log_every: int) -> dict[str, i
     stage a bounded number of lines, the summary last. Returns the lines per stage."""
     assert "\r" not in logs, [line[:120] for line in logs.split("\n") if "\r" in line][:5]
     assert not ANSI.search(logs), [line[:120] for line in logs.splitlines() if ANSI.search(line)][:5]
-    errors = [line[:200] for line in logs.splitlines() if ERROR_LINE.search(line)]
+    errors = [line[:200] for line in logs.splitlines()
+              if ERROR_LINE.search(line) and not RAY_TEARDOWN_RACE.search(line)]
     assert not errors, errors
     assert logs.count("# resolved config") == 1, logs.count("# resolved config")
     # before it only Ray's job manager speaks (runtime env, entrypoint)
