@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import packed_segment_ids  # noqa: E402
 
 from model import TimeMoeConfig  # noqa: E402
-from model.attention import flex_block_mask  # noqa: E402
+from model.attention import TUNED_FLEX_TILES, flex_block_mask  # noqa: E402
 
 # name -> (kernel_options, compile mode); the tilings are the ones Triton's flex templates list
 # for head dims <= 64 on Hopper; the mask flags row shows what skipping the kernel's safety checks
@@ -41,6 +41,7 @@ SETTINGS: dict[str, tuple[dict, str | None]] = {
     "bwd-32x64-w4-s3": ({"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
                          "bwd_num_warps": 4, "bwd_num_stages": 3}, None),
     "max-autotune": ({}, "max-autotune-no-cudagraphs"),
+    "tuned": ({}, None),  # the model's TUNED_FLEX_TILES for the preset's head dim (filled in run_preset)
 }
 
 
@@ -74,6 +75,8 @@ def run_preset(preset: str, windows: int, length: int, iters: int, settings: lis
             rows.append(dict(preset=preset, setting=name, error="not run: budget"))
             continue
         options, mode = SETTINGS[name]
+        if name == "tuned":
+            options = TUNED_FLEX_TILES.get(hd, {})
         compiled = torch.compile(flex_attention, dynamic=False, mode=mode)
 
         def call(q, k, v, bm, compiled=compiled, options=options):

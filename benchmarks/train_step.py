@@ -11,6 +11,8 @@ run so the ratios are measured on the same machine:
 - ``compiled``: ``grouped`` plus ``torch.compile`` of every decoder layer.
 - ``compiled_full``: ``grouped`` plus ``torch.compile`` of the whole forward (embedding, layers,
   heads, loss) as one graph: fewer kernel launches for the same math.
+- ``compiled_tiles``: ``compiled`` with FlexAttention's tuned tiles
+  (``model.attention.TUNED_FLEX_TILES`` for the preset's head dim), to time them in the whole step.
 - ``compiled_cg``: ``compiled`` with ``mode="reduce-overhead"``: each layer's forward and
   backward replayed as CUDA graphs, which removes the per-kernel launch cost from the host.
 - ``compiled_fp32``, ``compiled_sdpa``: the paper's precision table on our stack: ``compiled``
@@ -58,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.released_code import FLASH_VIA_SDPA  # noqa: E402
 from model import TimeMoeConfig, TimeMoeModel  # noqa: E402
+from model.attention import TUNED_FLEX_TILES, Attention  # noqa: E402
 from model.flops import count_parameters, mfu, training_flops_per_point  # noqa: E402
 from model.moe import MoeFeedForward  # noqa: E402
 
@@ -175,7 +178,11 @@ def build(preset: str, variant: str, device: str, released_classes=None):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     else:
         opt = MasterWeightAdamW(model.parameters())
-    if variant in ("compiled", "compiled_cg", "compiled_fp32", "compiled_sdpa"):
+    if variant == "compiled_tiles":
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.flex_kernel_options = TUNED_FLEX_TILES.get(m.head_dim)
+    if variant in ("compiled", "compiled_tiles", "compiled_cg", "compiled_fp32", "compiled_sdpa"):
         mode = "reduce-overhead" if variant == "compiled_cg" else None
         for layer in model.model.layers:
             layer.compile(dynamic=False, mode=mode)

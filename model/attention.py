@@ -105,6 +105,20 @@ def flex_block_mask(q_seg_BL: torch.Tensor, k_seg_BS: torch.Tensor):
     return create_block_mask(mask_mod, B, None, L, S, device=q_seg_BL.device)
 
 
+# FlexAttention tile settings by head dim (Triton kernel options: ``fwd_*`` for the forward kernel,
+# ``bwd_*`` for the backward one), chosen by benchmarks/flex_tiles.py at the training step's
+# shapes and equal to the defaults' outputs within bf16 rounding (docs/benchmarks.md,
+# "FlexAttention's tiles"). Every block size divides the block mask's 128. Not applied unless an
+# ``Attention``'s ``flex_kernel_options`` is set: whether they speed up the whole step is
+# measured by ``benchmarks/train_step.py --variants compiled compiled_tiles``.
+TUNED_FLEX_TILES: dict[int, dict[str, int]] = {
+    32: {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+         "bwd_num_warps": 4, "bwd_num_stages": 3},
+    64: {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+         "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+         "bwd_num_warps": 4, "bwd_num_stages": 3},
+}
+
 _FLEX = None
 
 
@@ -171,6 +185,9 @@ class Attention(nn.Module):
         D = config.hidden_size
         self.qkv_proj = nn.Linear(D, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=False)
+        # FlexAttention kernel options on CUDA (e.g. ``TUNED_FLEX_TILES[head_dim]``); None keeps
+        # the kernel's defaults. Set from outside, like the MoE's dispatcher.
+        self.flex_kernel_options: dict[str, int] | None = None
 
     def forward(
         self,
@@ -234,7 +251,9 @@ class Attention(nn.Module):
         if which == "flex" and packed:
             if block_mask is None:
                 block_mask = flex_block_mask(q_seg_BL, k_seg_BS)
-            return _compiled_flex()(q_BHLd, k_BKSd, v_BKSd, block_mask=block_mask, enable_gqa=self.n_kv != self.n_heads)
+            options = self.flex_kernel_options if q_BHLd.device.type == "cuda" else None
+            return _compiled_flex()(q_BHLd, k_BKSd, v_BKSd, block_mask=block_mask, enable_gqa=self.n_kv != self.n_heads,
+                                    kernel_options=options)
         rep = self.n_heads // self.n_kv
         k_BHSd = k_BKSd.repeat_interleave(rep, dim=1) if rep > 1 else k_BKSd
         v_BHSd = v_BKSd.repeat_interleave(rep, dim=1) if rep > 1 else v_BKSd

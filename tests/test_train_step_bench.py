@@ -90,3 +90,28 @@ def test_revisions_part_times_an_earlier_commit_beside_this_tree_in_one_table(tm
     assert rows[0]["x_first"] == 1.0 and rows[1]["points_per_s"] > 0
     assert rows[1]["x_first"] == rows[1]["points_per_s"] / rows[0]["points_per_s"]
     assert rev_dir.name in (out / "revisions.txt").read_text()
+
+
+def test_tuned_flex_tiles_name_options_the_flex_kernels_take_and_fit_the_block_mask():
+    """``TUNED_FLEX_TILES`` reaches the Triton templates only on a GPU, where a misspelt key is
+    silently ignored (the kernel's defaults run): every key must be a forward or backward option
+    that this torch's FlexAttention lowering reads, and every tile must divide the block mask's
+    block (128), else the lowering rejects it. The outputs are checked on CUDA (tests/test_gpu.py)."""
+    import inspect
+
+    import torch._inductor.kernel.flex.flex_attention as lowering
+
+    from model.attention import TUNED_FLEX_TILES
+
+    source = inspect.getsource(lowering)
+    known = {"fwd": ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
+             "bwd": ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "num_warps", "num_stages")}
+    assert set(TUNED_FLEX_TILES) == {32, 64}  # the published presets' head dims (ultra: 64)
+    for head_dim, options in TUNED_FLEX_TILES.items():
+        assert options, head_dim
+        for key, value in options.items():
+            kernel, _, name = key.partition("_")
+            assert name in known.get(kernel, ()), key
+            assert f'"{name}"' in source, f"{key}: this torch's flex lowering does not read {name!r}"
+            if name.startswith("BLOCK"):
+                assert value in (16, 32, 64, 128) and 128 % value == 0, key
