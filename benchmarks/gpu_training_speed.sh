@@ -7,6 +7,9 @@
 #                                                        # training and inference) at 16 windows
 #   bash benchmarks/gpu_training_speed.sh OUT loop   # train_loop.py: the real loop against the step and
 #                                                    # against DeepSpeed's engine, same batch; data waits
+#   bash benchmarks/gpu_training_speed.sh OUT tiles      # train_step.py: the compiled step without and with
+#                                                    # FlexAttention's tuned tiles, and the released code,
+#                                                    # one process, same batch; flex_tiles.py's rows for them
 #   bash benchmarks/gpu_training_speed.sh OUT revisions  # train_step.py's compiled step of earlier commits
 #                                                    # (.baseline/REV, made by benchmarks/baseline_revisions.sh)
 #                                                    # and of this tree, one process each, same call, same batch
@@ -35,6 +38,15 @@ precision)
     timeout 540 python3 benchmarks/train_step.py --presets $presets --windows 16 \
         --variants compiled compiled_sdpa compiled_fp32 --inference --steps "$steps" --warmup 3 \
         --out "$out/train_step_precision.json" 2>&1 | grep -v -i warn | tee "$out/train_step_precision.txt" | tail -n 14
+    ;;
+tiles)
+    # shellcheck disable=SC2086
+    timeout 420 python3 benchmarks/train_step.py --presets $presets --windows 16 \
+        --variants compiled compiled_tiles released --reference-dir .reference --steps "$steps" --warmup 3 \
+        --out "$out/train_step_tiles.json" 2>&1 | grep -v -i warn | tee "$out/train_step_tiles.txt" | tail -n 20
+    # shellcheck disable=SC2086
+    timeout 150 python3 benchmarks/flex_tiles.py --presets $presets --settings default rows-safe tuned \
+        --budget-s 100 --json "$out/flex_tiles.json" 2>&1 | grep -v -i warn | tee "$out/flex_tiles.txt" | tail -n 12
     ;;
 loop)
     bash deploy/install_offline_bundle.sh /tmp/timemoe-env .bundle > "$out/bundle.log" 2>&1 || { tail "$out/bundle.log"; exit 1; }
