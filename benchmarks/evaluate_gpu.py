@@ -7,7 +7,9 @@ order of importance so that ``--budget-s`` cuts the least important ones:
    before the preallocated cache: a ``torch.cat`` of the whole cache per layer and step, a dense
    decode mask, RoPE per forward; the baseline on the same card) at every pair at the first
    batch size; after the first preset the end-to-end check; then the released code
-2. ``compiled-decode`` (decode steps compiled with dynamic shapes too)
+2. ``compiled-decode`` (decode steps compiled with dynamic shapes too) and
+   ``compiled-decode-auto`` (decode steps compiled static first, the cache's fill level made
+   symbolic on the first recompile: ``compile_for_inference(decode="automatic")``)
 3. fp32, 4. the dense twins, 5. the other batch sizes. After the first preset, causal SDPA
 alone per kernel (flash, memory-efficient, cuDNN) at the prefill shapes (CUDA only).
 A row that runs out of memory is recorded as "oom" and retried at half the batch. A row whose
@@ -68,7 +70,7 @@ except ImportError as _err:
 
 PAPER_PAIRS = ((512, 96), (1024, 192), (2048, 336), (3072, 720))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VARIANTS = ("compiled", "eager", "before", "compiled-decode")
+VARIANTS = ("compiled", "eager", "before", "compiled-decode", "compiled-decode-auto")
 # the paper's files: rows x channels (the ETT borders are fixed, weather's test split is 20%)
 PAPER_SPLITS = {"ETTh1": (14400, 7), "ETTh2": (14400, 7), "ETTm1": (57600, 7), "ETTm2": (57600, 7),
                 "weather": (52696, 21)}
@@ -238,6 +240,8 @@ class Bench:
                 compile_for_inference(m)
             elif kind == "compiled-decode":
                 compile_for_inference(m, decode="dynamic")
+            elif kind == "compiled-decode-auto":
+                compile_for_inference(m, decode="automatic")
             self.models[key] = m
         return self.models[key]
 
@@ -511,7 +515,7 @@ def build_plan(args) -> list[dict]:
     dtypes = sorted(args.dtypes, key=lambda d: d != "bf16")  # bf16 first
     main_v = [v for v in ("compiled", "eager") if v in args.variants]
     before = ["before"] if "before" in args.variants else []  # the same-machine baseline: cheap, early
-    extra_v = ["compiled-decode"] if "compiled-decode" in args.variants else []
+    extra_v = [v for v in ("compiled-decode", "compiled-decode-auto") if v in args.variants]
     first_dtype = dtypes[0]
 
     def gen(preset, dtype, variant, T, H, B, tier, impl="ours"):

@@ -76,16 +76,23 @@ def test_compiled_prefill_equals_eager():
                                eager.generate(xp, 45, attention_mask=mask), rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_dynamic_decode_equals_eager_bf16():
+@pytest.mark.parametrize("decode", ["dynamic", "automatic"])
+def test_compiled_decode_equals_eager_bf16_and_stops_compiling(decode):
     """bf16: the grouped-GEMM experts inside the graphs; decode steps compiled with symbolic
-    shapes (64, 32 and 8 new tokens share one graph)."""
+    shapes (``dynamic``: 64, 32 and 8 new tokens share one graph) or static first
+    (``automatic``: the cache's fill level becomes symbolic on the first recompile). Either way
+    a generation of a shape already seen compiles nothing: no graph per decode step."""
+    from torch._dynamo.utils import counters
+
     eager = tiny(dtype=torch.bfloat16)
-    compiled = compile_for_inference(tiny(dtype=torch.bfloat16), decode="dynamic")
+    compiled = compile_for_inference(tiny(dtype=torch.bfloat16), decode=decode)
     x = random_walks(4, 64, seed=3)
-    for horizon in (96, 200):
+    for horizon in (96, 200, 200):
+        counters.clear()
         a, b = compiled.generate(x, horizon).float(), eager.generate(x, horizon).float()
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)  # bf16, fused vs unfused rounding
         assert (a - b).abs().mean() < 5e-3
+    assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])
 
 
 def test_forecast_vectorised_preparation_and_fixed_batch_change_nothing():

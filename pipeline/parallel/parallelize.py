@@ -130,13 +130,19 @@ def apply_compile(model: nn.Module, expert_parallel: bool = False) -> None:
                 compile_expert_parallel_parts(module)
 
 
+DECODE_MODES = ("eager", "dynamic", "automatic")
+
+
 def compile_for_inference(model: nn.Module, decode: str = "eager") -> nn.Module:
     """Compile a model for ``generate``, in place: each decoder layer's PREFILL (the cache-free
     forward over the context, see ``model.modeling.TimeMoeDecoder``) with static shapes, one
     graph per (batch, context) shape shared by the identical layers. Decode steps change the key
     length every step, so a static graph would recompile per step: they run ``decode="eager"``,
     or ``"dynamic"`` compiled with symbolic shapes (the cache write and attention stay eager
-    between two graphs). Keep batches at a fixed size (``forecast(fixed_batch=True)``).
+    between two graphs), or ``"automatic"``: compiled static first, and what then changes between
+    calls becomes symbolic on the first recompile (torch.compile's default). A decode step's
+    tensors keep their shapes (the step's new values); only the cache's fill level moves. Keep
+    batches at a fixed size (``forecast(fixed_batch=True)``).
 
     Experts the grouped GEMM cannot run (fp32 on CUDA, or any compiled fp32) take the per-expert
     loop, whose split sizes come from the routing; it runs outside the graphs, since traced it
@@ -144,8 +150,8 @@ def compile_for_inference(model: nn.Module, decode: str = "eager") -> nn.Module:
     from model.attention import Attention
     from model.moe import GroupedExperts
 
-    if decode not in ("eager", "dynamic"):
-        raise ValueError(f"compile_for_inference: decode={decode!r} not in ('eager', 'dynamic')")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"compile_for_inference: decode={decode!r} not in {DECODE_MODES}")
     # one graph per shape and layer kind: the default limits would silently fall back to eager
     # after a few (batch, context) shapes
     dynamo = torch._dynamo.config
@@ -156,12 +162,12 @@ def compile_for_inference(model: nn.Module, decode: str = "eager") -> nn.Module:
     for module in model.modules():
         if isinstance(module, GroupedExperts):
             module._forward_loop = torch.compiler.disable(module._forward_loop)
-        if decode == "dynamic" and isinstance(module, Attention):
+        if decode != "eager" and isinstance(module, Attention):
             module.attend_cached = torch.compiler.disable(module.attend_cached)
     for layer in decoder_layers(model):
         eager = layer.forward
         prefill = torch.compile(eager, dynamic=False)
-        step = torch.compile(eager, dynamic=True) if decode == "dynamic" else eager
+        step = eager if decode == "eager" else torch.compile(eager, dynamic=True if decode == "dynamic" else None)
         layer.forward = functools.partial(_prefill_or_decode, prefill, step)
     return model
 
