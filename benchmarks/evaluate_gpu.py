@@ -11,7 +11,8 @@ order of importance so that ``--budget-s`` cuts the least important ones:
    ``compiled-decode-auto`` (decode steps compiled static first, the cache's fill level made
    symbolic on the first recompile: ``compile_for_inference(decode="automatic")``)
 3. fp32, 4. the dense twins, 5. the other batch sizes. After the first preset, causal SDPA
-alone per kernel (flash, memory-efficient, cuDNN) at the prefill shapes (CUDA only).
+alone per kernel (flash, memory-efficient, cuDNN) at the prefill shapes and at one decode step
+(the step's queries against a cache slice, bottom-right causal) (CUDA only).
 A row that runs out of memory is recorded as "oom" and retried at half the batch. A row whose
 predicted time (its FLOPs at the rate measured for its kind so far, plus the longest compile
 seen) would end past the budget is skipped, so the run ends near ``--budget-s``.
@@ -403,21 +404,37 @@ class Bench:
         return row
 
     def attention_rows(self, spec: dict) -> dict:
-        """Causal SDPA alone at the prefill shapes, per kernel: the attention part of the prefill."""
+        """SDPA alone per kernel: causal at the prefill shape (the attention part of the prefill),
+        and one decode step in the middle of the horizon: the step's new queries against the
+        keys so far, read from a cache buffer of the generation's final length as ``generate``
+        does, with the bottom-right causal mask (``model.attention.Attention.attend_cached``)."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.bias import causal_lower_right
 
         B, hd, T = spec["batch"], spec["head_dim"], spec["context"]
         q, k, v = (torch.randn(B, 12, T, hd, device=self.dev, dtype=torch.bfloat16) for _ in range(3))
-        flops = 4 * B * 12 * hd * T * (T + 1) / 2
-        res = {}
-        for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
-            try:
-                with sdpa_kernel(getattr(SDPBackend, name)):
-                    _, _, times = self.time_calls(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), 2, 5)
-                res[name] = dict(ms=1e3 * times[len(times) // 2], tflops=flops / times[len(times) // 2] / 1e12)
-            except Exception as e:  # a kernel that does not take this shape
-                res[name] = dict(error=f"{type(e).__name__}: {e}"[:200])
-        return dict(spec, status="ok", kernels=res)
+        steps = horizon_schedule(spec["horizon"], model_shape("timemoe-50m").horizon_lengths)
+        Lq, S_max = steps[0], T + sum(steps[:-1])
+        S = T + Lq * max(len(steps) // 2, 1)
+        cache_k, cache_v = (torch.randn(B, 12, S_max, hd, device=self.dev, dtype=torch.bfloat16) for _ in range(2))
+        q_step = torch.randn(B, 12, Lq, hd, device=self.dev, dtype=torch.bfloat16)
+        calls = {
+            "prefill": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), 4 * B * 12 * hd * T * (T + 1) / 2),
+            "decode": (lambda: F.scaled_dot_product_attention(q_step, cache_k[:, :, :S], cache_v[:, :, :S],
+                                                              attn_mask=causal_lower_right(Lq, S)),
+                       4 * B * 12 * hd * Lq * (S - Lq / 2)),
+        }
+        res: dict[str, dict] = {}
+        for part, (fn, flops) in calls.items():
+            for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+                key = name if part == "prefill" else f"decode {name}"
+                try:
+                    with sdpa_kernel(getattr(SDPBackend, name)):
+                        _, _, times = self.time_calls(fn, 2, 5)
+                    res[key] = dict(ms=1e3 * times[len(times) // 2], tflops=flops / times[len(times) // 2] / 1e12)
+                except Exception as e:  # a kernel that does not take this shape or mask
+                    res[key] = dict(error=f"{type(e).__name__}: {e}"[:200])
+        return dict(spec, status="ok", decode_queries=Lq, decode_keys=S, kernels=res)
 
     def run_spec(self, spec: dict) -> dict:
         try:
@@ -471,9 +488,15 @@ def describe(r: dict) -> str:
                 f" {r['dataset']}: {r['windows']} windows in {r['seconds']:.1f}s = {r['windows_per_s']:,.0f} win/s{ratio}")
     if r["status"] != "ok":
         return f"sdpa {r['status']} {r.get('error', '')[:200]}"
-    ks = "  ".join(f"{k.split('_')[0].lower()} " + (f"{v['ms']:.2f} ms {v['tflops']:.0f} TF/s" if "ms" in v else "n/a")
-                   for k, v in r["kernels"].items())
-    return f"sdpa     hd {r['head_dim']} b{r['batch']} T {r['context']}: {ks}"
+    def kernels(decode: bool) -> str:
+        return "  ".join(f"{k.split()[-1].split('_')[0].lower()} "
+                         + (f"{v['ms']:.2f} ms {v['tflops']:.0f} TF/s" if "ms" in v else "n/a")
+                         for k, v in r["kernels"].items() if k.startswith("decode ") == decode)
+
+    line = f"sdpa     hd {r['head_dim']} b{r['batch']} T {r['context']}: {kernels(False)}"
+    if "decode_queries" in r:
+        line += f"\n         decode {r['decode_queries']} queries x {r['decode_keys']} keys: {kernels(True)}"
+    return line
 
 
 # Model shapes by name: the presets, plus every (family, size) of a sweep grid given with --grid,
@@ -531,7 +554,7 @@ def build_plan(args) -> list[dict]:
                              context=pair[0], horizon=pair[1], batch=main, tier=1))
         if i == 0 and args.device.startswith("cuda") and args.attention_kernels:
             for hd, B in ((32, main), (64, max(main // 2, 1))):  # the 50M and 200M head dims
-                plan += [dict(kind="sdpa", head_dim=hd, batch=B, context=T, tier=1) for T, _ in args.pairs]
+                plan += [dict(kind="sdpa", head_dim=hd, batch=B, context=T, horizon=H, tier=1) for T, H in args.pairs]
         if args.reference_dir and "bf16" in args.dtypes:
             plan += [gen(p, "bf16", "eager", T, H, main, 1, impl="released") for T, H in args.pairs]
     plan += [gen(p, first_dtype, v, T, H, main, 2) for p in sparse for T, H in args.pairs for v in extra_v]
