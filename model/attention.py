@@ -205,8 +205,8 @@ class Attention(nn.Module):
         positions ``start .. start+L-1`` and ``k_seg_BS`` covers all ``start + L`` keys. Returns
         the output and this forward's keys/values (all S of them with a cache).
 
-        ``last_query_only`` (cache-free forwards): keys and values of all L positions, the output
-        of the last one only, ``[B, 1, D]``."""
+        ``last_query_only``: keys and values of all L positions (written to the cache when there
+        is one), the output of the last one only, ``[B, 1, D]``."""
         B, L, _ = x_BLD.shape
         hd, nq = self.head_dim, self.n_heads * self.head_dim
         cos, sin = rope_BLd  # computed once per forward by the decoder, shared by all layers
@@ -233,8 +233,9 @@ class Attention(nn.Module):
 
     def attend_cached(self, q_BHLd, k_BKLd, v_BKLd, kv_cache: LayerCache, q_seg_BL, k_seg_BS, backend):
         """Write the L new keys/values at ``start .. start+L-1`` of the cache, attend to all
-        ``start + L``. Returns the output and the cache's filled keys/values (views)."""
-        end = kv_cache.start + q_BHLd.shape[2]
+        ``start + L`` (with the L queries, or the last one alone: ``last_query_only``). Returns
+        the output and the cache's filled keys/values (views)."""
+        end = kv_cache.start + k_BKLd.shape[2]
         kv_cache.k_BKSd[:, :, kv_cache.start : end] = k_BKLd
         kv_cache.v_BKSd[:, :, kv_cache.start : end] = v_BKLd
         k_BKSd, v_BKSd = kv_cache.k_BKSd[:, :, :end], kv_cache.v_BKSd[:, :, :end]

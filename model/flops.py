@@ -79,11 +79,11 @@ def generate_flops_per_window(config: TimeMoeConfig, context: int, horizon: int)
                                                the new ones up to itself: causal, not m x (c+m))
 
     where ``N_body`` = active parameters minus the output heads (k of E routed experts, the
-    shared expert, router, norms, biases, embedding). In the prefill the last layer computes
-    keys and values for all ``context`` positions but everything else (query, attention, output
+    shared expert, router, norms, biases, embedding). In every forward the last layer computes
+    keys and values for all ``m`` new positions but everything else (query, attention, output
     projection, FFN) for the last position only (``TimeMoeDecoder``): its other active
-    parameters, and the final norm's, are visited by one token, and its one query sees
-    ``context`` keys. The heads run
+    parameters, and the final norm's, are visited by one token, and its one query sees the
+    ``c + m`` keys. The heads run
     once per step on the last position only, one head of width s_j: ``2 * D * s_j``.
     Elementwise work (norms, RoPE, softmax, SwiGLU products) is not counted, as usual for MFU."""
     from model.forecast import horizon_schedule
@@ -95,8 +95,9 @@ def generate_flops_per_window(config: TimeMoeConfig, context: int, horizon: int)
     flops, cached = 0.0, 0
     for new in [context] + steps[:-1]:
         flops += 2 * n_body * new + 4 * NL * D * (new * cached + new * (new + 1) / 2)
-        if cached == 0 and NL:  # the prefill's last layer (and final norm): one position past its keys/values
-            flops -= 2 * (layer_active - layer_kv + D) * (new - 1) + 4 * D * (new * (new + 1) / 2 - new)
+        if NL:  # the last layer (and final norm): one position past its keys/values
+            flops -= (2 * (layer_active - layer_kv + D) * (new - 1)
+                      + 4 * D * (new * cached + new * (new + 1) / 2 - (cached + new)))
         cached += new
     return float(flops + sum(2 * D * config.input_size * s for s in steps))
 

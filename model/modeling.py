@@ -107,10 +107,10 @@ class TimeMoeDecoder(nn.Module):
         afterwards, so the prefill is one pure graph per layer for ``torch.compile``; later calls
         (decode steps) write into the cache inside attention. ``length`` then grows by L.
 
-        In the prefill the last layer runs its attention output and FFN for the last position
-        only (its keys and values still for every position): generation reads only that hidden
-        state, and everything else the last layer computes would be thrown away. The prefill
-        then returns ``[B, 1, D]``."""
+        With a cache (the prefill and every decode step) the last layer runs its attention output
+        and FFN for the last position only (its keys and values still for every position, into
+        the cache): generation reads only that hidden state, and everything else the last layer
+        computes would be thrown away. Such a call then returns ``[B, 1, D]``."""
         h = self.embed_layer(x_BL)
         prefill = kv_cache is not None and kv_cache.length == 0
         block_mask = None
@@ -123,7 +123,8 @@ class TimeMoeDecoder(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_kv = kv_cache.layer(i) if kv_cache is not None and not prefill else None
-            h, lg, ix, kv = layer(h, rope_BLd, q_seg_BL, k_seg_BS, layer_kv, backend, block_mask, prefill and i == last)
+            h, lg, ix, kv = layer(h, rope_BLd, q_seg_BL, k_seg_BS, layer_kv, backend, block_mask,
+                                  kv_cache is not None and i == last)
             if prefill:
                 kv_cache.fill(i, *kv)
             logits.append(lg)

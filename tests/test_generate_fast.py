@@ -109,16 +109,32 @@ def test_forecast_vectorised_preparation_and_fixed_batch_change_nothing():
 
 
 
-def test_prefill_runs_the_last_layers_ffn_for_the_last_position_only():
-    """The prefill's last layer: keys/values for every position (the cache holds them), its FFN
-    for the one position generation reads; the earlier layers see the whole context. (The
-    forecasts' equality with the uncached reference is the tests above.)"""
+@pytest.mark.parametrize("padded", [False, True])
+def test_every_forward_runs_the_last_layers_ffn_for_the_last_position_only(padded):
+    """The last layer of the prefill and of every decode step: keys/values for every new position
+    (the cache holds them, the next step attends to them), its FFN for the one position
+    generation reads; the earlier layers see all new positions. (The forecasts' equality with the
+    uncached reference is the tests above; here also with left padding.)"""
     m = tiny()
     rows: dict[int, list[int]] = {0: [], 1: []}
     hooks = [layer.ffn_layer.register_forward_hook(lambda mod, inp, out, i=i: rows[i].append(inp[0].shape[1]))
              for i, layer in enumerate(m.model.layers)]
+    attn = m.model.layers[1].self_attn
+    written, attend_cached = [], attn.attend_cached
+
+    def recording(q, k, v, *args):  # the last layer's decode steps: queries, and keys into the cache
+        written.append((q.shape[2], k.shape[2]))
+        return attend_cached(q, k, v, *args)
+
+    attn.attend_cached = recording
     x = random_walks(3, 64, seed=5)
-    m.generate(x, 40)  # the prefill forecasts 32 values; one decode forward of those 32 forecasts the last 8
-    assert rows == {0: [64, 32], 1: [1, 32]}
+    mask = None
+    if padded:
+        x, mask = left_padded(x, [64, 40, 17])
+    # the prefill forecasts 64 values, a decode of those 64 the next 64, a decode of those the last 8
+    out = m.generate(x, 136, attention_mask=mask)
+    assert rows == {0: [64, 64, 64], 1: [1, 1, 1]}
+    assert written == [(1, 64), (1, 64)]  # one query; the keys/values of every new position
     for h in hooks:
         h.remove()
+    torch.testing.assert_close(out, m.generate(x, 136, attention_mask=mask, use_cache=False), rtol=1e-4, atol=1e-4)
