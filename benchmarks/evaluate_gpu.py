@@ -413,7 +413,7 @@ class Bench:
 
         B, hd, T = spec["batch"], spec["head_dim"], spec["context"]
         q, k, v = (torch.randn(B, 12, T, hd, device=self.dev, dtype=torch.bfloat16) for _ in range(3))
-        steps = horizon_schedule(spec["horizon"], model_shape("timemoe-50m").horizon_lengths)
+        steps = horizon_schedule(spec["horizon"], TimeMoeConfig().horizon_lengths)
         Lq, S_max = steps[0], T + sum(steps[:-1])
         S = T + Lq * max(len(steps) // 2, 1)
         cache_k, cache_v = (torch.randn(B, 12, S_max, hd, device=self.dev, dtype=torch.bfloat16) for _ in range(2))

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from preprocessing.formats_table import IngestError
 
 # Power-of-two length histogram edges: bin b counts lengths in [2^b, 2^(b+1)); bin 0 also 0.
 HIST_BINS = 41
@@ -185,6 +187,15 @@ def check_invariant(acc: Accounting) -> None:
 
 # reader notes that are not losses: a column that is not a series, rows with a repeated timestamp
 INFORMATIONAL_QUARANTINE = ("skipped_column", "duplicate_timestamps")
+
+
+def first_quarantine(records: Iterable[Mapping[str, Any]]) -> IngestError | None:
+    """The first quarantined input among ``records`` (``reason``, ``message``, ``claimed_points``),
+    reader notes left out, as the error ``fail_fast`` stops with; None if there is none."""
+    for q in records:
+        if q["reason"] and q["reason"] not in INFORMATIONAL_QUARANTINE:
+            return IngestError(q["reason"], q["message"], q["claimed_points"])
+    return None
 
 
 def _top(counts: dict[str, int], limit: int = 4) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from preprocessing import storage, time300b
-from preprocessing.accounting import INFORMATIONAL_QUARANTINE
+from preprocessing.accounting import first_quarantine
 from preprocessing.catalog import SourceCatalog, load_catalog  # noqa: F401  (re-exported for the job)
 from preprocessing.formats import FileContext, TableOverrides, parse_csv
 from preprocessing.formats_table import IngestError, concat, quarantine_table
@@ -276,11 +276,13 @@ def read_series(inputs: list[str], catalog: SourceCatalog | None = None,
     if not config.fail_fast:
         return ds
     ds = ds.materialize()
-    reasons = ds.select_columns(["quarantine_reason", "quarantine_message", "claimed_points"])
-    for batch in reasons.iter_batches(batch_format="pyarrow", batch_size=None):
-        for reason, message, claimed in zip(*(batch.column(i).to_pylist() for i in range(3))):
-            if reason and reason not in INFORMATIONAL_QUARANTINE:
-                raise IngestError(reason, message, claimed)
+    columns = ["quarantine_reason", "quarantine_message", "claimed_points"]
+    rows = (dict(zip(("reason", "message", "claimed_points"), row))
+            for batch in ds.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=None)
+            for row in zip(*(batch.column(c).to_pylist() for c in columns)))
+    problem = first_quarantine(rows)
+    if problem is not None:
+        raise problem
     return ds
 
 

@@ -41,18 +41,17 @@ import pyarrow.fs as pafs
 
 from preprocessing import report as report_mod
 from preprocessing.accounting import (
-    INFORMATIONAL_QUARANTINE,
     Accounting,
     AccountingError,
     check_invariant,
     empty_result_reason,
+    first_quarantine,
     length_bin,
 )
 from preprocessing.clean import clean_series
 from preprocessing.config import OutputConfig, PreprocessConfig, validate
 from preprocessing.contamination import ContaminationIndex
 from preprocessing.errors import PreprocessError
-from preprocessing.formats_table import IngestError
 from preprocessing.normalize import apply_stats, normalize_run
 from preprocessing.pack import REASON_SHORT_TAIL, assemble_rows, chunk_bounds
 from preprocessing.schema import MANIFEST_FILE, SCHEMA_VERSION, SHARD_PATTERN, TRAIN_DIR, VAL_DIR
@@ -502,15 +501,6 @@ def input_fingerprints(inputs: list[str], max_files: int = 100_000) -> list[dict
     return out
 
 
-def first_quarantine(acc: Accounting) -> IngestError | None:
-    """The first input of a tally that was quarantined (not a mere reader note), as the error
-    ``fail_fast`` stops with."""
-    for q in acc.quarantine:
-        if q["reason"] not in INFORMATIONAL_QUARANTINE:
-            return IngestError(q["reason"], q["message"], q["claimed_points"])
-    return None
-
-
 def task_remote_args(config: PreprocessConfig) -> dict[str, Any]:
     """Ray remote args of every preprocessing task: ``config.task_resources`` (e.g. ``{"data": 1}``,
     docs/cluster.md "Placing work"); ``{}`` by default. The same args on every map keeps Ray
@@ -743,7 +733,7 @@ class BlockPasses:
             for row in batch.to_pylist():
                 if row["split"] == ACCOUNTING_SPLIT:
                     blocks.append(decode_carrier(row["path"]))
-                    problem = first_quarantine(blocks[-1]["acc"]) if self.config.fail_fast else None
+                    problem = first_quarantine(blocks[-1]["acc"].quarantine) if self.config.fail_fast else None
                     if problem is not None:
                         raise problem
                 elif row["split"] == FILE_SPLIT:

@@ -121,19 +121,15 @@ def test_packed_block_masks_break_the_contiguous_blocks_premise_and_one_series_r
     """Why FlexAttention's BLOCKS_ARE_CONTIGUOUS flag gave wrong outputs on packed rows: a query
     block inside a later series needs that series' first key block and the diagonal block, both
     partial, with full blocks between them. Counted on the CPU-built block mask."""
-    import importlib.util
-
     import torch
-
-    from model.attention import flex_block_mask
+    from flex_tiles import mask_premises
     from train_step import packed_segment_ids
 
-    spec = importlib.util.spec_from_file_location("flex_tiles", ROOT / "benchmarks" / "flex_tiles.py")
-    flex_tiles = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(flex_tiles)
+    from model.attention import flex_block_mask
+
     seg = packed_segment_ids(4, 2048, 4, torch.Generator().manual_seed(0))
-    packed = flex_tiles.mask_premises(flex_block_mask(seg, seg))
+    packed = mask_premises(flex_block_mask(seg, seg))
     assert packed["partial_kv_not_contiguous"] > 0.3 and packed["full_kv_not_contiguous"] == 0.0
     one = torch.ones(2, 2048, dtype=torch.long)
-    assert flex_tiles.mask_premises(flex_block_mask(one, one)) == {"partial_kv_not_contiguous": 0.0,
-                                                                    "full_kv_not_contiguous": 0.0}
+    assert mask_premises(flex_block_mask(one, one)) == {"partial_kv_not_contiguous": 0.0,
+                                                        "full_kv_not_contiguous": 0.0}
